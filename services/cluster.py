@@ -1,0 +1,168 @@
+"""Start the whole system on one machine as separate processes: Redis (embedded unless
+``REDIS_URL`` is given), the controller, workers, and one router per stage, the root
+router being the OIP front door. Used by ``pipeserve-demo`` and the integration tests.
+
+Every process logs to ``<log_dir>/<name>.log``. ``stop()`` sends SIGTERM (graceful:
+servers drain in-flight calls), then kills what is left after a grace period.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from services.common.redis_server import RedisServer, free_port
+from services.common.spec import PipelineSpec, load_spec
+from services.gen import inference_pb2 as ipb
+from services.gen import inference_pb2_grpc as ipb_grpc
+
+
+@dataclass
+class ClusterConfig:
+    spec: Path
+    plan_file: Path
+    models: Path = Path("models")
+    workers: dict[str, int] = field(default_factory=dict)   # task -> count (default 1 each)
+    log_dir: Path = Path("runs/cluster")
+    redis_url: str | None = None
+    json_logs: bool = False
+    heartbeat_timeout_s: float = 5.0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    address: str = ""
+
+
+class LocalCluster:
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self.spec: PipelineSpec = load_spec(cfg.spec)
+        self.redis: RedisServer | None = None
+        self.redis_url = cfg.redis_url or ""
+        self.procs: dict[str, Proc] = {}
+        self.controller_address = ""
+        self.router_addresses: dict[str, str] = {}
+        self.front_door = ""
+
+    # -- processes ---------------------------------------------------------------
+    def _spawn(self, name: str, module: str, args: list[str], address: str = "") -> Proc:
+        self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.cfg.log_dir / f"{name}.log"
+        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
+        if self.cfg.json_logs:
+            env["PIPESERVE_LOG_JSON"] = "1"
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = Proc(name, popen, log_path, address)
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, task: str, index: int) -> Proc:
+        port = free_port()
+        wid = f"{task}-{index}"
+        return self._spawn(f"worker-{wid}", "services.worker.main", [
+            "--spec", str(self.cfg.spec), "--task", task, "--worker-id", wid, "--port", str(port),
+            "--controller", self.controller_address, "--redis-url", self.redis_url,
+            "--models", str(self.cfg.models)], address=f"127.0.0.1:{port}")
+
+    def start(self, ready_timeout_s: float = 120.0) -> "LocalCluster":
+        if not self.redis_url:
+            self.redis = RedisServer().start()
+            self.redis_url = self.redis.url
+        cport = free_port()
+        self.controller_address = f"127.0.0.1:{cport}"
+        self._spawn("controller", "services.controller.main", [
+            "--spec", str(self.cfg.spec), "--plan-file", str(self.cfg.plan_file), "--port", str(cport),
+            "--redis-url", self.redis_url, "--heartbeat-timeout-s", str(self.cfg.heartbeat_timeout_s)],
+            address=self.controller_address)
+        for t in self.spec.tasks:
+            self.router_addresses[t.name] = f"127.0.0.1:{free_port()}"
+        # children first, so a parent's first call finds its child listening
+        for t in reversed(self.spec.tasks):
+            args = ["--spec", str(self.cfg.spec), "--task", t.name, "--port",
+                    self.router_addresses[t.name].rsplit(":", 1)[1], "--redis-url", self.redis_url]
+            for c in t.children:
+                args += ["--child", f"{c}={self.router_addresses[c]}"]
+            self._spawn(f"router-{t.name}", "services.router.main", args, address=self.router_addresses[t.name])
+        for t in self.spec.tasks:
+            for i in range(self.cfg.workers.get(t.name, 1)):
+                self.start_worker(t.name, i)
+        self.front_door = self.router_addresses[self.spec.root.name]
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def check_alive(self) -> None:
+        for p in self.procs.values():
+            if p.popen.poll() is not None:
+                tail = p.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode}; log tail:\n{tail}")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the front door says the pipeline model is ready."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.front_door) as ch:
+            stub = ipb_grpc.GRPCInferenceServiceStub(ch)
+            while time.monotonic() < deadline:
+                self.check_alive()
+                try:
+                    if stub.ModelReady(ipb.ModelReadyRequest(name=self.spec.name), timeout=1).ready \
+                            and self.all_workers_serving():
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"cluster not ready within {timeout_s}s; logs in {self.cfg.log_dir}")
+
+    def all_workers_serving(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        for p in self.procs.values():
+            if not p.name.startswith("worker-"):
+                continue
+            with grpc.insecure_channel(p.address) as ch:
+                try:
+                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                except grpc.RpcError:
+                    return False
+                if r.status != health_pb2.HealthCheckResponse.SERVING:
+                    return False
+        return True
+
+    def stop_proc(self, name: str, grace_s: float = 10.0) -> int | None:
+        p = self.procs.pop(name)
+        if p.popen.poll() is None:
+            p.popen.send_signal(signal.SIGTERM)
+            try:
+                p.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+        return p.popen.returncode
+
+    def stop(self) -> dict[str, int | None]:
+        codes = {}
+        # front door first so no new work enters; then the rest
+        order = [f"router-{self.spec.root.name}"] + [n for n in list(self.procs) if n != f"router-{self.spec.root.name}"]
+        for name in order:
+            if name in self.procs:
+                codes[name] = self.stop_proc(name)
+        if self.redis is not None:
+            self.redis.stop()
+        return codes
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

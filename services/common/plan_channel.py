@@ -1,0 +1,169 @@
+"""Publishing and following versioned plans through Redis.
+
+Layout per pipeline: the key ``pipeserve:<pipeline>:plan`` holds the current plan as
+JSON, ``pipeserve:<pipeline>:plan_version`` is the version counter, and every new
+plan's version is announced on the pub/sub channel ``pipeserve:<pipeline>:plans``.
+
+Guarantees:
+- ``PlanPublisher.publish`` is atomic (one Lua script): the key only ever moves to a
+  higher version, and the notification is sent in the same step.
+- ``PlanSubscriber`` applies only plans newer than the one it runs, validates each
+  against the spec first (an invalid plan is logged and ignored), and keeps the last
+  good plan while Redis is unreachable, reconnecting with backoff. It also re-reads the
+  key every ``poll_interval_s`` so a missed notification delays a plan, never loses it.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.common.errors import SpecError
+from services.common.logging import get_logger
+from services.common.plan import Plan
+
+log = get_logger(__name__)
+
+_PUBLISH_IF_NEWER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, decoded = pcall(cjson.decode, cur)
+  if ok and decoded['version'] ~= nil and tonumber(decoded['version']) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def plan_key(pipeline: str) -> str:
+    return f"pipeserve:{pipeline}:plan"
+
+
+def version_key(pipeline: str) -> str:
+    return f"pipeserve:{pipeline}:plan_version"
+
+
+def channel(pipeline: str) -> str:
+    return f"pipeserve:{pipeline}:plans"
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0,
+                                   health_check_interval=10)
+
+
+class PlanPublisher:
+    """Assigns versions and publishes plans. Used by the controller only."""
+
+    def __init__(self, client: aioredis.Redis, pipeline: str) -> None:
+        self.client = client
+        self.pipeline = pipeline
+        self.last_version = 0
+
+    async def current(self) -> Plan | None:
+        raw = await self.client.get(plan_key(self.pipeline))
+        return None if raw is None else Plan.from_json(raw, source="redis")
+
+    async def publish(self, plan: Plan) -> Plan:
+        version = int(await self.client.incr(version_key(self.pipeline)))
+        if version <= self.last_version:
+            # Redis lost its state (restart without persistence): continue after the
+            # last version this controller published so subscribers accept the plan.
+            version = self.last_version + 1
+            await self.client.set(version_key(self.pipeline), version)
+        stamped = plan.with_version(version)
+        applied = await self.client.eval(_PUBLISH_IF_NEWER, 2, plan_key(self.pipeline),
+                                         channel(self.pipeline), stamped.to_json(), str(version))
+        if not applied:
+            raise RuntimeError(f"plan v{version} not published: a newer plan is already stored")
+        self.last_version = version
+        log.info("plan_published", pipeline=self.pipeline, plan_version=version,
+                 workers=len(stamped.workers), source=stamped.source)
+        return stamped
+
+
+PlanCallback = Callable[[Plan], "Awaitable[None] | None"]
+
+
+class PlanSubscriber:
+    """Follows the pipeline's plan. ``current`` is the last good plan (or None)."""
+
+    def __init__(self, url: str, pipeline: str, on_plan: PlanCallback,
+                 validate: Callable[[Plan], None] | None = None,
+                 poll_interval_s: float = 2.0, max_backoff_s: float = 5.0) -> None:
+        self.url = url
+        self.pipeline = pipeline
+        self.on_plan = on_plan
+        self.validate = validate
+        self.poll_interval_s = poll_interval_s
+        self.max_backoff_s = max_backoff_s
+        self.current: Plan | None = None
+        self.connected = False
+        self._rejected_version = 0
+
+    async def _apply_raw(self, raw: bytes | None) -> None:
+        if raw is None:
+            return
+        try:
+            plan = Plan.from_json(raw, source="redis")
+        except SpecError as exc:
+            log.error("plan_rejected", pipeline=self.pipeline, error=str(exc))
+            return
+        if not plan.is_newer_than(self.current) or plan.version == self._rejected_version:
+            return
+        if self.validate is not None:
+            try:
+                self.validate(plan)
+            except SpecError as exc:
+                self._rejected_version = plan.version
+                log.error("plan_rejected", pipeline=self.pipeline, plan_version=plan.version,
+                          error=str(exc), keeping=self.current.version if self.current else None)
+                return
+        previous = self.current
+        self.current = plan
+        log.info("plan_applied", pipeline=self.pipeline, plan_version=plan.version,
+                 previous_version=previous.version if previous else None)
+        result = self.on_plan(plan)
+        if inspect.isawaitable(result):
+            await result
+
+    async def run(self) -> None:
+        """Follow plans until cancelled. Never raises on Redis errors."""
+        backoff = 0.2
+        while True:
+            client = connect(self.url)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(channel(self.pipeline))
+                await self._apply_raw(await client.get(plan_key(self.pipeline)))
+                if not self.connected:
+                    log.info("plan_channel_connected", pipeline=self.pipeline)
+                self.connected = True
+                backoff = 0.2
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                   timeout=self.poll_interval_s)
+                    # On a notification or a quiet poll interval, re-read the key.
+                    await self._apply_raw(await client.get(plan_key(self.pipeline)))
+                    del msg
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("plan_channel_lost", pipeline=self.pipeline, error=str(exc),
+                                keeping_version=self.current.version if self.current else None)
+                self.connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(self.max_backoff_s, backoff * 2)
+            finally:
+                try:
+                    await pubsub.aclose()
+                    await client.aclose()
+                except Exception:  # closing a broken connection may fail too
+                    pass

@@ -1,0 +1,93 @@
+"""The seam between a worker and a model variant's pre/post-processing.
+
+A :class:`Processor` is pure code around one ONNX Runtime session: it decodes and
+preprocesses one query's payload (``prepare``, called off the event loop, once per
+query at arrival) and runs a batch of prepared items through the session
+(``run_batch``, called off the event loop). It never touches gRPC or Redis.
+
+Processors register themselves by kind (the ``processor`` field of a variant in the
+pipeline spec) with :func:`register_processor`; ``make_processor`` builds one.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from services.common.spec import VariantSpec
+
+
+@dataclass(frozen=True)
+class RegionOut:
+    """One output region. Detectors fill points (x1,y1..x4,y4, parent pixel coordinates)
+    and score; recognisers/classifiers fill text (or label) and confidence."""
+
+    points: tuple[float, ...] = ()
+    score: float = 0.0
+    text: str = ""
+    confidence: float = 0.0
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What one query produced. ``child_payloads[i]`` is the encoded input (e.g. a PNG
+    crop) for the child task(s) derived from ``regions[i]``; empty for leaf tasks."""
+
+    regions: tuple[RegionOut, ...] = ()
+    child_payloads: tuple[bytes, ...] = ()
+
+
+@dataclass
+class Prepared:
+    """A query's preprocessed input, ready to be batched. ``data`` is processor-defined
+    (e.g. a normalised CHW float32 array plus the geometry needed to map boxes back)."""
+
+    data: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Processor(ABC):
+    """Pre/post-processing for one variant. Must be thread-safe for ``prepare``
+    (called concurrently from an executor); ``run_batch`` is called from one thread
+    at a time per session."""
+
+    def __init__(self, variant: VariantSpec, model_dir: Path) -> None:
+        self.variant = variant
+        self.model_dir = Path(model_dir)
+
+    @property
+    def model_path(self) -> Path:
+        return self.model_dir / self.variant.model
+
+    @abstractmethod
+    def prepare(self, payload: bytes) -> Prepared:
+        """Decode and preprocess one payload. Raise ``InvalidInput`` for bad bytes."""
+
+    @abstractmethod
+    def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
+        """Run ``items`` through the ONNX ``session`` as one or more batched calls and
+        return exactly one result per item, in order."""
+
+
+_REGISTRY: dict[str, Callable[[VariantSpec, Path], Processor]] = {}
+
+
+def register_processor(kind: str) -> Callable[[type[Processor]], type[Processor]]:
+    def deco(cls: type[Processor]) -> type[Processor]:
+        _REGISTRY[kind] = cls
+        return cls
+    return deco
+
+
+def make_processor(variant: VariantSpec, model_dir: Path) -> Processor:
+    # Importing the packages that define processors registers them.
+    import services.ocr.processors  # noqa: F401
+
+    try:
+        factory = _REGISTRY[variant.processor]
+    except KeyError:
+        raise KeyError(f"variant {variant.name!r}: unknown processor kind {variant.processor!r}; "
+                       f"known: {sorted(_REGISTRY)}") from None
+    return factory(variant, model_dir)

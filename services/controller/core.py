@@ -1,0 +1,106 @@
+"""The controller's reconcile loop: workers -> desired allocation -> versioned plan.
+
+Each step runs its sub-updates (expire lost workers, reload the operator plan file,
+build the plan, publish it) each in its own try/except that logs and continues: the
+loop never dies, and a failed step keeps the last published plan.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from services.common.errors import SpecError
+from services.common.logging import get_logger
+from services.common.plan import (Allocation, Plan, assign_workers, load_plan_file, parse_plan_file,
+                                  uniform_routing, validate_plan)
+from services.common.spec import PipelineSpec
+from services.controller.registry import WorkerRegistry
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ReconcileResult:
+    published: Plan | None
+    lost: list[str]
+    duration_ms: float
+
+
+class ControllerCore:
+    def __init__(self, spec: PipelineSpec, registry: WorkerRegistry,
+                 publish: Callable[[Plan], Awaitable[Plan]], plan_file: Path | None = None) -> None:
+        self.spec = spec
+        self.registry = registry
+        self._publish = publish
+        self.plan_file = plan_file
+        self._plan_file_mtime: float | None = None
+        self.allocations: list[Allocation] | None = None
+        self.current: Plan | None = None
+        self.dirty = True
+
+    def set_allocations(self, allocations: list[Allocation]) -> None:
+        self.allocations = allocations
+        self.dirty = True
+
+    def set_plan_text(self, text: str) -> None:
+        self.set_allocations(parse_plan_file(text, self.spec, source="SetPlan"))
+
+    def _reload_plan_file(self) -> None:
+        if self.plan_file is None:
+            return
+        mtime = self.plan_file.stat().st_mtime
+        if mtime != self._plan_file_mtime:
+            self.set_allocations(load_plan_file(self.plan_file, self.spec))
+            self._plan_file_mtime = mtime
+            log.info("plan_file_loaded", path=str(self.plan_file), allocations=len(self.allocations or []))
+
+    def build_plan(self) -> Plan | None:
+        if not self.allocations:
+            return None
+        workers = self.registry.live()
+        assignments = assign_workers(self.allocations, workers, self.current)
+        served = {a.task for a in assignments.values()}
+        missing = [t.name for t in self.spec.tasks if t.name not in served]
+        if missing:
+            log.info("waiting_for_workers", tasks=missing)
+            return None
+        plan = Plan(version=0, pipeline=self.spec.name, workers=assignments,
+                    routing=uniform_routing(assignments, self.allocations), source="operator")
+        validate_plan(plan, self.spec)
+        return plan
+
+    @staticmethod
+    def _same(a: Plan | None, b: Plan) -> bool:
+        return a is not None and a.workers == b.workers and a.routing == b.routing \
+            and a.admission_rate_qps == b.admission_rate_qps
+
+    async def reconcile(self) -> ReconcileResult:
+        t0 = time.perf_counter()
+        lost: list[str] = []
+        published = None
+        try:
+            lost = self.registry.expire()
+            if lost:
+                log.warning("workers_lost", workers=lost)
+                self.dirty = True
+        except Exception:
+            log.exception("reconcile_expire_failed")
+        try:
+            self._reload_plan_file()
+        except (SpecError, OSError) as exc:
+            log.error("plan_file_invalid", error=str(exc), keeping=self.current.version if self.current else None)
+        except Exception:
+            log.exception("plan_file_reload_failed")
+        if self.dirty:
+            try:
+                plan = self.build_plan()
+                if plan is not None and not self._same(self.current, plan):
+                    published = await self._publish(plan)
+                    self.current = published
+                self.dirty = plan is None   # keep trying until every task has a worker
+            except Exception:
+                log.exception("reconcile_publish_failed",
+                              keeping=self.current.version if self.current else None)
+        return ReconcileResult(published, lost, (time.perf_counter() - t0) * 1e3)

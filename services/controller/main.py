@@ -1,0 +1,172 @@
+"""``pipeserve-controller``: registers workers and publishes versioned plans via Redis."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from services.common.errors import InvalidInput, NotFound, SpecError, Unavailable
+from services.common.grpc_utils import bind, make_server, map_errors
+from services.common.logging import configure_logging, get_logger
+from services.common.plan_channel import PlanPublisher, connect
+from services.common.redis_server import RedisServer
+from services.common.spec import load_spec
+from services.controller.core import ControllerCore
+from services.controller.registry import WorkerRegistry
+from services.gen import pipeserve_pb2 as pb
+from services.gen import pipeserve_pb2_grpc as pb_grpc
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    spec: Path
+    plan_file: Path | None
+    host: str
+    port: int
+    redis_url: str | None
+    reconcile_s: float
+    heartbeat_timeout_s: float
+    json_logs: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pipeserve-controller",
+        description="Register workers, build the plan (which worker runs which variant at which "
+                    "batch size, and the routing weights) and publish it as a versioned value "
+                    "through Redis (a key plus a pub/sub notification). With --plan-file the "
+                    "allocation comes from an operator file, reloaded when it changes.")
+    p.add_argument("--spec", required=True, help="pipeline spec file (e.g. pipelines/ocr.yaml)")
+    p.add_argument("--plan-file", default=None, help="operator plan file (YAML/JSON allocations)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50050, help="port to bind, 0 = any free port")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="Redis URL (default $REDIS_URL; if unset, an embedded redis-server is "
+                        "started on a free port and its URL logged)")
+    p.add_argument("--reconcile-s", type=float, default=0.5, help="reconcile loop period (s)")
+    p.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
+                   help="a worker silent this long leaves the plan")
+    p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
+                   help="log JSON lines instead of key=value")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> ControllerConfig:
+    a = build_parser().parse_args(argv)
+    return ControllerConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
+                            host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
+                            heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json)
+
+
+class ControllerServicer(pb_grpc.ControllerServicer):
+    def __init__(self, core: ControllerCore) -> None:
+        self.core = core
+
+    @map_errors
+    async def RegisterWorker(self, request, context):
+        if not request.worker_id or not request.address:
+            raise InvalidInput("worker_id and address are required")
+        try:
+            self.core.spec.task(request.task)
+        except KeyError:
+            return pb.RegisterWorkerResponse(accepted=False,
+                                             message=f"unknown task {request.task!r}; tasks: "
+                                                     f"{self.core.spec.task_names()}")
+        if self.core.registry.register(request.worker_id, request.address, request.task,
+                                       list(request.providers)):
+            log.info("worker_registered", worker_id=request.worker_id, address=request.address,
+                     task=request.task)
+            self.core.dirty = True
+        return pb.RegisterWorkerResponse(accepted=True, plan_version=self.core.current.version
+                                         if self.core.current else 0)
+
+    @map_errors
+    async def Heartbeat(self, request, context):
+        stats = {f.name: getattr(request.stats, f.name) for f in request.stats.DESCRIPTOR.fields}
+        stats["providers"] = list(request.stats.providers)
+        if not self.core.registry.heartbeat(request.stats.worker_id, stats):
+            raise NotFound(f"worker {request.stats.worker_id!r} is not registered")
+        return pb.HeartbeatResponse(plan_version=self.core.current.version if self.core.current else 0)
+
+    @map_errors
+    async def GetPlan(self, request, context):
+        if self.core.current is None:
+            raise Unavailable("no plan published yet")
+        return pb.GetPlanResponse(plan_json=self.core.current.to_json())
+
+    @map_errors
+    async def SetPlan(self, request, context):
+        try:
+            self.core.set_plan_text(request.plan_file_json)
+        except SpecError as exc:
+            raise InvalidInput(str(exc)) from None
+        result = await self.core.reconcile()
+        plan = result.published or self.core.current
+        return pb.SetPlanResponse(plan_version=plan.version if plan else 0)
+
+
+async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> None:
+    spec = load_spec(cfg.spec)
+    embedded = None
+    redis_url = cfg.redis_url
+    if not redis_url:
+        embedded = RedisServer().start()
+        redis_url = embedded.url
+        log.info("embedded_redis_started", redis_url=redis_url, binary=embedded.binary)
+    client = connect(redis_url)
+    publisher = PlanPublisher(client, spec.name)
+    try:
+        existing = await publisher.current()
+        if existing is not None:
+            publisher.last_version = existing.version
+    except Exception as exc:
+        log.warning("redis_unreachable_at_start", error=str(exc))
+    core = ControllerCore(spec, WorkerRegistry(cfg.heartbeat_timeout_s), publisher.publish, cfg.plan_file)
+    server = make_server()
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(core), server)
+    port = bind(server, cfg.host, cfg.port)
+    await server.start()
+    log.info("controller_started", address=f"{cfg.host}:{port}", pipeline=spec.name, redis_url=redis_url,
+             plan_file=str(cfg.plan_file) if cfg.plan_file else None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.is_set():
+            result = await core.reconcile()
+            if result.duration_ms > 200:
+                log.warning("slow_reconcile", duration_ms=round(result.duration_ms, 1))
+            try:
+                await asyncio.wait_for(stop.wait(), cfg.reconcile_s)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await server.stop(2)
+        await client.aclose()
+        if embedded:
+            embedded.stop()
+        log.info("controller_stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    configure_logging("controller", json_logs=cfg.json_logs)
+    try:
+        asyncio.run(serve(cfg))
+    except SpecError as exc:
+        log.error("invalid_input_file", error=str(exc))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

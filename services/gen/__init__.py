@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules (make proto). Not committed."""

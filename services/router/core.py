@@ -1,0 +1,186 @@
+"""The router core for one stage: choose workers by the plan's routing weights, send each
+worker its queries in one message, fan region outputs out to the child stages' routers
+(all crops of a variant group in one message), gather and return results.
+
+Guarantees: ``route`` returns exactly one QueryResult per input query, in order; a
+failure of a worker or child router becomes an explicit status on the affected
+queries (UNAVAILABLE, DROPPED_DEADLINE, INTERNAL), never an exception or a hang: every
+outbound call carries a timeout equal to the remaining end-to-end budget.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from typing import Callable, Protocol
+
+from services.common.batching import pick_weighted
+from services.common.errors import Unavailable
+from services.common.logging import get_logger
+from services.common.plan import Plan
+from services.common.spec import PipelineSpec
+from services.gen import pipeserve_pb2 as pb
+
+log = get_logger(__name__)
+
+
+class CallFailed(Exception):
+    """An outbound call failed; ``status`` is the QueryStatus to give its queries."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class WorkerCaller(Protocol):
+    async def infer(self, address: str, request: pb.InferBatchRequest, timeout_s: float
+                    ) -> pb.InferBatchResponse: ...
+
+
+class ChildCaller(Protocol):
+    async def route(self, task: str, request: pb.RouteRequest, timeout_s: float) -> pb.RouteResponse: ...
+
+
+def _fail(query_id: str, status: int, message: str, task: str) -> pb.QueryResult:
+    return pb.QueryResult(query_id=query_id, status=status, message=message, task=task)
+
+
+class RouterCore:
+    def __init__(self, spec: PipelineSpec, task: str, workers: WorkerCaller, children: ChildCaller,
+                 *, reserve_ms: float | None = None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.spec = spec
+        self.task = spec.task(task)
+        self.workers = workers
+        self.children = children
+        self.fixed_reserve_ms = reserve_ms
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.plan: Plan | None = None
+        self._child_ms: deque[float] = deque(maxlen=200)
+
+    def set_plan(self, plan: Plan) -> None:
+        self.plan = plan
+
+    @property
+    def reserve_ms(self) -> float:
+        """Time the stages below still need: the configured value, else the fastest child
+        round trip seen recently (a lower bound, so no query is dropped that could make it)."""
+        if self.fixed_reserve_ms is not None:
+            return self.fixed_reserve_ms
+        if not self.task.children or not self._child_ms:
+            return 0.0
+        return min(self._child_ms)
+
+    def ready(self) -> bool:
+        return self.plan is not None and bool(self.plan.workers_of(self.task.name))
+
+    async def route(self, request_id: str, deadline_s: float, queries: list[pb.Query],
+                    upstream_path: str) -> list[pb.QueryResult]:
+        plan = self.plan
+        if plan is None:
+            raise Unavailable(f"router for {self.task.name!r} has no plan yet")
+        weights = dict(plan.weights_for(self.task.name, upstream_path))
+        if not weights:
+            raise Unavailable(f"plan v{plan.version} routes no traffic for {self.task.name!r}")
+        groups: dict[str, list[int]] = {}
+        for i in range(len(queries)):
+            groups.setdefault(pick_weighted(weights, self.rng.random()), []).append(i)
+        results: list[pb.QueryResult | None] = [None] * len(queries)
+        await asyncio.gather(*[
+            self._run_worker_group(plan, wid, [queries[i] for i in idx], idx, results, request_id,
+                                   deadline_s, weights)
+            for wid, idx in groups.items()])
+        final = [r if r is not None else _fail(q.query_id, pb.INTERNAL, "no result", self.task.name)
+                 for q, r in zip(queries, results)]
+        if self.task.children:
+            await self._fan_out(final, request_id, deadline_s, upstream_path)
+        return final
+
+    async def _run_worker_group(self, plan: Plan, wid: str, queries: list[pb.Query], idx: list[int],
+                                out: list, request_id: str, deadline_s: float,
+                                weights: dict[str, float]) -> None:
+        tried = {wid}
+        while True:
+            remaining = deadline_s - self.clock()
+            if remaining <= 0:
+                for q, i in zip(queries, idx):
+                    out[i] = _fail(q.query_id, pb.DROPPED_DEADLINE, "deadline passed before dispatch",
+                                   self.task.name)
+                return
+            w = plan.workers[wid]
+            req = pb.InferBatchRequest(request_id=request_id, task=self.task.name, deadline_unix_s=deadline_s,
+                                       downstream_reserve_ms=self.reserve_ms, plan_version=plan.version,
+                                       queries=queries)
+            try:
+                resp = await self.workers.infer(w.address, req, remaining)
+                if len(resp.results) != len(queries):
+                    raise CallFailed(pb.INTERNAL, f"worker {wid} returned {len(resp.results)} results "
+                                                  f"for {len(queries)} queries")
+                for r, i in zip(resp.results, idx):
+                    out[i] = r
+                return
+            except CallFailed as exc:
+                others = {k: v for k, v in weights.items() if k not in tried and v > 0}
+                if exc.status == pb.UNAVAILABLE and others:
+                    wid = pick_weighted(others, self.rng.random())   # one worker down: try another
+                    tried.add(wid)
+                    log.warning("worker_unavailable_rerouted", request_id=request_id, to=wid)
+                    continue
+                for q, i in zip(queries, idx):
+                    out[i] = _fail(q.query_id, exc.status, exc.message, self.task.name)
+                return
+
+    async def _fan_out(self, results: list[pb.QueryResult], request_id: str, deadline_s: float,
+                       upstream_path: str) -> None:
+        """Send every OK result's region payloads to each child stage, one call per
+        (child task, upstream variant path), and attach the child results.
+
+        ``children`` of a result holds, for each child task in spec order, one result per
+        region: ``children[j * n_regions + i]`` is child task j's result for region i.
+        """
+        parents = [r for r in results if r.status == pb.OK and r.child_payloads]
+        if not parents:
+            return
+        by_path: dict[str, list[pb.QueryResult]] = {}
+        for r in parents:
+            by_path.setdefault(f"{upstream_path}/{r.variant}" if upstream_path else r.variant, []).append(r)
+        calls, keys = [], []
+        for child in self.task.children:
+            for path, members in by_path.items():
+                calls.append(self._call_child(child, path, members, request_id, deadline_s))
+                keys.append((child, members))
+        t0 = time.perf_counter()
+        outputs = await asyncio.gather(*calls)
+        self._child_ms.append((time.perf_counter() - t0) * 1e3)
+        gathered: dict[tuple[str, str], list[pb.QueryResult]] = {}
+        for (child, members), child_results in zip(keys, outputs):
+            k = 0
+            for r in members:
+                n = len(r.child_payloads)
+                gathered[(child, r.query_id)] = child_results[k:k + n]
+                k += n
+        for r in parents:
+            for child in self.task.children:
+                r.children.extend(gathered[(child, r.query_id)])
+            del r.child_payloads[:]
+
+    async def _call_child(self, child: str, path: str, parents: list[pb.QueryResult],
+                          request_id: str, deadline_s: float) -> list[pb.QueryResult]:
+        queries = [pb.Query(query_id=f"{r.query_id}.{i}", payload=payload)
+                   for r in parents for i, payload in enumerate(r.child_payloads)]
+        remaining = deadline_s - self.clock()
+        try:
+            if remaining <= 0:
+                raise CallFailed(pb.DROPPED_DEADLINE, "deadline passed before the child stage")
+            resp = await self.children.route(child, pb.RouteRequest(
+                request_id=request_id, deadline_unix_s=deadline_s, queries=queries, upstream_path=path),
+                remaining)
+            if len(resp.results) != len(queries):
+                raise CallFailed(pb.INTERNAL, f"child router {child} returned {len(resp.results)} "
+                                              f"results for {len(queries)} queries")
+            return list(resp.results)
+        except CallFailed as exc:
+            return [_fail(q.query_id, exc.status, exc.message, child) for q in queries]

@@ -1,0 +1,157 @@
+"""``pipeserve-router``: one router per pipeline stage; the first stage's router is the
+Open Inference Protocol v2 front door."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common.admission import TokenBucket
+from services.common.grpc_utils import bind, make_server
+from services.common.logging import configure_logging, get_logger
+from services.common.plan import Plan, validate_plan
+from services.common.plan_channel import PlanSubscriber
+from services.common.spec import load_spec
+from services.gen import inference_pb2_grpc as ipb_grpc
+from services.gen import pipeserve_pb2_grpc as pb_grpc
+from services.router.clients import ChildRouterClient, WorkerClient
+from services.router.core import RouterCore
+from services.router.servicer import FrontDoorServicer, RouterServicer
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    spec: Path
+    task: str
+    host: str
+    port: int
+    redis_url: str
+    children: dict[str, str]
+    reserve_ms: float | None
+    json_logs: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pipeserve-router",
+        description="Route one pipeline stage: pick a worker of the stage by the plan's routing "
+                    "weights, forward the stage's queries, fan region outputs out to the child "
+                    "stages' routers, gather and answer. The root stage's router also serves the "
+                    "Open Inference Protocol v2 (KServe/Triton gRPC) front door, model name = "
+                    "pipeline name.")
+    p.add_argument("--spec", required=True, help="pipeline spec file (e.g. pipelines/ocr.yaml)")
+    p.add_argument("--task", required=True, help="the stage this router serves (e.g. det)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to bind, 0 = any free port")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="Redis holding the plan (default: $REDIS_URL)")
+    p.add_argument("--child", action="append", default=[], metavar="TASK=HOST:PORT",
+                   help="address of a child stage's router; once per child task")
+    p.add_argument("--downstream-reserve-ms", type=float, default=None,
+                   help="time the later stages need, used by workers to drop early "
+                        "(default: the fastest recent child round trip)")
+    p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
+                   help="log JSON lines instead of key=value")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> RouterConfig:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not a.redis_url:
+        p.error("--redis-url (or REDIS_URL) is required")
+    children = {}
+    for item in a.child:
+        task, sep, addr = item.partition("=")
+        if not sep or not task or not addr:
+            p.error(f"--child expects TASK=HOST:PORT, got {item!r}")
+        children[task] = addr
+    return RouterConfig(spec=Path(a.spec), task=a.task, host=a.host, port=a.port, redis_url=a.redis_url,
+                        children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json)
+
+
+class RouterApp:
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.spec = load_spec(cfg.spec)
+        try:
+            task = self.spec.task(cfg.task)
+        except KeyError as exc:
+            raise SystemExit(f"error: {exc.args[0]}; tasks: {self.spec.task_names()}") from None
+        missing = [c for c in task.children if c not in cfg.children]
+        if missing:
+            raise SystemExit(f"error: task {task.name!r} has child tasks {missing} without --child addresses")
+        self.workers = WorkerClient()
+        self.child_client = ChildRouterClient(cfg.children)
+        self.core = RouterCore(self.spec, cfg.task, self.workers, self.child_client, reserve_ms=cfg.reserve_ms)
+        self.is_root = self.spec.root.name == cfg.task
+        self.admission = TokenBucket(None)
+        self.server = make_server()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+
+    async def _on_plan(self, plan: Plan) -> None:
+        self.core.set_plan(plan)
+        if self.is_root:
+            self.admission.set_rate(plan.admission_rate_qps)
+        await self.workers.retain({w.address for w in plan.workers_of(self.cfg.task)})
+        status = (health_pb2.HealthCheckResponse.SERVING if self.core.ready()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", status)
+
+    async def start(self) -> None:
+        pb_grpc.add_RouterServicer_to_server(RouterServicer(self.core), self.server)
+        if self.is_root:
+            ipb_grpc.add_GRPCInferenceServiceServicer_to_server(
+                FrontDoorServicer(self.core, self.admission), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = bind(self.server, self.cfg.host, self.cfg.port)
+        await self.server.start()
+        log.info("router_started", task=self.cfg.task, address=f"{self.cfg.host}:{self.port}",
+                 front_door=self.is_root, children=self.cfg.children)
+        sub = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
+                             validate=lambda plan: validate_plan(plan, self.spec))
+        self._tasks.append(asyncio.create_task(sub.run(), name="plan-subscriber"))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.stop(grace_s)
+        await self.workers.close()
+        await self.child_client.close()
+        log.info("router_stopped", task=self.cfg.task)
+
+
+async def serve(cfg: RouterConfig) -> None:
+    app = RouterApp(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    configure_logging(f"router-{cfg.task}", json_logs=cfg.json_logs)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""``pipeserve-worker``: serve one task's model variants as the plan says."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common.grpc_utils import bind, make_channel, make_server
+from services.common.logging import configure_logging, get_logger
+from services.common.plan import Plan, validate_plan
+from services.common.plan_channel import PlanSubscriber
+from services.common.spec import load_spec
+from services.gen import pipeserve_pb2 as pb
+from services.gen import pipeserve_pb2_grpc as pb_grpc
+from services.worker.core import WorkerCore
+from services.worker.servicer import WorkerServicer, stats_to_proto
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    spec: Path
+    task: str
+    worker_id: str
+    host: str
+    port: int
+    advertise: str
+    controller: str
+    redis_url: str
+    models: Path
+    device: str
+    intra_op_threads: int
+    heartbeat_s: float
+    json_logs: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pipeserve-worker",
+        description="Serve one task of a pipeline with ONNX Runtime. The worker registers with "
+                    "the controller, follows the versioned plan in Redis to learn which variant "
+                    "and batch size to run, and reports its statistics by heartbeat. Its gRPC "
+                    "health status is NOT_SERVING until a model is loaded.")
+    p.add_argument("--spec", required=True, help="pipeline spec file (e.g. pipelines/ocr.yaml)")
+    p.add_argument("--task", required=True, help="the task this worker serves (e.g. det)")
+    p.add_argument("--worker-id", default=None, help="unique id (default: <task>-<hostname>-<port>)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to bind, 0 = any free port (default)")
+    p.add_argument("--advertise", default=None,
+                   help="address routers use to reach this worker (default host:bound-port)")
+    p.add_argument("--controller", required=True, help="controller address host:port")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="Redis holding the plan (default: $REDIS_URL)")
+    p.add_argument("--models", default="models", help="directory with the model files (make models)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu"],
+                   help="auto: CUDA provider first when present; cpu: CPU only")
+    p.add_argument("--intra-op-threads", type=int, default=1,
+                   help="ONNX Runtime intra-op threads (default 1: workers share the cores)")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat period in seconds")
+    p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
+                   help="log JSON lines instead of key=value")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> WorkerConfig:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not a.redis_url:
+        p.error("--redis-url (or REDIS_URL) is required")
+    return WorkerConfig(
+        spec=Path(a.spec), task=a.task, worker_id=a.worker_id or "", host=a.host, port=a.port,
+        advertise=a.advertise or "", controller=a.controller, redis_url=a.redis_url,
+        models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
+        heartbeat_s=a.heartbeat_s, json_logs=a.log_json)
+
+
+class WorkerApp:
+    """Wires the core to gRPC, the controller and the plan channel."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.spec = load_spec(cfg.spec)
+        try:
+            task = self.spec.task(cfg.task)
+        except KeyError as exc:
+            raise SystemExit(f"error: {exc.args[0]}; tasks: {self.spec.task_names()}") from None
+        self.worker_id = cfg.worker_id
+        self.core = WorkerCore(cfg.worker_id or "pending", task, cfg.models,
+                               prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads)
+        self.server = make_server()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.address = ""
+        self._tasks: list[asyncio.Task] = []
+        self.subscriber: PlanSubscriber | None = None
+
+    async def start(self) -> None:
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self.core), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = bind(self.server, self.cfg.host, self.cfg.port)
+        self.address = self.cfg.advertise or f"{self.cfg.host}:{self.port}"
+        if not self.worker_id:
+            self.worker_id = f"{self.cfg.task}-{socket.gethostname()}-{self.port}"
+        self.core.worker_id = self.worker_id
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self.core.start()
+        log.info("worker_started", worker_id=self.worker_id, address=self.address, task=self.cfg.task)
+        self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
+                                         validate=lambda plan: validate_plan(plan, self.spec))
+        self._tasks = [asyncio.create_task(self.subscriber.run(), name="plan-subscriber"),
+                       asyncio.create_task(self._controller_loop(), name="controller-loop")]
+
+    async def _on_plan(self, plan: Plan) -> None:
+        mine = plan.workers.get(self.worker_id)
+        if mine is None:
+            log.info("not_in_plan", worker_id=self.worker_id, plan_version=plan.version)
+            self.core.plan_version = plan.version
+            return
+        try:
+            await self.core.apply(mine.variant, mine.batch_size, plan.version)
+        except Exception:
+            return  # logged by the core; keep serving the previous variant
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def _controller_loop(self) -> None:
+        """Register (idempotent), then heartbeat with statistics; re-register when the
+        controller forgets us (restart). Never dies on controller errors."""
+        channel = make_channel(self.cfg.controller)
+        stub = pb_grpc.ControllerStub(channel)
+        registered = False
+        backoff = 0.2
+        try:
+            while True:
+                try:
+                    if not registered:
+                        providers = self.core.host.providers if self.core.host else []
+                        resp = await stub.RegisterWorker(pb.RegisterWorkerRequest(
+                            worker_id=self.worker_id, address=self.address, task=self.cfg.task,
+                            providers=providers, device=self.cfg.device), timeout=5)
+                        registered = resp.accepted
+                        if not resp.accepted:
+                            log.error("registration_refused", worker_id=self.worker_id, reason=resp.message)
+                            await asyncio.sleep(5)
+                            continue
+                        log.info("registered", worker_id=self.worker_id, controller=self.cfg.controller)
+                    await stub.Heartbeat(pb.HeartbeatRequest(stats=stats_to_proto(self.core.stats())),
+                                         timeout=5)
+                    backoff = 0.2
+                    await asyncio.sleep(self.cfg.heartbeat_s)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.NOT_FOUND:
+                        registered = False   # controller restarted and forgot us
+                    else:
+                        log.warning("controller_unreachable", error=exc.code().name, retry_s=backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(5.0, backoff * 2)
+        finally:
+            await channel.close()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.stop(grace_s)   # lets in-flight InferBatch calls finish
+        await self.core.stop()
+        log.info("worker_stopped", worker_id=self.worker_id)
+
+
+async def serve(cfg: WorkerConfig) -> None:
+    app = WorkerApp(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    configure_logging("worker", json_logs=cfg.json_logs)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
