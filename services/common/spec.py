@@ -197,8 +197,9 @@ def parse_spec(data: Any, source: str = "<memory>") -> PipelineSpec:
 
     names = [t.name for t in tasks]
     for i, t in enumerate(tasks):
-        if names.count(t.name) > 1:
+        if t.name in names[:i]:
             raise SpecError(source, f"tasks[{i}].name", f"duplicate task name {t.name!r}")
+    for i, t in enumerate(tasks):
         for c in t.children:
             if c not in names:
                 raise SpecError(source, f"tasks[{i}].children", f"unknown task {c!r}")
