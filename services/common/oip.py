@@ -1,0 +1,367 @@
+"""Open Inference Protocol v2 codec: the tensors the OCR front door speaks.
+
+Pure functions over the generated ``services.gen.inference_pb2`` messages, shared by
+the front-door router, the load generator and the tests. Nothing here touches gRPC.
+
+Request: one input ``image``, either
+
+* datatype ``BYTES``, shape ``[1]``: one encoded PNG/JPEG, in ``raw_input_contents``
+  (Triton's raw BYTES layout: 4-byte little-endian length, then the bytes) or in
+  ``contents.bytes_contents``; or
+* datatype ``UINT8``, shape ``[H, W, 3]``: raw row-major pixels, re-encoded to PNG here.
+
+Optional request parameter ``timeout`` (int64, or a decimal string): the client's
+timeout in **milliseconds** (note: Triton itself reads this parameter as microseconds;
+pipeserve uses milliseconds throughout).
+
+Response: outputs ``text`` (BYTES ``[N]``), ``boxes`` (FP32 ``[N, 8]``: x1,y1..x4,y4 in
+page pixels) and ``confidence`` (FP32 ``[N]``), all in ``raw_output_contents``; response
+parameters carry serving metadata (e.g. ``plan_version``, ``variant_path``).
+
+Malformed client data raises :class:`services.common.errors.InvalidInput` with a message
+meant for the client.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from services.common.errors import InvalidInput
+from services.gen import inference_pb2 as pb
+
+IMAGE_INPUT = "image"
+TEXT_OUTPUT = "text"
+BOXES_OUTPUT = "boxes"
+CONFIDENCE_OUTPUT = "confidence"
+TIMEOUT_PARAM = "timeout"
+
+_LEN = struct.Struct("<I")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# --------------------------------------------------------------------------- BYTES
+
+
+def encode_bytes_tensor(items: Iterable[bytes]) -> bytes:
+    """Triton raw BYTES layout: for each element a uint32 LE length, then the bytes."""
+    out = bytearray()
+    for item in items:
+        item = bytes(item)
+        out += _LEN.pack(len(item))
+        out += item
+    return bytes(out)
+
+
+def decode_bytes_tensor(raw: bytes) -> list[bytes]:
+    """Inverse of :func:`encode_bytes_tensor`; InvalidInput on truncated data."""
+    items: list[bytes] = []
+    view = memoryview(raw)
+    pos = 0
+    while pos < len(view):
+        if pos + _LEN.size > len(view):
+            raise InvalidInput(
+                f"malformed BYTES tensor: {len(view) - pos} trailing byte(s) at offset {pos} "
+                "cannot hold a 4-byte length prefix")
+        (n,) = _LEN.unpack_from(view, pos)
+        pos += _LEN.size
+        if pos + n > len(view):
+            raise InvalidInput(
+                f"malformed BYTES tensor: element {len(items)} declares {n} bytes "
+                f"but only {len(view) - pos} remain")
+        items.append(bytes(view[pos:pos + n]))
+        pos += n
+    return items
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def build_image_request(model_name: str, image: bytes, request_id: str = "",
+                        timeout_ms: int | None = None) -> pb.ModelInferRequest:
+    """A request carrying one encoded image as ``image`` (BYTES, shape [1])."""
+    req = pb.ModelInferRequest(model_name=model_name, id=request_id)
+    tensor = req.inputs.add()
+    tensor.name = IMAGE_INPUT
+    tensor.datatype = "BYTES"
+    tensor.shape.append(1)
+    req.raw_input_contents.append(encode_bytes_tensor([image]))
+    if timeout_ms is not None:
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+        req.parameters[TIMEOUT_PARAM].int64_param = int(timeout_ms)
+    return req
+
+
+def extract_image(request: pb.ModelInferRequest, *, max_bytes: int, max_side: int) -> bytes:
+    """Validate the request's ``image`` input and return it as an encoded PNG/JPEG.
+
+    Encoded images are only checked (magic bytes, size, header dimensions), never fully
+    decoded: the detector worker decodes them. ``max_bytes`` bounds the received payload
+    in either form; ``max_side`` bounds the image's width and height.
+    """
+    if len(request.inputs) == 0:
+        raise InvalidInput(f"request has no inputs; expected one input '{IMAGE_INPUT}'")
+    if len(request.inputs) != 1:
+        names = ", ".join(repr(t.name) for t in request.inputs)
+        raise InvalidInput(
+            f"request has {len(request.inputs)} inputs ({names}); expected exactly one "
+            f"input '{IMAGE_INPUT}'")
+    tensor = request.inputs[0]
+    if tensor.name != IMAGE_INPUT:
+        raise InvalidInput(f"unknown input '{tensor.name}'; expected '{IMAGE_INPUT}'")
+    n_raw = len(request.raw_input_contents)
+    if n_raw not in (0, 1):
+        raise InvalidInput(
+            f"raw_input_contents has {n_raw} entries for 1 input")
+    raw = request.raw_input_contents[0] if n_raw else None
+    shape = list(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{IMAGE_INPUT}': negative dimension in shape {shape}")
+
+    if tensor.datatype == "BYTES":
+        if shape != [1]:
+            raise InvalidInput(
+                f"input '{IMAGE_INPUT}': BYTES tensor must have shape [1], got {shape}")
+        if raw is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{IMAGE_INPUT}': data given both in contents and raw_input_contents")
+            if len(raw) > max_bytes + _LEN.size:
+                raise InvalidInput(
+                    f"input '{IMAGE_INPUT}': {len(raw) - _LEN.size} bytes exceeds the limit "
+                    f"of {max_bytes} bytes")
+            elements = decode_bytes_tensor(raw)
+        else:
+            elements = list(tensor.contents.bytes_contents)
+        if len(elements) != 1:
+            raise InvalidInput(
+                f"input '{IMAGE_INPUT}': shape [1] but the data holds {len(elements)} elements")
+        image = elements[0]
+        _check_encoded_image(image, max_bytes=max_bytes, max_side=max_side)
+        return image
+
+    if tensor.datatype == "UINT8":
+        if len(shape) != 3 or shape[2] != 3:
+            raise InvalidInput(
+                f"input '{IMAGE_INPUT}': UINT8 tensor must have shape [H, W, 3], got {shape}")
+        h, w, _ = shape
+        if h == 0 or w == 0:
+            raise InvalidInput(f"input '{IMAGE_INPUT}': empty image, shape {shape}")
+        if max(h, w) > max_side:
+            raise InvalidInput(
+                f"input '{IMAGE_INPUT}': image is {w}x{h}, larger than the limit of "
+                f"{max_side} pixels per side")
+        expected = h * w * 3
+        if raw is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{IMAGE_INPUT}': data given both in contents and raw_input_contents")
+            data = bytes(raw)
+        else:
+            values = tensor.contents.uint_contents
+            if len(values) != expected:
+                raise InvalidInput(
+                    f"input '{IMAGE_INPUT}': shape {shape} needs {expected} values, "
+                    f"contents.uint_contents has {len(values)}")
+            if any(v > 255 for v in values):
+                raise InvalidInput(f"input '{IMAGE_INPUT}': UINT8 value out of range")
+            data = np.fromiter(values, dtype=np.uint8, count=expected).tobytes()
+        if len(data) == 0:
+            raise InvalidInput(f"input '{IMAGE_INPUT}': empty image data")
+        if len(data) != expected:
+            raise InvalidInput(
+                f"input '{IMAGE_INPUT}': shape {shape} x 1 byte = {expected} bytes, "
+                f"but {len(data)} bytes were sent")
+        if len(data) > max_bytes:
+            raise InvalidInput(
+                f"input '{IMAGE_INPUT}': {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+        return _encode_png(np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3))
+
+    raise InvalidInput(
+        f"input '{IMAGE_INPUT}': datatype '{tensor.datatype}' not supported; use BYTES "
+        "(an encoded PNG/JPEG, shape [1]) or UINT8 (shape [H, W, 3])")
+
+
+def _check_encoded_image(image: bytes, *, max_bytes: int, max_side: int) -> None:
+    if len(image) == 0:
+        raise InvalidInput(f"input '{IMAGE_INPUT}': empty image")
+    if len(image) > max_bytes:
+        raise InvalidInput(
+            f"input '{IMAGE_INPUT}': {len(image)} bytes exceeds the limit of {max_bytes} bytes")
+    if not (image.startswith(_PNG_MAGIC) or image.startswith(_JPEG_MAGIC)):
+        raise InvalidInput(f"input '{IMAGE_INPUT}': not a PNG or JPEG image (bad magic bytes)")
+    from PIL import Image  # deferred: only the front door and tests validate images
+
+    try:
+        # Image.open reads the header only; pixels are decoded lazily (never, here).
+        with Image.open(io.BytesIO(image)) as im:
+            w, h = im.size
+    except Exception as exc:  # PIL raises several types for corrupt headers
+        raise InvalidInput(
+            f"input '{IMAGE_INPUT}': cannot read the image header ({type(exc).__name__})") from None
+    if w <= 0 or h <= 0:
+        raise InvalidInput(f"input '{IMAGE_INPUT}': empty image ({w}x{h})")
+    if max(w, h) > max_side:
+        raise InvalidInput(
+            f"input '{IMAGE_INPUT}': image is {w}x{h}, larger than the limit of "
+            f"{max_side} pixels per side")
+
+
+def _encode_png(pixels: np.ndarray) -> bytes:
+    import cv2  # deferred: heavy import, needed only for raw UINT8 inputs
+
+    # The tensor is RGB (the OIP convention); OpenCV writes BGR.
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - cv2 fails only on invalid arrays, excluded above
+        raise InvalidInput(f"input '{IMAGE_INPUT}': could not encode the pixels as PNG")
+    return buf.tobytes()
+
+
+def request_timeout_ms(request: pb.ModelInferRequest) -> int | None:
+    """The ``timeout`` request parameter in milliseconds, or None when absent."""
+    if TIMEOUT_PARAM not in request.parameters:
+        return None
+    param = request.parameters[TIMEOUT_PARAM]
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "int64_param":
+        value = param.int64_param
+    elif kind == "string_param":
+        text = param.string_param.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            raise InvalidInput(
+                f"parameter '{TIMEOUT_PARAM}': {param.string_param!r} is not an integer "
+                "number of milliseconds") from None
+    else:
+        raise InvalidInput(
+            f"parameter '{TIMEOUT_PARAM}' must be an int64 (milliseconds), got {kind or 'nothing'}")
+    if value <= 0:
+        raise InvalidInput(f"parameter '{TIMEOUT_PARAM}' must be positive, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True)
+class OcrLine:
+    """One recognised text line: its text, its quadrilateral (x1,y1..x4,y4 in page
+    pixels) and the recogniser's confidence."""
+
+    text: str
+    points: tuple[float, ...]
+    confidence: float
+
+    def __post_init__(self) -> None:
+        pts = tuple(float(p) for p in self.points)
+        if len(pts) != 8:
+            raise ValueError(f"OcrLine.points needs 8 numbers, got {len(pts)}")
+        object.__setattr__(self, "points", pts)
+        object.__setattr__(self, "confidence", float(self.confidence))
+
+
+def set_parameters(target, parameters: Mapping[str, int | str | bool]) -> None:
+    """Fill a protobuf ``map<string, InferParameter>`` from a plain dict."""
+    for key, value in parameters.items():
+        if isinstance(value, bool):  # before int: bool is an int subclass
+            target[key].bool_param = value
+        elif isinstance(value, (int, np.integer)):
+            target[key].int64_param = int(value)
+        elif isinstance(value, str):
+            target[key].string_param = value
+        else:
+            raise TypeError(f"parameter {key!r}: unsupported type {type(value).__name__}")
+
+
+def read_parameters(source) -> dict[str, int | str | bool]:
+    """Inverse of :func:`set_parameters` (unset parameters are skipped)."""
+    out: dict[str, int | str | bool] = {}
+    for key, param in source.items():
+        kind = param.WhichOneof("parameter_choice")
+        if kind is not None:
+            out[key] = getattr(param, kind)
+    return out
+
+
+def build_ocr_response(model_name: str, request_id: str, lines: Sequence[OcrLine],
+                       parameters: Mapping[str, int | str | bool] | None = None,
+                       ) -> pb.ModelInferResponse:
+    """Outputs text BYTES [N], boxes FP32 [N, 8], confidence FP32 [N], all raw."""
+    n = len(lines)
+    resp = pb.ModelInferResponse(model_name=model_name, id=request_id)
+    set_parameters(resp.parameters, parameters or {})
+    boxes = np.asarray([ln.points for ln in lines], dtype="<f4").reshape(n, 8)
+    conf = np.asarray([ln.confidence for ln in lines], dtype="<f4").reshape(n)
+    for name, dtype, shape, data in (
+        (TEXT_OUTPUT, "BYTES", [n], encode_bytes_tensor(ln.text.encode() for ln in lines)),
+        (BOXES_OUTPUT, "FP32", [n, 8], boxes.tobytes()),
+        (CONFIDENCE_OUTPUT, "FP32", [n], conf.tobytes()),
+    ):
+        out = resp.outputs.add()
+        out.name, out.datatype = name, dtype
+        out.shape.extend(shape)
+        resp.raw_output_contents.append(data)
+    return resp
+
+
+def parse_ocr_response(resp: pb.ModelInferResponse) -> list[OcrLine]:
+    """Read an OCR response, raw (``raw_output_contents``) or typed (``contents``)."""
+    n_raw = len(resp.raw_output_contents)
+    if n_raw not in (0, len(resp.outputs)):
+        raise InvalidInput(
+            f"response has {len(resp.outputs)} outputs but {n_raw} raw_output_contents")
+    by_name = {out.name: i for i, out in enumerate(resp.outputs)}
+    for name in (TEXT_OUTPUT, BOXES_OUTPUT, CONFIDENCE_OUTPUT):
+        if name not in by_name:
+            raise InvalidInput(f"response has no output '{name}'")
+
+    def tensor(name: str):
+        i = by_name[name]
+        return resp.outputs[i], (resp.raw_output_contents[i] if n_raw else None)
+
+    out, raw = tensor(TEXT_OUTPUT)
+    texts = decode_bytes_tensor(raw) if raw is not None else list(out.contents.bytes_contents)
+    n = len(texts)
+    boxes = _fp32(*tensor(BOXES_OUTPUT), count=n * 8).reshape(n, 8)
+    conf = _fp32(*tensor(CONFIDENCE_OUTPUT), count=n)
+    try:
+        return [OcrLine(t.decode("utf-8"), tuple(boxes[i].tolist()), float(conf[i]))
+                for i, t in enumerate(texts)]
+    except UnicodeDecodeError:
+        raise InvalidInput("response output 'text' is not valid UTF-8") from None
+
+
+def _fp32(out, raw: bytes | None, *, count: int) -> np.ndarray:
+    if out.datatype != "FP32":
+        raise InvalidInput(f"response output '{out.name}': datatype {out.datatype}, expected FP32")
+    if raw is not None:
+        if len(raw) != count * 4:
+            raise InvalidInput(
+                f"response output '{out.name}': {len(raw)} bytes, expected {count} x 4")
+        return np.frombuffer(raw, dtype="<f4")
+    values = np.asarray(out.contents.fp32_contents, dtype=np.float32)
+    if values.size != count:
+        raise InvalidInput(
+            f"response output '{out.name}': {values.size} values, expected {count}")
+    return values
+
+
+def model_metadata(name: str, *, versions: Sequence[str] = (),
+                   platform: str = "pipeserve") -> pb.ModelMetadataResponse:
+    """Metadata of an OCR pipeline served as an OIP model (-1 = variable dimension)."""
+    T = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=name, versions=list(versions), platform=platform,
+        inputs=[T(name=IMAGE_INPUT, datatype="BYTES", shape=[1])],
+        outputs=[
+            T(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1]),
+            T(name=BOXES_OUTPUT, datatype="FP32", shape=[-1, 8]),
+            T(name=CONFIDENCE_OUTPUT, datatype="FP32", shape=[-1]),
+        ],
+    )

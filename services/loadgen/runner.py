@@ -1,0 +1,283 @@
+"""The open-loop load generator core: send a schedule to an OIP v2 front door.
+
+:func:`run_load` sends every scheduled request at its time without waiting for earlier
+replies (open loop), each with a gRPC deadline, and returns a :class:`LoadReport`.
+
+Guarantees:
+
+* every scheduled request ends in exactly one :class:`RequestResult` (a gRPC status, or
+  a client-side code: refused by the in-flight cap, unparsable answer, client error, or
+  still pending at the hard stop);
+* the run stops by itself: at most ``schedule span + timeout + grace`` after the start,
+  any call still pending is cancelled and counted as ``CLIENT_NOT_FINISHED``.
+
+Latency is measured from the moment a request is handed to gRPC; when the generator
+itself falls behind its schedule the report's ``max_send_lag_ms`` says by how much.
+CER against ground truth is computed after the run, off the sending path.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+
+from services.common import oip
+from services.common.grpc_utils import make_channel
+from services.gen import inference_pb2_grpc
+from services.loadgen import report as rep
+from services.loadgen.schedule import Arrival, poisson_schedule, read_trace, trace_schedule
+
+# Pending calls get this long past their own deadline before the hard stop cancels them.
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """One load run. Exactly one of ``rate`` (Poisson, with ``duration_s``) and ``trace``
+    (replay) selects the arrivals; ``timeout_ms`` defaults to ``slo_ms``."""
+
+    target: str
+    pipeline: str = "ocr"
+    pages_dir: Path | None = None
+    rate: float | None = None
+    duration_s: float | None = None
+    trace: Path | None = None
+    time_scale: float = 1.0
+    rate_scale: float = 1.0
+    use_trace_deadlines: bool = False
+    seed: int = 0
+    slo_ms: float = 1500.0
+    timeout_ms: float | None = None
+    send_timeout_param: bool = False
+    max_in_flight: int = 10_000
+    progress: bool = True
+
+    @property
+    def effective_timeout_ms(self) -> float:
+        return self.timeout_ms if self.timeout_ms is not None else self.slo_ms
+
+    def validate(self) -> None:
+        if (self.rate is None) == (self.trace is None):
+            raise ValueError("give exactly one of a rate (Poisson) or a trace to replay")
+        if self.rate is not None and self.duration_s is None:
+            raise ValueError("a Poisson run needs a duration")
+        if self.slo_ms <= 0 or self.effective_timeout_ms <= 0:
+            raise ValueError("slo_ms and timeout_ms must be positive")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+
+
+@dataclass(frozen=True)
+class LoadPage:
+    """One image to send and, when known, its ground-truth lines (whatever ``cer_fn``
+    takes as truth)."""
+
+    name: str
+    image: bytes
+    truth: object | None = None
+
+
+CerFn = Callable[[list[tuple[str, tuple[float, ...]]], object], float]
+
+
+def build_schedule(config: LoadConfig) -> list[Arrival]:
+    config.validate()
+    if config.rate is not None:
+        return poisson_schedule(config.rate, float(config.duration_s), config.seed)
+    entries = read_trace(config.trace)
+    return trace_schedule(entries, time_scale=config.time_scale, rate_scale=config.rate_scale,
+                          seed=config.seed, duration_s=config.duration_s)
+
+
+def arrival_window_s(config: LoadConfig, schedule: Sequence[Arrival]) -> float:
+    """Seconds over which requests were offered: the run's duration when it bounds the
+    schedule, else the last arrival's time."""
+    last = schedule[-1].t_s if schedule else 0.0
+    if config.duration_s is not None and config.duration_s >= last:
+        return float(config.duration_s)
+    return last
+
+
+def request_budget_ms(config: LoadConfig, arrival: Arrival) -> tuple[float, float]:
+    """``(slo_ms, timeout_ms)`` of one request: the trace's own deadline for both when
+    ``use_trace_deadlines`` and the trace has one, else the run's SLO and timeout."""
+    if config.use_trace_deadlines and arrival.deadline_ms:
+        return arrival.deadline_ms, arrival.deadline_ms
+    return config.slo_ms, config.effective_timeout_ms
+
+
+def load_page_set(directory: str | Path) -> list[LoadPage]:
+    """Pages written by ``pipeserve-make-pages`` (p000.png ... + ground_truth.json)."""
+    from services.ocr.pages import load_pages
+
+    pages = load_pages(directory)
+    if not pages:
+        raise ValueError(f"{directory}: no pages")
+    return [LoadPage(f"p{i:03d}", p.png, p.lines) for i, p in enumerate(pages)]
+
+
+def default_cer_fn() -> CerFn | None:
+    try:
+        from services.ocr.cer import page_cer
+    except ImportError:  # the OCR extras are optional for a bare load generator
+        return None
+    return page_cer
+
+
+@dataclass
+class _Pending:
+    index: int
+    page: int
+    slo_s: float
+    lines: list[oip.OcrLine] | None = None
+
+
+async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, *,
+                   schedule: Sequence[Arrival] | None = None,
+                   cer_fn: CerFn | None = None) -> rep.LoadReport:
+    """Run one load test; see the module docstring for the guarantees.
+
+    ``pages`` defaults to ``config.pages_dir``; ``schedule`` to :func:`build_schedule`;
+    ``cer_fn`` to ``services.ocr.cer.page_cer`` (CER is skipped when it is missing or a
+    page has no truth)."""
+    config.validate()
+    if schedule is None:
+        schedule = build_schedule(config)
+    if pages is None:
+        if config.pages_dir is None:
+            raise ValueError("no pages: give pages_dir (a pipeserve-make-pages directory)")
+        pages = load_page_set(config.pages_dir)
+    if not pages:
+        raise ValueError("no pages to send")
+    if cer_fn is None:
+        cer_fn = default_cer_fn()
+
+    loop = asyncio.get_running_loop()
+    results: dict[int, rep.RequestResult] = {}
+    pendings: dict[int, _Pending] = {}
+    in_flight = 0
+    max_lag = 0.0
+    bar = _progress(config, len(schedule))
+    channel = make_channel(config.target)
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def finish(result: rep.RequestResult) -> None:
+        assert result.index not in results, f"request {result.index} counted twice"
+        results[result.index] = result
+        if bar is not None:
+            bar.update(1)
+
+    async def one(index: int, arrival: Arrival, page_no: int, slo_s: float,
+                  timeout_s: float) -> None:
+        nonlocal in_flight
+        request = oip.build_image_request(
+            config.pipeline, pages[page_no].image, request_id=f"lg-{config.seed}-{index}",
+            timeout_ms=int(round(timeout_s * 1000)) if config.send_timeout_param else None)
+        sent = time.perf_counter()
+        code, latency, params = rep.CLIENT_ERROR, None, {}
+        try:
+            response = await stub.ModelInfer(request, timeout=timeout_s)
+            latency = time.perf_counter() - sent
+            try:
+                pendings[index] = _Pending(index, page_no, slo_s, oip.parse_ocr_response(response))
+                params = oip.read_parameters(response.parameters)
+                code = rep.OK
+            except Exception:  # an OK status with unreadable tensors
+                code = rep.BAD_RESPONSE
+        except grpc.aio.AioRpcError as exc:
+            latency = time.perf_counter() - sent
+            code = exc.code().name
+        except asyncio.CancelledError:
+            code = rep.NOT_FINISHED
+        except Exception:
+            code = rep.CLIENT_ERROR
+        finally:
+            in_flight -= 1
+            version = params.get("plan_version")
+            path = params.get("variant_path")
+            finish(rep.RequestResult(
+                index, code, latency, slo_s,
+                plan_version=int(version) if isinstance(version, int) else None,
+                variant_path=str(path) if path is not None else None))
+
+    tasks: set[asyncio.Task] = set()
+    start = loop.time()
+    wall_start = time.perf_counter()
+    try:
+        for index, arrival in enumerate(schedule):
+            delay = start + arrival.t_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            max_lag = max(max_lag, loop.time() - (start + arrival.t_s))
+            slo_ms, timeout_ms = request_budget_ms(config, arrival)
+            if in_flight >= config.max_in_flight:
+                finish(rep.RequestResult(index, rep.IN_FLIGHT_CAP, None, slo_ms / 1000.0))
+                continue
+            in_flight += 1
+            task = asyncio.create_task(one(index, arrival, index % len(pages), slo_ms / 1000.0,
+                                           timeout_ms / 1000.0))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            longest = max(request_budget_ms(config, a)[1] for a in schedule) / 1000.0
+            _, still = await asyncio.wait(set(tasks), timeout=longest + STOP_GRACE_S)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+    finally:
+        for task in list(tasks):  # interrupted (e.g. Ctrl-C): every task still counts
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+        elapsed = time.perf_counter() - wall_start
+        await channel.close()
+        if bar is not None:
+            bar.close()
+
+    for index in range(len(schedule)):  # belt and braces: nothing silently lost
+        if index not in results:
+            results[index] = rep.RequestResult(index, rep.NOT_FINISHED, None, config.slo_ms / 1000)
+    final = _with_cer(results, pendings, pages, cer_fn)
+    return rep.summarize(final, elapsed_s=elapsed, window_s=arrival_window_s(config, schedule),
+                         max_send_lag_s=max_lag,
+                         config=_config_dict(config, len(schedule)))
+
+
+def _with_cer(results: dict[int, rep.RequestResult], pendings: dict[int, _Pending],
+              pages: Sequence[LoadPage], cer_fn: CerFn | None) -> list[rep.RequestResult]:
+    out = []
+    cache: dict[tuple, float] = {}
+    for index in sorted(results):
+        r = results[index]
+        p = pendings.get(index)
+        if r.ok and p is not None and cer_fn is not None and pages[p.page].truth is not None:
+            pred = [(ln.text, ln.points) for ln in p.lines or []]
+            key = (p.page, tuple(pred))
+            if key not in cache:
+                cache[key] = float(cer_fn(pred, pages[p.page].truth))
+            r = rep.RequestResult(r.index, r.code, r.latency_s, r.slo_s, cache[key],
+                                  r.plan_version, r.variant_path)
+        out.append(r)
+    return out
+
+
+def _config_dict(config: LoadConfig, scheduled: int) -> dict:
+    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    d["scheduled"] = scheduled
+    d["effective_timeout_ms"] = config.effective_timeout_ms
+    return d
+
+
+def _progress(config: LoadConfig, total: int):
+    if not config.progress or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"{config.pipeline} @ {config.target}", unit="req",
+                file=sys.stderr, dynamic_ncols=True)
