@@ -1,0 +1,193 @@
+"""PaddleOCR detection (``ppocr_det``) and recognition (``ppocr_rec``) processors.
+
+Pre- and post-processing are our own code (numpy + OpenCV + Pillow); the ONNX models come
+from ``pipeserve-fetch-models``. Both processors follow :class:`Processor`'s contract:
+``prepare`` raises :class:`InvalidInput` for bytes that are not a complete image, and
+``run_batch`` returns exactly one :class:`ItemResult` per item, in input order.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from services.common.errors import InvalidInput
+from services.common.processing import ItemResult, Prepared, Processor, RegionOut, register_processor
+from services.common.spec import VariantSpec
+from services.ocr.ctc import ctc_greedy_decode, load_charset, softmax
+from services.ocr.geometry import DBParams, crop_quad, db_boxes, reading_order
+
+__all__ = ["DetProcessor", "RecProcessor", "decode_image", "encode_image", "db_boxes",
+           "ctc_greedy_decode", "reading_order"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
+    """Decode PNG/JPEG/... bytes to an ``H x W x 3`` BGR uint8 array (PaddleOCR's channel order).
+
+    Raises :class:`InvalidInput` for empty, undecodable or truncated bytes and for images
+    with a side above ``max_side`` (checked from the header, before decoding pixels).
+    """
+    if not payload:
+        raise InvalidInput("empty image payload")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(payload))
+            if max(img.size) > max_side:
+                raise InvalidInput(f"image is {img.size[0]}x{img.size[1]}, larger than {max_side} px")
+            img.load()   # raises OSError on truncated data
+    except InvalidInput:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"payload is not a decodable image: {exc}") from None
+    rgb = np.asarray(img.convert("RGB"))
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode a BGR array as PNG (lossless) or JPEG (``quality``)."""
+    if fmt == "png":
+        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    elif fmt in ("jpeg", "jpg"):
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    else:
+        raise ValueError(f"unknown crop format {fmt!r} (png or jpeg)")
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a crop")
+    return buf.tobytes()
+
+
+def _feeds(variant: VariantSpec, session: Any, batch: np.ndarray) -> tuple[list[str] | None, dict]:
+    name = variant.input_names[0] if variant.input_names else session.get_inputs()[0].name
+    return (list(variant.output_names) or None), {name: batch}
+
+
+@register_processor("ppocr_det")
+class DetProcessor(Processor):
+    """DB text detector. Settings: ``side`` (network input is side x side; the page is
+    resized so its long side = side and padded, so pages of any shape batch together),
+    ``thresh``, ``box_thresh``, ``unclip_ratio``, ``max_candidates``, ``min_size``,
+    ``mean``/``std`` (normalisation of BGR/255), ``crop_format`` (jpeg, default, or png: JPEG
+    q95 crops are ~3x smaller at the same CER, see docs/ocr.md), ``crop_quality``,
+    ``max_side``.
+
+    Each result holds the boxes in page pixel coordinates, in reading order, and aligned with
+    them the encoded crops cut from the original full-resolution page.
+    """
+
+    def __init__(self, variant: VariantSpec, model_dir: Path) -> None:
+        super().__init__(variant, model_dir)
+        s = dict(variant.settings)
+        self.side = int(s.get("side", 640))
+        if self.side <= 0 or self.side % 32:
+            raise ValueError(f"variant {variant.name}: side must be a positive multiple of 32, got {self.side}")
+        self.db = DBParams(thresh=float(s.get("thresh", 0.3)), box_thresh=float(s.get("box_thresh", 0.6)),
+                           unclip_ratio=float(s.get("unclip_ratio", 1.5)),
+                           max_candidates=int(s.get("max_candidates", 1000)),
+                           min_size=float(s.get("min_size", 3)))
+        self.mean = np.array(s.get("mean", IMAGENET_MEAN), dtype=np.float32)
+        self.std = np.array(s.get("std", IMAGENET_STD), dtype=np.float32)
+        self.crop_format = str(s.get("crop_format", "jpeg"))
+        self.crop_quality = int(s.get("crop_quality", 95))
+        self.max_side = int(s.get("max_side", 8192))
+
+    def prepare(self, payload: bytes) -> Prepared:
+        image = decode_image(payload, self.max_side)
+        h, w = image.shape[:2]
+        scale = self.side / max(h, w)
+        rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+        resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR if scale < 1 else cv2.INTER_CUBIC)
+        norm = (resized.astype(np.float32) / 255.0 - self.mean) / self.std
+        data = np.zeros((3, self.side, self.side), dtype=np.float32)   # pad = the mean colour
+        data[:, :rh, :rw] = norm.transpose(2, 0, 1)
+        return Prepared(data=data, meta={"image": image, "scale": scale, "valid": (rh, rw)})
+
+    def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
+        if not items:
+            return []
+        outputs, feeds = _feeds(self.variant, session, np.stack([it.data for it in items]))
+        maps = session.run(outputs, feeds)[0]
+        if len(maps) != len(items):
+            raise RuntimeError(f"detector returned {len(maps)} maps for {len(items)} pages")
+        return [self.postprocess(maps[i].reshape(maps.shape[-2:]), it.meta) for i, it in enumerate(items)]
+
+    def postprocess(self, prob: np.ndarray, meta: dict) -> ItemResult:
+        """Boxes (page coordinates, reading order) and their crops for one probability map."""
+        image, scale = meta["image"], meta["scale"]
+        rh, rw = meta["valid"]
+        h, w = image.shape[:2]
+        found = db_boxes(prob[:rh, :rw], self.db)
+        boxes = []
+        for box, score in found:
+            box = box / scale
+            box[:, 0] = np.clip(box[:, 0], 0, w)
+            box[:, 1] = np.clip(box[:, 1], 0, h)
+            boxes.append((box, score))
+        regions, crops = [], []
+        for i in reading_order([b for b, _ in boxes]):
+            box, score = boxes[i]
+            regions.append(RegionOut(points=tuple(round(float(v), 1) for v in box.reshape(-1)),
+                                     score=round(score, 4)))
+            crops.append(encode_image(crop_quad(image, box), self.crop_format, self.crop_quality))
+        return ItemResult(regions=tuple(regions), child_payloads=tuple(crops))
+
+
+@register_processor("ppocr_rec")
+class RecProcessor(Processor):
+    """CTC text recogniser. Settings: ``dict`` (character list, relative to the models dir),
+    ``use_space_char`` (default true), ``height`` (48), ``min_width`` (pad narrower batches to
+    this, 320 as PaddleOCR), ``max_width`` (wider crops are squeezed), ``max_side``.
+
+    Each result holds one region with the decoded text and its confidence.
+    """
+
+    def __init__(self, variant: VariantSpec, model_dir: Path) -> None:
+        super().__init__(variant, model_dir)
+        s = dict(variant.settings)
+        if "dict" not in s:
+            raise ValueError(f"variant {variant.name}: setting 'dict' (character list) is required")
+        self.charset = load_charset(self.model_dir / s["dict"], bool(s.get("use_space_char", True)))
+        self.height = int(s.get("height", 48))
+        self.min_width = int(s.get("min_width", 320))
+        self.max_width = int(s.get("max_width", 1600))
+        self.max_side = int(s.get("max_side", 8192))
+
+    def prepare(self, payload: bytes) -> Prepared:
+        image = decode_image(payload, self.max_side)
+        h, w = image.shape[:2]
+        width = min(self.max_width, max(1, math.ceil(self.height * w / h)))
+        resized = cv2.resize(image, (width, self.height), interpolation=cv2.INTER_LINEAR)
+        data = (resized.astype(np.float32) / 255.0 - 0.5) / 0.5
+        return Prepared(data=np.ascontiguousarray(data.transpose(2, 0, 1)), meta={"width": width})
+
+    def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
+        if not items:
+            return []
+        width = max(self.min_width, max(it.data.shape[2] for it in items))
+        batch = np.zeros((len(items), 3, self.height, width), dtype=np.float32)
+        for i, it in enumerate(items):
+            batch[i, :, :, : it.data.shape[2]] = it.data
+        outputs, feeds = _feeds(self.variant, session, batch)
+        probs = session.run(outputs, feeds)[0]
+        if len(probs) != len(items):
+            raise RuntimeError(f"recogniser returned {len(probs)} rows for {len(items)} crops")
+        if probs.shape[-1] != len(self.charset):
+            raise RuntimeError(f"variant {self.variant.name}: model has {probs.shape[-1]} classes but the "
+                               f"dictionary gives {len(self.charset)} (blank + chars + space)")
+        if probs.min() < 0 or probs.max() > 1.0 + 1e-3:   # logits, not probabilities
+            probs = softmax(probs)
+        results = []
+        for row in probs:
+            text, conf = ctc_greedy_decode(row, self.charset)
+            results.append(ItemResult(regions=(RegionOut(text=text, confidence=round(conf, 4)),)))
+        return results
