@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages", default="data/eval", help="evaluation pages (make data)")
     p.add_argument("--workers", action="append", default=[], metavar="TASK=N",
                    help="workers per task (default 1 each), e.g. --workers rec=2")
-    p.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
+    p.add_argument("--rate", type=float, default=5.0, help="requests per second (Poisson)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
     p.add_argument("--log-dir", default=None, help="where service logs go (default runs/demo-<time>)")

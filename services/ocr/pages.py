@@ -143,7 +143,8 @@ def write_pages(out: Path, count: int, seed: int, progress: bool = True) -> list
 
     out.mkdir(parents=True, exist_ok=True)
     pages, meta = [], []
-    for i in tqdm(range(count), desc="pages", unit="page", disable=not progress):
+    # disable=None: tqdm turns itself off when stderr is not a terminal (CI, logs)
+    for i in tqdm(range(count), desc="pages", unit="page", disable=None if progress else True):
         page = generate_page(seed, i)
         name = f"p{i:03d}.png"
         (out / name).write_bytes(page.png)
