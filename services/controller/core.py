@@ -39,6 +39,7 @@ class ControllerCore:
         self.allocations: list[Allocation] | None = None
         self.current: Plan | None = None
         self.dirty = True
+        self._missing_logged: list[str] = []
 
     def set_allocations(self, allocations: list[Allocation]) -> None:
         self.allocations = allocations
@@ -64,8 +65,11 @@ class ControllerCore:
         served = {a.task for a in assignments.values()}
         missing = [t.name for t in self.spec.tasks if t.name not in served]
         if missing:
-            log.info("waiting_for_workers", tasks=missing)
+            if missing != self._missing_logged:   # once per change, not every loop
+                log.info("waiting_for_workers", tasks=missing)
+                self._missing_logged = missing
             return None
+        self._missing_logged = []
         plan = Plan(version=0, pipeline=self.spec.name, workers=assignments,
                     routing=uniform_routing(assignments, self.allocations), source="operator")
         validate_plan(plan, self.spec)
