@@ -1,0 +1,319 @@
+"""``solve(context, previous_plan) -> PlanSolution``: the planner's pure policy.
+
+Lexicographic objective, as three solves of one compiled problem (weights and floors
+are parameters):
+
+1. maximise the served rate ``s`` (``s < D`` only when even the cheapest variants
+   cannot carry the demand: **overload**, the rest is shed at admission);
+2. maximise the expected accuracy mass ``sum_k x_k A(k)`` with ``s`` held;
+3. minimise active workers + ``change_cost`` per worker that must load a variant it
+   did not run in the previous plan, holding ``s`` and the accuracy (up to
+   ``accuracy_tolerance``).
+
+If all of ``s = D`` fits on the most accurate paths the result is **hardware scaling**
+(fewest workers at full accuracy), otherwise **accuracy scaling**. The mode is read off
+the solution, never decided by an exception.
+
+``method="exact"`` solves the MILP (integer replicas, binary batch choice). The default
+``"relaxed"`` solves the LP, then repairs: one batch size per variant with children
+(the one carrying most replicas), floor + largest fractional parts within the cluster
+size, then the three phases again with replicas bounded by the rounded values and a
+final ceil. Every status is checked against cvxpy's constants; a failed solve returns
+``ok=False`` and the caller keeps its previous plan.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping
+
+import cvxpy as cp
+import numpy as np
+
+from services.common.plan import Allocation, Plan
+from services.planner.model import PlanningModel
+from services.planner.profile import PipelineProfile
+from services.planner.verify import check_solution
+
+OK_STATUSES = (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.USER_LIMIT)
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class PlannerContext:
+    profile: PipelineProfile
+    demand_qps: float
+    n_workers: int
+    slo_ms: float | None = None               # default: the profile's SLO
+    method: str = "relaxed"                   # "relaxed" (LP + repair) or "exact" (MILP)
+    latency_quantile: str = "p95"             # latencies and throughputs use p95 by default
+    time_limit_s: float = 2.0                 # per solver call
+    mip_rel_gap: float = 1e-3
+    change_cost: float = 0.25                 # workers-equivalent per worker that loads a new variant
+    accuracy_tolerance: float = 1e-6          # relative accuracy phase 3 may give up
+    min_accuracy: float | None = None         # floor on the expected accuracy of what is served
+    task_workers: Mapping[str, int] | None = None   # per-task worker caps (task-bound workers)
+    min_workers_per_task: int = 1             # keep every stage alive, even at zero demand
+    leaf_pruning: bool = True
+    repair_time_limit_s: float = 0.3          # per phase of the widened repair MILP (relaxed)
+    clock: Callable[[], float] = time.perf_counter   # only used to report solve time
+
+    @property
+    def slo(self) -> float:
+        return float(self.slo_ms if self.slo_ms is not None else self.profile.slo_ms)
+
+
+@dataclass(frozen=True)
+class PathFlow:
+    tasks: tuple[str, ...]
+    variants: tuple[str, ...]
+    batches: tuple[int, ...]
+    rate_qps: float              # root requests per second on this configuration
+    accuracy: float
+    mult: tuple[float, ...] = ()  # queries per root request reaching each stage
+
+
+@dataclass(frozen=True)
+class PlanSolution:
+    ok: bool
+    mode: str                    # hardware | accuracy | overload | failed
+    status: str
+    pipeline: str
+    method: str
+    demand_qps: float
+    served_qps: float
+    expected_accuracy: float | None
+    max_accuracy: float
+    workers_used: int
+    n_workers: int
+    allocations: tuple[Allocation, ...] = ()
+    flows: tuple[PathFlow, ...] = ()
+    capacity_qps: float = 0.0
+    lp_bound: Mapping[str, float] = field(default_factory=dict)
+    solve_ms: float = 0.0
+    message: str = ""
+
+    def replicas(self) -> dict[tuple[str, str, int], int]:
+        return {(a.task, a.variant, a.batch_size): a.replicas for a in self.allocations}
+
+    @property
+    def admission_rate_qps(self) -> float | None:
+        return self.served_qps if self.mode == "overload" else None
+
+
+_CACHE: dict[tuple, PlanningModel] = {}
+_KEYS: dict[int, tuple[PipelineProfile, str]] = {}
+
+
+def get_model(profile: PipelineProfile, slo_ms: float, quantile: str, integer: bool,
+              leaf_pruning: bool = True) -> PlanningModel:
+    """The compiled model, cached per (profile content, SLO, quantile, integrality).
+    The cluster size is a parameter, so one compiled model serves every N."""
+    held = _KEYS.get(id(profile))
+    if held is None or held[0] is not profile:
+        held = (profile, profile.key())
+        _KEYS[id(profile)] = held
+    key = (held[1], float(slo_ms), quantile, integer, leaf_pruning)
+    if key not in _CACHE:
+        _CACHE[key] = PlanningModel(profile, slo_ms, quantile, integer, leaf_pruning)
+    return _CACHE[key]
+
+
+def _previous_counts(m: PlanningModel, previous: Plan | None) -> np.ndarray:
+    prev = np.zeros(len(m.variants))
+    if previous is not None:
+        vix = {v: i for i, v in enumerate(m.variants)}
+        for w in previous.workers.values():
+            if (w.task, w.variant) in vix:
+                prev[vix[(w.task, w.variant)]] += 1
+    return prev
+
+
+def _phases(m: PlanningModel, ctx: PlannerContext, swap_w: np.ndarray) -> tuple[str, dict]:
+    """Run the three lexicographic phases with the parameters already set."""
+    floor = float(ctx.min_accuracy or 0.0)
+    m.set(w_served=1.0, w_acc=0.0, w_workers=0.0, served_floor=0.0, ratio_floor=floor,
+          swap_w=np.zeros(len(m.variants)), w_variant=np.zeros(len(m.variants)))
+    st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+    if st not in OK_STATUSES or m.served.value is None:
+        return f"phase1:{st}", {}
+    s = max(float(m.served.value), 0.0)
+    s_floor = max(s - EPS * max(1.0, s), 0.0)
+    m.set(w_served=0.0, w_acc=1.0, served_floor=s_floor)
+    st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+    if st not in OK_STATUSES or m.x.value is None:
+        return f"phase2:{st}", {}
+    a = float(m.accmass.value)
+    ratio = max(floor, (a / s) * (1.0 - ctx.accuracy_tolerance) - EPS) if s > EPS else floor
+    # tie-break: among equal worker counts prefer accurate variants (worth < 1 worker in total)
+    tie = 1e-4 * (1.0 - m.variant_accuracy) / max(1.0, ctx.n_workers / 1000.0)
+    m.set(w_acc=0.0, w_workers=1.0, ratio_floor=ratio, swap_w=swap_w, w_variant=tie)
+    st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+    if (st not in OK_STATUSES or m.r.value is None) and s > EPS:
+        # numerically too tight for the MILP (seen at N=1000): give up 0.1% accuracy
+        m.set(ratio_floor=max(floor, (a / s) * (1.0 - 1e-3)))
+        st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+    if st not in OK_STATUSES or m.r.value is None:
+        return f"phase3:{st}", {}
+    return str(st), {"served": s, "accmass": a}
+
+
+def _fix_batches(m: PlanningModel, r: np.ndarray) -> np.ndarray:
+    """One batch size per variant with children: the one holding most replicas."""
+    y_ub = np.ones(len(m.nl))
+    for row in range(m.H.shape[0]):
+        members = m.H.indices[m.H.indptr[row]:m.H.indptr[row + 1]]
+        best = members[int(np.argmax(r[m.nl[members]] * m.thr[m.nl[members]]))]
+        y_ub[members] = 0.0
+        y_ub[best] = 1.0
+    return y_ub
+
+
+def _round(m: PlanningModel, ctx: PlannerContext, r: np.ndarray) -> np.ndarray:
+    """Integer replicas: floors, then +1 by largest fractional part within the caps."""
+    r = np.maximum(r, 0.0)
+    base = np.floor(r + 1e-6)
+    task_of = np.array([m.tasks.index(b.task) for b in m.buckets])
+    caps = _task_caps(m, ctx)
+    used = np.bincount(task_of, weights=base, minlength=len(m.tasks))
+    budget = ctx.n_workers - base.sum()
+    for i in np.argsort(-(r - base), kind="stable"):
+        if r[i] - base[i] <= 1e-6 or budget < 1:
+            break
+        if used[task_of[i]] + 1 <= caps[task_of[i]]:
+            base[i] += 1
+            used[task_of[i]] += 1
+            budget -= 1
+    return base
+
+
+def _task_caps(m: PlanningModel, ctx: PlannerContext) -> np.ndarray:
+    caps = np.full(len(m.tasks), float(ctx.n_workers))
+    for t, c in (ctx.task_workers or {}).items():
+        if t in m.tasks:
+            caps[m.tasks.index(t)] = float(c)
+    return caps
+
+
+def solve(ctx: PlannerContext, previous_plan: Plan | None = None) -> PlanSolution:
+    """Plan replicas, path split and admission for ``ctx.demand_qps``. Pure: no I/O."""
+    t0 = ctx.clock()
+    exact = ctx.method == "exact"
+    if ctx.method not in ("exact", "relaxed"):
+        raise ValueError(f"method must be 'exact' or 'relaxed', got {ctx.method!r}")
+    m = get_model(ctx.profile, ctx.slo, ctx.latency_quantile, exact, ctx.leaf_pruning)
+    B = len(m.buckets)
+    if not m.configs:
+        return _failed(ctx, m, "no_configuration", t0, f"no variant path fits SLO/2 = {ctx.slo / 2:g} ms")
+    caps = _task_caps(m, ctx)
+    task_min = np.minimum(float(ctx.min_workers_per_task), caps)
+    if task_min.sum() > ctx.n_workers:
+        task_min[:] = 0.0
+    swap_w = np.full(len(m.variants), ctx.change_cost if previous_plan is not None else 0.0)
+    m.set(demand=max(float(ctx.demand_qps), 0.0), n_workers=float(ctx.n_workers), task_cap=caps,
+          task_min=task_min, prev=_previous_counts(m, previous_plan),
+          r_lb=np.zeros(B), r_ub=np.full(B, float(ctx.n_workers)), y_ub=np.ones(len(m.nl)))
+    status, info = _phases(m, ctx, swap_w)
+    if not info:
+        return _failed(ctx, m, status, t0)
+    lp_bound = dict(info)
+    integral = exact
+    if not exact:
+        # repair 1: one batch size per variant with children, then re-plan the LP
+        if len(m.nl):
+            m.set(y_ub=_fix_batches(m, np.asarray(m.r.value, dtype=float)))
+            status, info = _phases(m, ctx, swap_w)
+        if not info:
+            _reset(m)
+            return _failed(ctx, m, "repair:" + status, t0)
+        # repair 2: integer replicas by a small MILP in a box around the LP's r*: first
+        # [floor - 1, ceil + 1] on the buckets the LP uses (others stay empty); if that
+        # loses more than 0.1% of served rate or 0.2% of accuracy against the LP bound,
+        # also try letting every bucket take one replica (time-limited). If no box
+        # works: floor + largest fractional parts.
+        r_star = np.maximum(np.asarray(m.r.value, dtype=float), 0.0)
+        used = (r_star > 1e-6).astype(float)
+        lb = np.maximum(np.floor(r_star + 1e-6) - used, 0.0)
+        mi = get_model(ctx.profile, ctx.slo, ctx.latency_quantile, True, ctx.leaf_pruning)
+        best = None
+        for ub, limit in ((np.ceil(r_star - 1e-6) + used, ctx.time_limit_s),
+                          (np.ceil(r_star - 1e-6) + 1.0, min(ctx.time_limit_s, ctx.repair_time_limit_s))):
+            mi.set(**{k: p.value for k, p in m.p.items()})
+            mi.set(r_lb=lb, r_ub=ub)
+            st, inf = _phases(mi, replace(ctx, time_limit_s=limit, mip_rel_gap=max(ctx.mip_rel_gap, 1e-3)), swap_w)
+            if inf:
+                cand = _extract(ctx, mi, st, lp_bound, t0, integral=True)
+                if not check_solution(cand, ctx.profile, ctx.slo, ctx.latency_quantile) and (
+                        best is None or _rank(cand) > _rank(best)):
+                    best = cand
+            _reset(mi)
+            if best is not None and best.served_qps >= lp_bound["served"] * (1 - 1e-3) - 1e-6 and \
+                    best.served_qps * (best.expected_accuracy or 0) >= lp_bound["accmass"] * (1 - 2e-3) - 1e-6:
+                break
+        if best is not None:
+            _reset(m)
+            return replace(best, solve_ms=(ctx.clock() - t0) * 1000.0)
+        m.set(r_ub=_round(m, ctx, r_star))
+        status, info = _phases(m, ctx, swap_w)
+        if not info:
+            _reset(m)
+            return _failed(ctx, m, "repair:" + status, t0)
+    solution = _extract(ctx, m, status, lp_bound, t0, integral=integral)
+    _reset(m)
+    problems = check_solution(solution, ctx.profile, ctx.slo, ctx.latency_quantile)
+    if problems:   # e.g. a time-limited incumbent that is not feasible: do not publish it
+        return _failed(ctx, m, f"unsound: {problems[:3]}", t0)
+    return solution
+
+
+def _rank(s: PlanSolution) -> tuple:
+    return (round(s.served_qps, 6), round(s.served_qps * (s.expected_accuracy or 0.0), 6), -s.workers_used)
+
+
+def _reset(m: PlanningModel) -> None:
+    """Drop the repair bounds so the cached model starts clean next time."""
+    n = float(m.p["n_workers"].value)
+    m.set(r_lb=np.zeros(len(m.buckets)), r_ub=np.full(len(m.buckets), n), y_ub=np.ones(len(m.nl)))
+
+
+def _failed(ctx: PlannerContext, m: PlanningModel, status: str, t0: float,
+            why: str = "solver failed") -> PlanSolution:
+    return PlanSolution(ok=False, mode="failed", status=status, pipeline=ctx.profile.name, method=ctx.method,
+                        demand_qps=ctx.demand_qps, served_qps=0.0, expected_accuracy=None,
+                        max_accuracy=m.max_accuracy if m.configs else 0.0, workers_used=0,
+                        n_workers=ctx.n_workers, solve_ms=(ctx.clock() - t0) * 1000.0,
+                        message=f"{why}; keep the previous plan")
+
+
+def _extract(ctx: PlannerContext, m: PlanningModel, status: str, lp_bound: dict, t0: float,
+             integral: bool) -> PlanSolution:
+    x = np.maximum(np.asarray(m.x.value, dtype=float), 0.0)
+    x[x < 1e-9] = 0.0
+    load = m.L @ x
+    need = load / m.thr
+    r = np.asarray(m.r.value, dtype=float)
+    # integer replicas: the MILP's (rounded off tolerance) or the ceil of the repaired LP's,
+    # which stays within the rounded bounds and therefore within the cluster size
+    r_int = np.round(r) if integral else np.ceil(r - 1e-6)
+    r_int = np.maximum(r_int, np.ceil(need - 1e-6))
+    served = float(np.sum(x[[c.chain == 0 for c in m.configs]]))
+    accmass = float(m.acc @ x)
+    exp_acc = accmass / served if served > EPS else None
+    allocs = tuple(Allocation(b.task, b.variant, b.batch, int(n)) for b, n in zip(m.buckets, r_int) if n >= 1)
+    flows = tuple(PathFlow(m.chains[c.chain], c.variants, c.batches, float(x[k]), c.accuracy, c.mult)
+                  for k, c in enumerate(m.configs) if x[k] > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        head = np.where(load > 1e-9, r_int * m.thr / np.maximum(load, 1e-12), np.inf)
+    capacity = served * float(np.min(head)) if served > EPS and np.isfinite(np.min(head)) else 0.0
+    if served < ctx.demand_qps * (1 - 1e-6) - 1e-6:
+        mode = "overload"
+    elif exp_acc is None or exp_acc >= m.max_accuracy * (1 - 1e-6) - 1e-9:
+        mode = "hardware"
+    else:
+        mode = "accuracy"
+    return PlanSolution(ok=True, mode=mode, status=status, pipeline=ctx.profile.name, method=ctx.method,
+                        demand_qps=float(ctx.demand_qps), served_qps=served, expected_accuracy=exp_acc,
+                        max_accuracy=m.max_accuracy, workers_used=int(r_int.sum()), n_workers=ctx.n_workers,
+                        allocations=allocs, flows=flows, capacity_qps=capacity, lp_bound=lp_bound,
+                        solve_ms=(ctx.clock() - t0) * 1000.0)
