@@ -26,7 +26,10 @@ from services.gen import inference_pb2_grpc as ipb_grpc
 @dataclass
 class ClusterConfig:
     spec: Path
-    plan_file: Path
+    plan_file: Path | None = None   # operator plan file, or
+    profile: Path | None = None     # the planner on this profile
+    headroom: float | None = None   # planner: plan for this multiple of the demand estimate
+    min_demand_qps: float | None = None   # planner: plan for at least this (the expected load)
     models: Path = Path("models")
     workers: dict[str, int] = field(default_factory=dict)   # task -> count (default 1 each)
     log_dir: Path = Path("runs/cluster")
@@ -82,8 +85,16 @@ class LocalCluster:
             self.redis_url = self.redis.url
         cport = free_port()
         self.controller_address = f"127.0.0.1:{cport}"
+        if (self.cfg.plan_file is None) == (self.cfg.profile is None):
+            raise ValueError("give exactly one of plan_file and profile")
+        source = (["--plan-file", str(self.cfg.plan_file)] if self.cfg.plan_file is not None
+                  else ["--profile", str(self.cfg.profile)])
+        if self.cfg.profile is not None and self.cfg.headroom is not None:
+            source += ["--headroom", str(self.cfg.headroom)]
+        if self.cfg.profile is not None and self.cfg.min_demand_qps is not None:
+            source += ["--min-demand-qps", str(self.cfg.min_demand_qps)]
         self._spawn("controller", "services.controller.main", [
-            "--spec", str(self.cfg.spec), "--plan-file", str(self.cfg.plan_file), "--port", str(cport),
+            "--spec", str(self.cfg.spec), *source, "--port", str(cport),
             "--redis-url", self.redis_url, "--heartbeat-timeout-s", str(self.cfg.heartbeat_timeout_s)],
             address=self.controller_address)
         for t in self.spec.tasks:

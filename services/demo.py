@@ -1,7 +1,8 @@
 """``pipeserve-demo``: the whole system on this machine, then a load test and a report.
 
-Starts an embedded Redis (or uses ``REDIS_URL``), the controller with the operator plan
-file, one worker per task (``--workers``), one router per stage (the root one is the
+Starts an embedded Redis (or uses ``REDIS_URL``), the controller (planning with the CVXPY
+planner on the pipeline's profile, or from an operator plan file with ``--plan-file``), one
+worker per task (``--workers``), one router per stage (the root one is the
 OIP front door), waits until every worker serves, runs the open-loop load generator,
 prints its report and shuts everything down.
 """
@@ -26,7 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "routers as separate processes), drive it with the load generator, print the "
                     "report, and shut everything down. Needs `make models data` first.")
     p.add_argument("--spec", default="pipelines/ocr.yaml", help="pipeline spec")
-    p.add_argument("--plan-file", default="plans/ocr-demo.yaml", help="operator plan file")
+    p.add_argument("--profile", default="profiles/ocr_cpu.json",
+                   help="variant profile the controller's planner uses (default: this machine's OCR profile)")
+    p.add_argument("--headroom", type=float, default=1.8,
+                   help="the planner plans for this multiple of the estimated demand (default 1.8: "
+                        "on a small host the routers, the load generator and Redis share the cores "
+                        "the profile measured the models alone on)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="do not tell the planner the expected rate: it starts from zero demand and "
+                        "follows the measured demand (the first seconds then run on a plan for too "
+                        "little load)")
+    p.add_argument("--plan-file", default=None,
+                   help="use this operator plan file instead of the planner (e.g. plans/ocr-demo.yaml)")
     p.add_argument("--models", default="models", help="model directory (make models)")
     p.add_argument("--pages", default="data/eval", help="evaluation pages (make data)")
     p.add_argument("--workers", action="append", default=[], metavar="TASK=N",
@@ -54,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         workers[task] = int(n)
     log_dir = Path(a.log_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = ClusterConfig(spec=Path(a.spec), plan_file=Path(a.plan_file), models=Path(a.models),
+    # The operator's prior: the controller plans for the announced rate from the start
+    # (--cold-start: from zero, so the first seconds show the planner catching up).
+    source = ({"plan_file": Path(a.plan_file)} if a.plan_file
+              else {"profile": Path(a.profile), "headroom": a.headroom,
+                    "min_demand_qps": None if a.cold_start else a.rate * a.headroom})
+    cfg = ClusterConfig(spec=Path(a.spec), **source, models=Path(a.models),
                         workers=workers, log_dir=log_dir)
     cluster = LocalCluster(cfg)
     t0 = time.monotonic()
+    print(f"plans from: {a.plan_file or 'the planner on ' + a.profile}", flush=True)
     print(f"starting redis, controller, {sum(workers.get(t.name, 1) for t in cluster.spec.tasks)} workers "
           f"and {len(cluster.spec.tasks)} routers (logs: {log_dir}) ...", flush=True)
     report = None

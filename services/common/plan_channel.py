@@ -53,6 +53,15 @@ def channel(pipeline: str) -> str:
     return f"pipeserve:{pipeline}:plans"
 
 
+def frontdoor_key(pipeline: str, router_id: str) -> str:
+    """A front door's request counter (hash: received, ts), read by the controller."""
+    return f"pipeserve:{pipeline}:frontdoor:{router_id}"
+
+
+def frontdoor_pattern(pipeline: str) -> str:
+    return f"pipeserve:{pipeline}:frontdoor:*"
+
+
 def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0,
                                    health_check_interval=10)

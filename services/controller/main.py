@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from pathlib import Path
 from services.common.errors import InvalidInput, NotFound, SpecError, Unavailable
 from services.common.grpc_utils import bind, make_server, map_errors
 from services.common.logging import configure_logging, get_logger
-from services.common.plan_channel import PlanPublisher, connect
+from services.common.plan_channel import PlanPublisher, connect, frontdoor_pattern
 from services.common.redis_server import RedisServer
 from services.common.spec import load_spec
 from services.controller.core import ControllerCore
+from services.controller.demand import DemandEstimator
+from services.controller.planning import PlannerPolicy
 from services.controller.registry import WorkerRegistry
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
@@ -27,6 +30,11 @@ log = get_logger(__name__)
 class ControllerConfig:
     spec: Path
     plan_file: Path | None
+    profile: Path | None
+    planner: str
+    headroom: float
+    min_demand_qps: float
+    demand_tau_s: float
     host: str
     port: int
     redis_url: str | None
@@ -40,10 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pipeserve-controller",
         description="Register workers, build the plan (which worker runs which variant at which "
                     "batch size, and the routing weights) and publish it as a versioned value "
-                    "through Redis (a key plus a pub/sub notification). With --plan-file the "
-                    "allocation comes from an operator file, reloaded when it changes.")
+                    "through Redis (a key plus a pub/sub notification). With --profile the CVXPY "
+                    "planner decides from the demand the front doors report (hardware scaling "
+                    "at full accuracy while it fits, accuracy scaling beyond, shedding under "
+                    "overload); with --plan-file an operator file decides, reloaded when it changes.")
     p.add_argument("--spec", required=True, help="pipeline spec file (e.g. pipelines/ocr.yaml)")
-    p.add_argument("--plan-file", default=None, help="operator plan file (YAML/JSON allocations)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--plan-file", default=None, help="operator plan file (YAML/JSON allocations)")
+    src.add_argument("--profile", default=None,
+                     help="profile of the pipeline's variants (e.g. profiles/ocr_cpu.json): plan with the planner")
+    p.add_argument("--planner", choices=["relaxed", "exact"], default="relaxed",
+                   help="relaxed LP with rounding and repair (fast, default) or the exact MILP")
+    p.add_argument("--headroom", type=float, default=1.25,
+                   help="plan for this multiple of the estimated demand (default 1.25)")
+    p.add_argument("--min-demand-qps", type=float, default=0.5,
+                   help="plan for at least this demand, e.g. at a cold start (default 0.5)")
+    p.add_argument("--demand-tau-s", type=float, default=3.0,
+                   help="time constant of the demand estimate's moving average, over 5 s "
+                        "windowed rates (default 3 s)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50050, help="port to bind, 0 = any free port")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
@@ -60,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> ControllerConfig:
     a = build_parser().parse_args(argv)
     return ControllerConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
+                            profile=Path(a.profile) if a.profile else None, planner=a.planner,
+                            headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
                             host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
                             heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json)
 
@@ -111,6 +135,14 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return pb.SetPlanResponse(plan_version=plan.version if plan else 0)
 
 
+async def read_demand(client, pipeline: str, estimator: DemandEstimator) -> None:
+    """Feed every front door's request counter into the estimator."""
+    async for key in client.scan_iter(match=frontdoor_pattern(pipeline), count=100):
+        fields = await client.hgetall(key)
+        if b"received" in fields and b"ts" in fields:
+            estimator.observe(key.decode(), float(fields[b"received"]), float(fields[b"ts"]))
+
+
 async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> None:
     spec = load_spec(cfg.spec)
     embedded = None
@@ -127,13 +159,22 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
             publisher.last_version = existing.version
     except Exception as exc:
         log.warning("redis_unreachable_at_start", error=str(exc))
-    core = ControllerCore(spec, WorkerRegistry(cfg.heartbeat_timeout_s), publisher.publish, cfg.plan_file)
+    planner = None
+    if cfg.profile is not None:
+        planner = PlannerPolicy.from_file(cfg.profile, spec.slo_ms, method=cfg.planner,
+                                          headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps)
+        if planner.profile.name != spec.name:
+            raise SpecError(str(cfg.profile), "name", f"profile is for {planner.profile.name!r}, spec is {spec.name!r}")
+    core = ControllerCore(spec, WorkerRegistry(cfg.heartbeat_timeout_s), publisher.publish, cfg.plan_file,
+                          planner=planner)
+    demand = DemandEstimator(tau_s=cfg.demand_tau_s)
     server = make_server()
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(core), server)
     port = bind(server, cfg.host, cfg.port)
     await server.start()
     log.info("controller_started", address=f"{cfg.host}:{port}", pipeline=spec.name, redis_url=redis_url,
-             plan_file=str(cfg.plan_file) if cfg.plan_file else None)
+             plan_file=str(cfg.plan_file) if cfg.plan_file else None,
+             profile=str(cfg.profile) if cfg.profile else None, planner=cfg.planner if planner else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,6 +183,12 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
         ready.set()
     try:
         while not stop.is_set():
+            if planner is not None:
+                try:
+                    await read_demand(client, spec.name, demand)
+                    core.demand_qps = demand.update(time.time())
+                except Exception as exc:   # Redis away: plan on the last estimate
+                    log.warning("demand_read_failed", error=str(exc))
             result = await core.reconcile()
             if result.duration_ms > 200:
                 log.warning("slow_reconcile", duration_ms=round(result.duration_ms, 1))

@@ -65,13 +65,30 @@ def load_stage(spec, name: str, models: Path, threads: int) -> Stage:
     return Stage(proc, TimedSession(session))
 
 
+def detection_cer(detected, texts: list[str], page) -> float:
+    """Page CER of one detector result (``ItemResult``) read by a recogniser as ``texts``
+    (one per region, in order). Shared with the profiler (services/planner/profiler.py)."""
+    if len(texts) != len(detected.regions):
+        raise ValueError(f"{len(texts)} texts for {len(detected.regions)} regions")
+    return page_cer([(t, r.points) for t, r in zip(texts, detected.regions)], page.lines)
+
+
+def recognise(proc, session, crops, batch: int = 16) -> list[str]:
+    """Texts of encoded crops, run in batches of ``batch`` (as ``local.run_ocr_page`` does)."""
+    prepared = [proc.prepare(c) for c in crops]
+    out: list[str] = []
+    for start in range(0, len(prepared), batch):
+        out += [r.regions[0].text for r in proc.run_batch(session, prepared[start:start + batch])]
+    return out
+
+
 def evaluate(det: Stage, rec: Stage, pages) -> tuple[float, float]:
     """Mean page CER and mean boxes per page; accumulates stage timings."""
     cers, boxes = [], []
     for page in pages:
         d = det(page.png)
         texts = [rec(c).regions[0].text for c in d.child_payloads]
-        cers.append(page_cer([(t, r.points) for t, r in zip(texts, d.regions)], page.lines))
+        cers.append(detection_cer(d, texts, page))
         boxes.append(len(d.regions))
     return float(np.mean(cers)), float(np.mean(boxes))
 

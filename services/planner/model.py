@@ -67,9 +67,25 @@ def candidate_batches(v: VariantProfile, budget_ms: float, quantile: str) -> lis
     return sorted(keep)
 
 
+def _accuracy_order(profile: PipelineProfile, u: VariantProfile, w: VariantProfile) -> tuple[bool, bool]:
+    """``(no_worse, better)``: is ``w`` at least as accurate as ``u`` -- its own accuracy and,
+    where the profile has measured path accuracies, on every measured path through either
+    with the other substituted -- and strictly more accurate somewhere?"""
+    no_worse, better = w.accuracy >= u.accuracy, w.accuracy > u.accuracy
+    for key in profile.path_accuracy:
+        names = key.split("/")
+        if u.name not in names and w.name not in names:
+            continue
+        au = profile.path_accuracy_of([u.name if n == w.name else n for n in names])
+        aw = profile.path_accuracy_of([w.name if n == u.name else n for n in names])
+        no_worse, better = no_worse and aw >= au, better or aw > au
+    return no_worse, better
+
+
 def dominated_variants(profile: PipelineProfile, budget_ms: float, quantile: str) -> set[str]:
-    """Variants no better than another of the same task in every respect: accuracy,
-    fan-out to every child (downstream load) and latency/throughput at every batch size.
+    """Variants no better than another of the same task in every respect: accuracy
+    (including every measured path accuracy through them), fan-out to every child
+    (downstream load) and latency/throughput at every batch size.
     The planner never uses them (replacing one by its dominator never hurts)."""
     out: set[str] = set()
     for t in profile.tasks:
@@ -79,7 +95,8 @@ def dominated_variants(profile: PipelineProfile, budget_ms: float, quantile: str
             for w in t.variants:
                 if w.name == u.name or w.name in out:
                     continue
-                if w.accuracy < u.accuracy:
+                no_worse, more_accurate = _accuracy_order(profile, u, w)
+                if not no_worse:
                     continue
                 if any(t.fan_out[w.name][c] > t.fan_out[u.name][c] for c in t.children):
                     continue
@@ -87,7 +104,7 @@ def dominated_variants(profile: PipelineProfile, budget_ms: float, quantile: str
                 if cu and not cw:
                     continue
                 covers = all(any(lw <= lu and tw >= tu for lw, tw in cw) for lu, tu in cu)
-                strict = (w.accuracy > u.accuracy
+                strict = (more_accurate
                           or any(t.fan_out[w.name][c] < t.fan_out[u.name][c] for c in t.children)
                           or not cu
                           or any(not any(lu <= lw and tu >= tw for lu, tu in cu) for lw, tw in cw))

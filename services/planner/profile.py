@@ -15,11 +15,17 @@ One format for every pipeline (JSON, see ``docs/planner.md`` and ``profiles/READ
            {"name": "yolov5n", "accuracy": 0.55,
             "device": "GTX 1080 Ti",           # optional, overrides the profile's device
             "load_s": 2.5,                       # optional: model load time (swap cost)
+            "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],  # optional: what
+                                                 # the measured ONNX Runtime session really got
             "latency_ms": {"1": {"p50_ms": 9.4, "p95_ms": 12.9}, "2": {...}}}],
          "fan_out": {"yolov5n": {"car_classification": 1.985, "facial_recognition": 0.6}}},
         ...],
       "path_accuracy": {"yolov5n/efficientnet-b0": 0.51}   # optional measured chain accuracy
     }
+
+``path_accuracy["v1/v2"]`` is keyed by the variants of one root-to-leaf chain joined
+with ``/``; where present it overrides the product of the variant accuracies
+(:meth:`PipelineProfile.path_accuracy_of`).
 
 ``fan_out[u][child]`` is the mean number of queries that one query processed by
 variant ``u`` sends to ``child``; it is required for every variant of a task with
@@ -52,6 +58,7 @@ class VariantProfile:
     latency_ms: Mapping[int, LatencyPoint]   # batch size -> latency of one batch
     device: str = ""
     load_s: float | None = None
+    providers: tuple[str, ...] = ()          # ONNX Runtime providers the session got
 
     def latency(self, batch: int, quantile: str = "p95") -> float:
         p = self.latency_ms[batch]
@@ -117,6 +124,18 @@ class PipelineProfile:
         walk(self.root.name, ())
         return out
 
+    def path_accuracy_of(self, variants: tuple[str, ...] | list[str]) -> float:
+        """Accuracy of one chain's variant path: the measured ``path_accuracy`` entry when
+        there is one, else the product of the variant accuracies."""
+        key = "/".join(variants)
+        if key in self.path_accuracy:
+            return self.path_accuracy[key]
+        by_name = {v.name: v for t in self.tasks for v in t.variants}
+        a = 1.0
+        for name in variants:
+            a *= by_name[name].accuracy
+        return a
+
     def key(self) -> str:
         """A stable identity for caches: the profile's content."""
         return json.dumps(profile_to_dict(self), sort_keys=True)
@@ -148,7 +167,7 @@ def _name(value: Any, where: str, source: str) -> str:
 def _variant(rv: Any, task: str, where: str, source: str, device: str) -> VariantProfile:
     if not isinstance(rv, dict):
         raise SpecError(source, where, "must be a mapping")
-    known = {"name", "accuracy", "latency_ms", "device", "load_s"}
+    known = {"name", "accuracy", "latency_ms", "device", "load_s", "providers"}
     for k in rv:
         if k not in known:
             raise SpecError(source, f"{where}.{k}", f"unknown field (expected one of {sorted(known)})")
@@ -181,8 +200,11 @@ def _variant(rv: Any, task: str, where: str, source: str, device: str) -> Varian
     load_s = rv.get("load_s")
     if load_s is not None:
         load_s = _num(load_s, f"{where}.load_s", source, 0.0)
+    providers = rv.get("providers", [])
+    if not isinstance(providers, list) or not all(isinstance(x, str) and x for x in providers):
+        raise SpecError(source, f"{where}.providers", "must be a list of provider names")
     return VariantProfile(name=name, task=task, accuracy=acc, latency_ms=dict(sorted(lat.items())),
-                          device=vdev, load_s=load_s)
+                          device=vdev, load_s=load_s, providers=tuple(providers))
 
 
 def parse_profile(data: Any, source: str = "<memory>") -> PipelineProfile:
@@ -296,6 +318,8 @@ def profile_to_dict(p: PipelineProfile) -> dict[str, Any]:
                 rv["device"] = v.device
             if v.load_s is not None:
                 rv["load_s"] = v.load_s
+            if v.providers:
+                rv["providers"] = list(v.providers)
             rt["variants"].append(rv)
         if t.children:
             rt["fan_out"] = {vn: dict(m) for vn, m in t.fan_out.items()}

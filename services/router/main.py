@@ -6,16 +6,19 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.exceptions import RedisError
 
 from services.common.admission import TokenBucket
 from services.common.grpc_utils import bind, make_server
 from services.common.logging import configure_logging, get_logger
 from services.common.plan import Plan, validate_plan
-from services.common.plan_channel import PlanSubscriber
+from services.common.plan_channel import PlanSubscriber, connect, frontdoor_key
 from services.common.spec import load_spec
 from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2_grpc as pb_grpc
@@ -93,6 +96,7 @@ class RouterApp:
         self.core = RouterCore(self.spec, cfg.task, self.workers, self.child_client, reserve_ms=cfg.reserve_ms)
         self.is_root = self.spec.root.name == cfg.task
         self.admission = TokenBucket(None)
+        self.front_door: FrontDoorServicer | None = None
         self.server = make_server()
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -110,8 +114,8 @@ class RouterApp:
     async def start(self) -> None:
         pb_grpc.add_RouterServicer_to_server(RouterServicer(self.core), self.server)
         if self.is_root:
-            ipb_grpc.add_GRPCInferenceServiceServicer_to_server(
-                FrontDoorServicer(self.core, self.admission), self.server)
+            self.front_door = FrontDoorServicer(self.core, self.admission)
+            ipb_grpc.add_GRPCInferenceServiceServicer_to_server(self.front_door, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = bind(self.server, self.cfg.host, self.cfg.port)
@@ -121,6 +125,29 @@ class RouterApp:
         sub = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
                              validate=lambda plan: validate_plan(plan, self.spec))
         self._tasks.append(asyncio.create_task(sub.run(), name="plan-subscriber"))
+        if self.front_door is not None:
+            self._tasks.append(asyncio.create_task(self._report_demand(), name="demand-reporter"))
+
+    async def _report_demand(self, period_s: float = 1.0) -> None:
+        """Publish the front door's cumulative request count for the controller's demand
+        estimate. Redis errors are logged once per outage and never stop serving."""
+        key = frontdoor_key(self.spec.name, f"{socket.gethostname()}:{self.port}")
+        client = connect(self.cfg.redis_url)
+        failing = False
+        try:
+            while True:
+                try:
+                    await client.hset(key, mapping={"received": self.front_door.counts["received"],
+                                                    "ts": time.time()})
+                    await client.expire(key, 10)
+                    failing = False
+                except (RedisError, OSError) as exc:
+                    if not failing:
+                        log.warning("demand_report_failed", error=str(exc))
+                    failing = True
+                await asyncio.sleep(period_s)
+        finally:
+            await client.aclose()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()

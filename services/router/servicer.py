@@ -85,7 +85,9 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         self.core = core
         self.spec = core.spec
         self.admission = admission
-        self.counts = {"accepted": 0, "ok": 0, "dropped": 0, "shed": 0, "invalid": 0, "failed": 0}
+        # "received": valid requests, admitted or shed: the demand the controller plans for
+        self.counts = {"received": 0, "accepted": 0, "ok": 0, "dropped": 0, "shed": 0, "invalid": 0,
+                       "failed": 0}
 
     def _check_model(self, name: str) -> None:
         if name != self.spec.name:
@@ -130,6 +132,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         now = time.time()
         image = oip.extract_image(request, max_bytes=self.spec.input.max_bytes,
                                   max_side=self.spec.input.max_side)
+        self.counts["received"] += 1
         budget_s = self.spec.slo_ms / 1e3
         timeout_ms = oip.request_timeout_ms(request)
         if timeout_ms is not None:

@@ -1,0 +1,56 @@
+"""Demand estimation from the front doors' request counters.
+
+Each front door publishes its cumulative count of received requests (admitted or
+not) with a timestamp, about once a second. The estimator measures each front door's
+rate over a sliding window of ``window_s`` seconds (one-second Poisson counts are too
+noisy to plan on) and smooths the sum with an exponentially weighted moving average
+whose time constant is ``tau_s`` (seconds, not samples: the loop period may vary).
+The average is symmetric, so a steady demand is estimated without bias.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+
+class DemandEstimator:
+    def __init__(self, tau_s: float = 3.0, window_s: float = 5.0, stale_s: float = 10.0) -> None:
+        self.tau_s = tau_s
+        self.window_s = window_s
+        self.stale_s = stale_s
+        self.samples: dict[str, deque[tuple[float, float]]] = {}
+        self.estimate = 0.0
+        self._last_update: float | None = None
+
+    def observe(self, source: str, count: float, ts: float) -> None:
+        """A front door's cumulative request ``count`` at its clock ``ts`` (seconds)."""
+        hist = self.samples.get(source)
+        if hist is None or count < hist[-1][1]:   # new, or restarted (counter reset)
+            self.samples[source] = deque([(ts, count)])
+            return
+        if ts <= hist[-1][0]:
+            return
+        hist.append((ts, count))
+        while len(hist) > 2 and hist[1][0] <= ts - self.window_s:
+            hist.popleft()
+
+    def rate(self, source: str) -> float:
+        hist = self.samples[source]
+        if len(hist) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = hist[0], hist[-1]
+        return (c1 - c0) / (t1 - t0)
+
+    def update(self, now: float) -> float:
+        """Fold the current windowed rate into the estimate; returns it (requests/s)."""
+        for name in [n for n, h in self.samples.items() if now - h[-1][0] > self.stale_s]:
+            del self.samples[name]           # a front door that stopped reporting
+        instant = sum(self.rate(n) for n in self.samples)
+        if self._last_update is None:
+            self.estimate = instant
+        else:
+            dt = max(0.0, now - self._last_update)
+            alpha = 1.0 - math.exp(-dt / self.tau_s) if self.tau_s > 0 else 1.0
+            self.estimate += alpha * (instant - self.estimate)
+        self._last_update = now
+        return self.estimate

@@ -1,0 +1,108 @@
+"""Planner mode of the controller: demand estimation and the planning policy, with the
+real CVXPY planner on a small OCR-shaped profile."""
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from services.common.plan import RegisteredWorker, validate_plan
+from services.common.spec import load_spec
+from services.controller.core import ControllerCore
+from services.controller.demand import DemandEstimator
+from services.controller.planning import PlannerPolicy
+from services.controller.registry import WorkerRegistry
+from services.planner import parse_profile
+
+from ocr_like_profile import ocr_like_profile_dict  # tests/unit is on sys.path (rootdir-less test dir)
+
+SPEC = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "ocr.yaml")
+WORKERS = [RegisteredWorker("det-0", "h:1", "det"), RegisteredWorker("rec-0", "h:2", "rec")]
+
+
+def policy(**kw):
+    return PlannerPolicy(parse_profile(ocr_like_profile_dict(), source="test"), SPEC.slo_ms, **kw)
+
+
+def test_demand_estimate_follows_the_counters():
+    est = DemandEstimator(tau_s=2.0, window_s=5.0)
+    for t in range(0, 21):                        # 10 req/s from one front door
+        est.observe("fd-a", 10.0 * t, float(t))
+        est.update(float(t))
+    assert est.update(20.0) == pytest.approx(10.0, rel=0.01)
+    for t in range(21, 41):                       # a second front door adds 5 req/s
+        est.observe("fd-a", 10.0 * t, float(t))
+        est.observe("fd-b", 5.0 * (t - 21), float(t))
+        est.update(float(t))
+    assert est.update(40.0) == pytest.approx(15.0, rel=0.02)
+    # Poisson-like jitter (counts alternating 6 and 14 per second) is not overestimated
+    jitter = DemandEstimator(tau_s=3.0, window_s=5.0)
+    count = 0
+    for t in range(60):
+        count += 6 if t % 2 else 14
+        jitter.observe("fd", count, float(t))
+        jitter.update(float(t))
+    assert jitter.update(59.0) == pytest.approx(10.0, rel=0.1)
+    est.observe("fd-a", 0.0, 41.0)                # fd-a restarted: counter reset is not negative demand
+    assert est.update(41.0) > 0
+    assert est.update(60.0) < 1.0                 # both silent for > 10 s: stale, demand decays to 0
+
+
+def test_low_demand_is_served_at_full_accuracy_and_high_demand_scales_accuracy():
+    pol = policy()
+    low = pol.decide(WORKERS, estimate_qps=1.0, previous=None, now=0.0)
+    validate_plan(low, SPEC)
+    high = pol.decide(WORKERS, estimate_qps=8.0, previous=low, now=1.0)
+    validate_plan(high, SPEC)
+    assert low.expected_accuracy > high.expected_accuracy
+    det_low = low.workers["det-0"].variant
+    det_high = high.workers["det-0"].variant
+    assert det_low == "det_v6small_640" and det_high != det_low
+    # 8 req/s x 1.25 headroom = 10 req/s: beyond what det_v6small_640 (145 ms/page) carries on one worker
+    assert 10.0 * 0.145 > 1.0
+
+
+def test_replanning_is_hysteretic():
+    pol = policy(replan_threshold=0.2, cooldown_s=15.0)
+    pol.decide(WORKERS, 4.0, None, now=0.0)
+    assert not pol.should_replan(WORKERS, 4.4, now=1.0)         # +10 %
+    assert pol.should_replan(WORKERS, 5.0, now=1.0)             # +25 %: at once
+    assert not pol.should_replan(WORKERS, 3.0, now=1.0)         # -25 %: within the band
+    assert not pol.should_replan(WORKERS, 2.0, now=1.0)         # -50 %, but the plan is 1 s old
+    assert pol.should_replan(WORKERS, 2.0, now=16.0)            # -50 % after the cooldown
+    assert pol.should_replan(WORKERS[:1] + [RegisteredWorker("rec-9", "h:9", "rec")], 4.0, now=1.0)
+    assert pol.should_replan(WORKERS, 4.0, now=61.0)            # plan too old
+
+
+class Publisher:
+    def __init__(self):
+        self.version = 0
+        self.plans = []
+
+    async def __call__(self, plan):
+        self.version += 1
+        self.plans.append(plan.with_version(self.version))
+        return self.plans[-1]
+
+
+def test_controller_core_publishes_planner_plans_and_an_operator_plan_takes_over():
+    pub = Publisher()
+    clock = [0.0]
+    core = ControllerCore(SPEC, WorkerRegistry(clock=lambda: clock[0]), pub, planner=policy(),
+                          clock=lambda: clock[0])
+    for w in WORKERS:
+        core.registry.register(w.worker_id, w.address, w.task, [])
+    core.demand_qps = 1.0
+    asyncio.run(core.reconcile())
+    assert len(pub.plans) == 1 and pub.plans[0].source.startswith("planner:")
+    clock[0] = 0.5
+    asyncio.run(core.reconcile())                  # same demand: no re-solve, no new version
+    assert len(pub.plans) == 1
+    core.demand_qps = 8.0
+    for wid in ("det-0", "rec-0"):
+        core.registry.heartbeat(wid, {})
+    asyncio.run(core.reconcile())
+    assert len(pub.plans) == 2 and pub.plans[1].workers["det-0"].variant != pub.plans[0].workers["det-0"].variant
+    core.set_plan_text("pipeline: ocr\nallocations:\n  - {task: det, variant: det_v6tiny_320}\n"
+                       "  - {task: rec, variant: rec_v6tiny}\n")
+    asyncio.run(core.reconcile())
+    assert pub.plans[-1].source == "operator" and core.planner is None
