@@ -8,17 +8,18 @@ PIP    := $(VENV)/bin/pip
 # cpu or gpu: which onnxruntime build to install (never both)
 EXTRA  ?= cpu
 
-.PHONY: setup venv proto models data demo test test-unit test-integration clean help
+.PHONY: setup venv proto models data demo test test-unit reproduce clean help
 
 help:
 	@echo "make demo     set up (venv, deps, gRPC code, models, pages) and run the OCR demo"
 	@echo "make test     set up and run the whole test suite"
 	@echo "make setup    only the set-up steps; EXTRA=gpu installs onnxruntime-gpu instead"
+	@echo "make reproduce  the simulator's experiments -> docs/results/"
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ".[$(EXTRA),dev,embedded-redis]"
+	$(PIP) install --quiet -e ".[$(EXTRA),dev,embedded-redis,sim]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -42,6 +43,10 @@ test: setup
 
 test-unit: venv proto
 	$(PY) -m pytest -q tests/unit
+
+# The simulator's reproduction of the paper's experiments (about 6 minutes): docs/results/
+reproduce: venv proto
+	$(PY) -m services.sim reproduce --out docs/results
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,95 @@
+"""MostAccurateFirst: the routing policy of every stage, as pure code.
+
+The plan gives each worker of a stage a weight per upstream variant path: its planned
+share of that path's queries. MostAccurateFirst reads those shares as capacities and
+fills them in accuracy order: the most accurate workers take traffic up to their
+planned share, the rest spills down the accuracy ladder. With the demand the plan was
+made for (``load_ratio == 1``) it routes exactly the planned split; with less demand the
+least accurate workers lose traffic first (accuracy goes up, never down); with more
+demand than planned every worker is full and the excess is spread in proportion to the
+planned shares (every worker overloaded by the same factor, none singled out).
+
+Used by the simulator and usable by the router: the choice is a function of the
+weights, the workers' accuracies, the load ratio and a uniform number ``u`` in [0, 1),
+so it is deterministic for a seeded ``u``.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Mapping
+
+
+def most_accurate_first(weights: Mapping[str, float], accuracy: Mapping[str, float],
+                        load_ratio: float = 1.0) -> dict[str, float]:
+    """Effective routing weights (summing to 1) for ``load_ratio`` = observed rate /
+    planned rate of this (stage, upstream path). Workers are ordered by accuracy,
+    highest first (ties by worker id, so the result is deterministic); zero and
+    negative weights never receive traffic. Raises ValueError when no weight is positive."""
+    items = sorted(((wid, w) for wid, w in weights.items() if w > 0),
+                   key=lambda kv: (-accuracy.get(kv[0], 0.0), kv[0]))
+    total = sum(w for _, w in items)
+    if total <= 0:
+        raise ValueError("no positive weight")
+    if not (load_ratio > 0):   # no observed traffic (or NaN): the plan's own split
+        load_ratio = 1.0
+    remaining = load_ratio
+    out: dict[str, float] = {}
+    for wid, w in items:
+        share = w / total
+        take = min(share, remaining)
+        out[wid] = take
+        remaining -= take
+        if remaining <= 0:
+            break
+    if remaining > 1e-12:   # more than planned: spread the excess by planned share
+        for wid, w in items:
+            out[wid] += remaining * w / total
+    s = sum(out.values())
+    return {wid: x / s for wid, x in out.items() if x > 0}
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """A compiled choice over workers: ``choose(u)`` returns the worker whose cumulative
+    weight interval holds ``u`` (workers in accuracy order, most accurate first)."""
+
+    ids: tuple[str, ...]
+    cum: tuple[float, ...]      # cumulative weights, last == 1.0
+
+    @staticmethod
+    def build(weights: Mapping[str, float], accuracy: Mapping[str, float],
+              load_ratio: float = 1.0) -> "RouteTable":
+        eff = most_accurate_first(weights, accuracy, load_ratio)
+        ids = tuple(sorted(eff, key=lambda k: (-accuracy.get(k, 0.0), k)))
+        acc, cum = 0.0, []
+        for k in ids:
+            acc += eff[k]
+            cum.append(acc)
+        cum[-1] = 1.0
+        return RouteTable(ids, tuple(cum))
+
+    def choose(self, u: float) -> str:
+        i = bisect_right(self.cum, u)
+        return self.ids[i if i < len(self.ids) else -1]
+
+
+class MostAccurateFirstPolicy:
+    """Routing policy for one stage: the plan's weights for an upstream path, the
+    workers' accuracies, and the current load ratio, in; one worker id out."""
+
+    def __init__(self, accuracy: Mapping[str, float]) -> None:
+        self.accuracy = dict(accuracy)
+        self._cache: dict[tuple, RouteTable] = {}
+
+    def table(self, weights: Mapping[str, float], load_ratio: float = 1.0) -> RouteTable:
+        key = (tuple(sorted(weights.items())), round(load_ratio, 3))
+        t = self._cache.get(key)
+        if t is None:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            t = self._cache[key] = RouteTable.build(weights, self.accuracy, load_ratio)
+        return t
+
+    def choose(self, weights: Mapping[str, float], u: float, load_ratio: float = 1.0) -> str:
+        return self.table(weights, load_ratio).choose(u)

@@ -1,0 +1,3 @@
+from services.sim.experiments import main
+
+main()

@@ -1,0 +1,564 @@
+"""The event loop: requests, workers, routers and the controller on a simulated clock.
+
+Events live on a heap of ``(time, priority, sequence, kind, payload)`` with an
+``itertools.count()`` tie-break (SimPy style), so a run is a pure function of its
+inputs and seed. Arrivals come from a sorted array and are merged with the heap
+(events at the same time go first). One event per batch completion, model load and
+control tick; queries travel as groups (the sub-queries of one request that a router
+sends to one worker in one message), counted one by one by the batching rule.
+
+What runs here is the services' policy code: ``GroupedEdfQueue.take_batch`` (the
+batching rule and early dropping of ``services.common.batching``; ``queue="reference"``
+runs ``EdfQueue.take_batch`` itself), ``ServiceTimeEstimator`` (each worker's estimate
+of batch time, seeded with the profile's p50), ``TokenBucket`` admission,
+``DemandEstimator`` (the controller's demand EWMA), MostAccurateFirst routing and the
+policy's planner. What is modelled: batch execution time drawn per batch from the
+profile (log-normal with the profile's p50 as median and p95 as 95th percentile),
+per-query fan-out by the brief's integer recipe ``floor((i+1)m) - floor(im)`` over the
+i-th query a variant processes, model swaps (a worker that changes variant keeps
+serving its queue with the old model while the new one loads for ``load_s``), and a
+transport that takes no time.
+"""
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_right
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.admission import TokenBucket
+from services.common.batching import EdfQueue, GroupedEdfQueue, ServiceTimeEstimator
+from services.common.plan import ANY_PATH, Plan
+from services.common.routing import MostAccurateFirstPolicy
+from services.controller.demand import DemandEstimator
+from services.planner.profile import PipelineProfile
+from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
+from services.sim.policies import Decision, Observation, Policy, worker_ids
+
+BATCH, SWAP, TICK = 0, 1, 2
+Z95 = 1.6448536269514722
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    n_workers: int = 20
+    seed: int = 0
+    slo_ms: float | None = None         # default: the profile's SLO
+    control_period_s: float = 1.0       # controller loop: demand estimate, re-plan check, sampling
+    load_s: float = 1.0                 # model load time when the profile has no load_s
+    latency_jitter: bool = True         # False: every batch takes exactly its p50
+    queue: str = "fast"                 # "fast" (GroupedEdfQueue) or "reference" (EdfQueue)
+    ratio_alpha: float = 0.5            # EWMA weight of the per-path observed rate (MostAccurateFirst)
+
+
+class _RefQueue:
+    """``EdfQueue`` with one entry per query; batches folded back into (item, count)."""
+
+    def __init__(self) -> None:
+        self.q: EdfQueue = EdfQueue()
+
+    @property
+    def queued(self) -> int:
+        return len(self.q)
+
+    def push(self, item, deadline_s, reserve_s=0.0, count=1) -> None:
+        for _ in range(count):
+            self.q.push(item, deadline_s, reserve_s)
+
+    @staticmethod
+    def _fold(entries) -> list:
+        out: list = []
+        for e in entries:
+            if out and out[-1][0] is e.item:
+                out[-1] = (e.item, out[-1][1] + 1)
+            else:
+                out.append((e.item, 1))
+        return out
+
+    def take_batch(self, now, max_batch, exec_time_s):
+        batch, dropped = self.q.take_batch(now, max_batch, exec_time_s)
+        return self._fold(batch), self._fold(dropped)
+
+
+class _Variant:
+    """Per-run tables of one (task, variant): latency by batch size, fan-out counters."""
+
+    __slots__ = ("name", "task", "ti", "acc", "p50", "sig", "children", "counts", "load_s", "maxb")
+
+    def __init__(self, v, ti: int, children: list[tuple[int, float]], load_s: float) -> None:
+        self.name, self.task, self.ti, self.acc = v.name, v.task, ti, v.accuracy
+        top = max(v.latency_ms)
+        self.maxb = top
+        self.p50 = [0.0] * (top + 1)
+        self.sig = [0.0] * (top + 1)
+        known = sorted(v.latency_ms)
+        for b in range(1, top + 1):
+            k = next(x for x in known if x >= b)        # a missing size costs the next profiled one
+            p = v.latency_ms[k]
+            self.p50[b] = p.p50_ms / 1000.0
+            self.sig[b] = math.log(p.p95_ms / p.p50_ms) / Z95 if p.p95_ms > p.p50_ms else 0.0
+        self.children = children
+        self.counts = [0] * len(children)
+        self.load_s = load_s if v.load_s is None else v.load_s
+
+    def estimator(self) -> ServiceTimeEstimator:
+        est = ServiceTimeEstimator(initial_per_item_s=self.p50[1])
+        est.by_size = {b: self.p50[b] for b in range(1, self.maxb + 1)}
+        return est
+
+
+class _Worker:
+    __slots__ = ("wid", "var", "maxb", "queue", "est", "reserve", "busy", "busy_until", "ready_at",
+                 "draining", "active", "gen")
+
+    def __init__(self, wid: str) -> None:
+        self.wid = wid
+        self.var: _Variant | None = None
+        self.maxb = 1
+        self.queue = None
+        self.est = None
+        self.reserve = 0.0
+        self.busy = False
+        self.busy_until = 0.0
+        self.ready_at = 0.0
+        self.draining: list = []      # (queue, variant, max batch, estimator) of earlier variants
+        self.active = False
+        self.gen = 0
+
+    def expected_finish(self, now: float, extra: int) -> float:
+        """When ``extra`` more queries would be done here (p50 batches, no jitter)."""
+        v = self.var
+        b = self.maxb
+        waiting = self.queue.queued + extra + sum(d[0].queued for d in self.draining)
+        start = max(now, self.busy_until, self.ready_at)
+        return start + -(-waiting // b) * v.p50[b]
+
+
+def simulate(profile: PipelineProfile, arrivals_s: np.ndarray, policy: Policy,
+             config: SimConfig = SimConfig()) -> SimResult:
+    """Run ``policy`` on ``arrivals_s`` (sorted seconds) over a pool of
+    ``config.n_workers`` workers. Deterministic for ``config.seed``."""
+    return _Sim(profile, np.asarray(arrivals_s, dtype=float), policy, config).run()
+
+
+class _Sim:
+    def __init__(self, profile: PipelineProfile, arrivals: np.ndarray, policy: Policy, cfg: SimConfig) -> None:
+        if arrivals.size and np.any(np.diff(arrivals) < 0):
+            raise ValueError("arrivals must be sorted")
+        if cfg.queue not in ("fast", "reference"):
+            raise ValueError(f"queue must be 'fast' or 'reference', got {cfg.queue!r}")
+        self.profile, self.arr, self.policy, self.cfg = profile, arrivals, policy, cfg
+        self.slo = (cfg.slo_ms if cfg.slo_ms is not None else profile.slo_ms) / 1000.0
+        self.tasks = [t.name for t in profile.tasks]
+        tix = {t: i for i, t in enumerate(self.tasks)}
+        self.chains = [tuple(tix[t] for t in c) for c in profile.chains()]
+        self.children = [[tix[c] for c in t.children] for t in profile.tasks]
+        self.variants: dict[tuple[str, str], _Variant] = {}
+        for t in profile.tasks:
+            for v in t.variants:
+                ch = [(tix[c], float(t.fan_out[v.name][c])) for c in t.children]
+                self.variants[(t.name, v.name)] = _Variant(v, tix[t.name], ch, cfg.load_s)
+        self.accuracy_of = {}
+        self.workers = {w: _Worker(w) for w in worker_ids(cfg.n_workers)}
+        self.rng = np.random.default_rng(cfg.seed)
+        self._u: list[float] = []
+        self._ui = 0
+        self._z: list[float] = []
+        self._zi = 0
+        self.heap: list = []
+        self.seq = itertools.count()
+        self.cancel = getattr(policy, "cancel_failed", False)
+        self.mkqueue = GroupedEdfQueue if cfg.queue == "fast" else _RefQueue
+        n = arrivals.size
+        self.deadline = (arrivals + self.slo).tolist()
+        self.pend = [0] * n
+        self.fail = [0] * n
+        self.status = np.zeros(n, dtype=np.int8)
+        self.acc = np.full(n, np.nan)
+        self.lat = np.full(n, np.nan)
+        nt = len(self.tasks)
+        self.sacc = [[0.0] * n for _ in range(nt)]
+        self.scnt = [[0] * n for _ in range(nt)]
+        self.bucket = TokenBucket(None)
+        self.plan: Plan | None = None
+        self.planned: dict = {}
+        self.routes: list[dict] = [{} for _ in range(nt)]
+        self.route_obs: dict = {}       # (ti, path) -> queries routed this period
+        self.route_rate: dict = {}      # (ti, path) -> EWMA q/s
+        self.task_count = [0] * nt
+        self.root_est = DemandEstimator(tau_s=5.0)
+        self.task_est = [DemandEstimator(tau_s=5.0) for _ in range(nt)]
+        self.mafs = MostAccurateFirstPolicy({})
+        self.queries = self.dropped_q = self.batches = self.plans = 0
+        self.inflight = 0
+        self.ticks: dict[str, list] = {"t": [], "demand_est": [], "active": [], "planned_accuracy": []}
+        self.mix: dict[str, list] = {}
+        self.planned_accuracy = float("nan")
+
+    # -- random numbers, drawn in chunks (deterministic for the seed) ---------------
+    def u(self) -> float:
+        if self._ui >= len(self._u):
+            self._u = self.rng.random(1 << 15).tolist()
+            self._ui = 0
+        self._ui += 1
+        return self._u[self._ui - 1]
+
+    def exec_time(self, v: _Variant, size: int) -> float:
+        if not self.cfg.latency_jitter:
+            return v.p50[size]
+        if self._zi >= len(self._z):
+            self._z = self.rng.standard_normal(1 << 14).tolist()
+            self._zi = 0
+        z = self._z[self._zi]
+        self._zi += 1
+        return v.p50[size] * math.exp(v.sig[size] * z)
+
+    # -- plans -------------------------------------------------------------------
+    def _observation(self, now: float) -> Observation:
+        task_qps = {t: self.task_est[i].estimate for i, t in enumerate(self.tasks)}
+        return Observation(now, self.root_est.estimate, task_qps, self.plan, self.cfg.n_workers)
+
+    def _reserves(self, plan: Plan) -> list[float]:
+        """Minimum time the stages below a task still need: the fastest single-query
+        latency among the child's planned variants, plus its own reserve (max over
+        parallel children). 0 for leaves."""
+        fastest = [math.inf] * len(self.tasks)
+        for a in plan.workers.values():
+            v = self.variants[(a.task, a.variant)]
+            fastest[v.ti] = min(fastest[v.ti], v.p50[1])
+        out = [0.0] * len(self.tasks)
+        for ti in reversed(range(len(self.tasks))):   # tasks are declared parents first
+            need = 0.0
+            for c in self.children[ti]:
+                f = fastest[c] if math.isfinite(fastest[c]) else 0.0
+                need = max(need, f + out[c])
+            out[ti] = need
+        return out
+
+    def apply(self, d: Decision, now: float, initial: bool = False) -> None:
+        plan = d.plan
+        self.plan, self.planned = plan, dict(d.planned_qps)
+        self.plans += 1
+        self.bucket.set_rate(d.admission_qps)
+        self.planned_accuracy = d.expected_accuracy if d.expected_accuracy is not None else float("nan")
+        reserves = self._reserves(plan)
+        early = self.policy.early_drop
+        for wid, w in self.workers.items():
+            a = plan.workers.get(wid)
+            if a is None:
+                w.active = False
+                continue
+            v = self.variants[(a.task, a.variant)]
+            w.active = True
+            w.reserve = reserves[v.ti] if early else -math.inf
+            if w.var is v:
+                w.maxb = min(a.batch_size, v.maxb)
+                continue
+            if w.var is not None and (w.queue.queued or w.draining):
+                w.draining.append((w.queue, w.var, w.maxb, w.est))
+            w.var, w.maxb, w.queue, w.est = v, min(a.batch_size, v.maxb), self.mkqueue(), v.estimator()
+            w.gen += 1
+            w.ready_at = now if initial else now + v.load_s
+            if not initial:
+                self.push(w.ready_at, SWAP, (w, w.gen))
+        self.by_task = [[] for _ in self.tasks]
+        for wid in sorted(plan.workers):
+            self.by_task[self.workers[wid].var.ti].append(self.workers[wid])
+        self.accuracy_of = {wid: self.variants[(a.task, a.variant)].acc for wid, a in plan.workers.items()}
+        self.mafs = MostAccurateFirstPolicy(self.accuracy_of)
+        self.compile_routes()
+        for w in self.workers.values():
+            if not w.busy:
+                self.start(w, now)
+
+    def compile_routes(self) -> None:
+        plan = self.plan
+        for ti, task in enumerate(self.tasks):
+            table = {}
+            for path, weights in plan.routing.get(task, {}).items():
+                if not weights:
+                    continue
+                key = (ti, path)
+                planned = self.planned.get((task, path), 0.0)
+                seen = self.route_rate.get(key)
+                ratio = seen / planned if planned > 0 and seen is not None else 1.0
+                rt = self.mafs.table(weights, ratio)
+                table[path] = ([self.workers[w] for w in rt.ids], list(rt.cum), key)
+            self.routes[ti] = table
+
+    # -- events ------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload) -> None:
+        heapq.heappush(self.heap, (t, kind, next(self.seq), kind, payload))
+
+    def start(self, w: _Worker, now: float) -> None:
+        """A free worker takes its next batch: earlier variants' queues first, then its
+        own once its model is loaded."""
+        while w.draining:
+            q, v, maxb, est = w.draining[0]
+            if q.queued:
+                if self._take(w, q, v, maxb, est, now):
+                    return
+                continue
+            w.draining.pop(0)
+        if w.var is None or now < w.ready_at or not w.queue.queued:
+            return
+        self._take(w, w.queue, w.var, w.maxb, w.est, now)
+
+    def _take(self, w, q, v, maxb, est, now) -> bool:
+        batch, dropped = q.take_batch(now, maxb, est)
+        if self.cancel and batch:
+            fail = self.fail
+            if any(fail[item[0]] for item, _ in batch):
+                # request-level dropping: a sub-query of a request that already failed
+                # is worthless; discard it instead of running it
+                dropped = dropped + [(item, n) for item, n in batch if fail[item[0]]]
+                batch = [(item, n) for item, n in batch if not fail[item[0]]]
+        if dropped:
+            fail, pend = self.fail, self.pend
+            for (r, _), n in dropped:
+                self.dropped_q += n
+                if not fail[r]:
+                    fail[r] = DROPPED
+                pend[r] -= n
+                if pend[r] == 0:
+                    self.finish(r, now)
+        if not batch:
+            return bool(q.queued) and self._take(w, q, v, maxb, est, now)
+        size = 0
+        for _, n in batch:
+            size += n
+        dur = self.exec_time(v, size)
+        w.busy = True
+        w.busy_until = now + dur
+        self.batches += 1
+        heapq.heappush(self.heap, (now + dur, BATCH, next(self.seq), BATCH, (w, batch, v, size, dur, est)))
+        return True
+
+    def route(self, ti: int, path: str, r: int, k: int, now: float) -> None:
+        table = self.routes[ti]
+        entry = table.get(path) or table.get(ANY_PATH)
+        if entry is None:     # the plan does not serve this task: the queries fail
+            self.dropped_q += k
+            if not self.fail[r]:
+                self.fail[r] = DROPPED
+            self.pend[r] -= k
+            if self.pend[r] == 0:
+                self.finish(r, now)
+            return
+        ws, cum, key = entry
+        self.queries += k
+        self.task_count[ti] += k
+        self.route_obs[key] = self.route_obs.get(key, 0) + k
+        nw = len(ws)
+        if nw == 1:
+            groups = {ws[0]: k}
+        else:
+            groups = {}
+            for _ in range(k):
+                if self._ui >= len(self._u):
+                    self.u()
+                    self._ui -= 1
+                x = self._u[self._ui]
+                self._ui += 1
+                if nw <= 8:   # few workers per path: a linear scan beats bisect
+                    i = 0
+                    while cum[i] <= x and i < nw - 1:
+                        i += 1
+                else:
+                    i = bisect_right(cum, x)
+                    if i >= nw:
+                        i = nw - 1
+                w = ws[i]
+                groups[w] = groups.get(w, 0) + 1
+        deadline = self.deadline[r]
+        item = (r, path)
+        for w, c in groups.items():
+            if ti and self.policy.reroute and w.expected_finish(now, c) + w.reserve > deadline:
+                w = self._reroute(ti, w, c, now, deadline)
+            w.queue.push(item, deadline, w.reserve, c)
+            if not w.busy:
+                self.start(w, now)
+
+    def _reroute(self, ti: int, w: _Worker, c: int, now: float, deadline: float) -> _Worker:
+        """Opportunistic rerouting: a group that would be late goes to the worker of the
+        same task (any variant) that finishes it first, if that one makes the deadline."""
+        best, best_t = w, math.inf
+        for x in self.by_task[ti]:
+            if x.active:
+                t = x.expected_finish(now, c)
+                if t < best_t:
+                    best, best_t = x, t
+        return best if best_t + best.reserve <= deadline else w
+
+    def on_batch(self, now: float, payload) -> None:
+        w, batch, v, size, dur, est = payload
+        w.busy = False
+        est.observe(size, dur)
+        ti, a = v.ti, v.acc
+        sacc, scnt = self.sacc[ti], self.scnt[ti]
+        pend = self.pend
+        children = v.children
+        for item, n in batch:
+            r = item[0]
+            sacc[r] += a * n
+            scnt[r] += n
+            if children:
+                path = item[1]
+                cpath = path + "/" + v.name if path else v.name
+                counts = v.counts
+                for ci, (cti, m) in enumerate(children):
+                    c0 = counts[ci]
+                    c1 = c0 + n
+                    counts[ci] = c1
+                    k = math.floor(c1 * m) - math.floor(c0 * m)
+                    if k:
+                        pend[r] += k
+                        self.route(cti, cpath, r, k, now)
+            pend[r] -= n
+            if pend[r] == 0:
+                self.finish(r, now)
+        self.start(w, now)
+
+    def finish(self, r: int, now: float) -> None:
+        self.inflight -= 1
+        f = self.fail[r]
+        self.lat[r] = now - (self.deadline[r] - self.slo)
+        if f:
+            self.status[r] = f
+            self.lat[r] = np.nan
+            return
+        if now > self.deadline[r] + 1e-9:
+            self.status[r] = LATE
+            return
+        self.status[r] = OK
+        total, reached = 0.0, 0
+        for ch in self.chains:
+            leaf = ch[-1]
+            if self.scnt[leaf][r] == 0:
+                continue
+            p = 1.0
+            for t in ch:
+                p *= self.sacc[t][r] / self.scnt[t][r]
+            total += p
+            reached += 1
+        self.acc[r] = total / reached if reached else self.sacc[0][r] / max(1, self.scnt[0][r])
+
+    def tick(self, now: float, arrived: int) -> None:
+        period = self.cfg.control_period_s
+        self.root_est.observe("frontdoor", arrived + self.root_offset, now)
+        self.root_est.update(now)
+        for ti, e in enumerate(self.task_est):
+            e.observe("router", self.task_count[ti] + self.task_offset[ti], now)
+            e.update(now)
+        al = self.cfg.ratio_alpha
+        for key, c in self.route_obs.items():
+            prev = self.route_rate.get(key)
+            x = c / period
+            self.route_rate[key] = x if prev is None else prev + al * (x - prev)
+        for key in self.route_rate:
+            if key not in self.route_obs:
+                self.route_rate[key] *= (1 - al)
+        self.route_obs = {}
+        d = self.policy.decide(self._observation(now))
+        if d is not None:
+            self.apply(d, now)
+        else:
+            self.compile_routes()
+        self.sample(now)
+
+    def sample(self, now: float) -> None:
+        tk = self.ticks
+        tk["t"].append(now)
+        tk["demand_est"].append(self.root_est.estimate)
+        tk["active"].append(sum(1 for w in self.workers.values() if w.active))
+        tk["planned_accuracy"].append(self.planned_accuracy)
+        n = len(tk["t"])
+        counts: dict[str, int] = {}
+        for w in self.workers.values():
+            if w.active:
+                name = f"{w.var.task}:{w.var.name}"
+                counts[name] = counts.get(name, 0) + 1
+        for name in counts:
+            if name not in self.mix:
+                self.mix[name] = [0] * (n - 1)
+        for name, col in self.mix.items():
+            col.append(counts.get(name, 0))
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> SimResult:
+        t_wall = time.perf_counter()
+        arr = self.arr.tolist()
+        n = len(arr)
+        period = self.cfg.control_period_s
+        # start in steady state at the first period's rate (as if it had run before)
+        first = sum(1 for t in arr if t < period) / period
+        self.root_offset = first      # the estimators see cumulative counts from t = -1 s
+        self.root_est.observe("frontdoor", 0.0, -1.0)
+        self.root_est.observe("frontdoor", first, 0.0)
+        self.root_est.update(0.0)
+        self._seed_task_rates(first)
+        d = self.policy.decide(self._observation(0.0))
+        if d is None:
+            raise RuntimeError(f"policy {self.policy.name} produced no initial plan")
+        self.apply(d, 0.0, initial=True)
+        self.sample(0.0)
+        end = arr[-1] if n else 0.0
+        if period < end:
+            self.push(period, TICK, None)
+        heap = self.heap
+        deadline, pend = self.deadline, self.pend
+        bucket = self.bucket
+        i = 0
+        while True:
+            na = arr[i] if i < n else math.inf
+            if heap and heap[0][0] <= na:
+                t, _, _, kind, payload = heapq.heappop(heap)
+                if kind == BATCH:
+                    self.on_batch(t, payload)
+                elif kind == SWAP:
+                    w, gen = payload
+                    if gen == w.gen and not w.busy:
+                        self.start(w, t)
+                else:
+                    self.tick(t, i)
+                    if t + period < end:
+                        self.push(t + period, TICK, None)
+                continue
+            if i >= n:
+                break
+            self.inflight += 1
+            if bucket.rate is not None and not bucket.admit(na):
+                self.fail[i] = SHED
+                self.finish(i, na)
+            else:
+                pend[i] = 1
+                self.route(0, "", i, 1, na)   # finishes the request itself if dropped at once
+            i += 1
+        if self.inflight:
+            raise RuntimeError(f"{self.inflight} requests never finished")
+        series = {k: np.asarray(v, dtype=float) for k, v in self.ticks.items()}
+        return SimResult(policy=self.policy.name, pipeline=self.profile.name, n_workers=self.cfg.n_workers,
+                         arrival_s=self.arr, status=self.status, accuracy=self.acc, latency_s=self.lat,
+                         series=series, variant_mix={k: np.asarray(v) for k, v in sorted(self.mix.items())},
+                         queries=self.queries, queries_dropped=self.dropped_q, batches=self.batches,
+                         plans=self.plans, wall_s=time.perf_counter() - t_wall)
+
+    def _seed_task_rates(self, root_qps: float) -> None:
+        """Per-task rates before the run: the root rate times the most accurate
+        variants' fan-outs (steady state at full accuracy)."""
+        rate = [0.0] * len(self.tasks)
+        rate[0] = root_qps
+        for ti, t in enumerate(self.profile.tasks):
+            if t.children:
+                top = max(t.variants, key=lambda v: v.accuracy)
+                for c in t.children:
+                    rate[self.tasks.index(c)] = rate[ti] * t.fan_out[top.name][c]
+        self.task_offset = rate
+        for ti, e in enumerate(self.task_est):
+            e.observe("router", 0.0, -1.0)
+            e.observe("router", rate[ti], 0.0)
+            e.update(0.0)

@@ -1,0 +1,427 @@
+"""Allocation policies for the simulator: ours and the baselines, one class each.
+
+A policy sees what a controller sees (an :class:`Observation`: time, the estimated
+root demand, per-task observed query rates, the current plan) and returns a
+:class:`Decision` (a real :class:`services.common.plan.Plan` plus the planned query
+rate per (task, upstream path), which MostAccurateFirst uses as capacities) or None to
+keep the current plan. The simulator is a pool of ``n_workers`` interchangeable
+workers; :func:`pool_workers` decides which worker serves which task (keeping workers
+where they are), and ``services.common.plan.assign_workers`` which variant it runs.
+
+What each policy models (docs/simulator.md has the longer story):
+
+* ``ours``: the controller's planner mode: demand estimate x headroom, re-plan when it
+  moves by more than 15 % (``services.controller.planning.PlannerPolicy``), joint
+  pipeline planner (relaxed LP + repair), admission at the planned served rate in
+  overload, MostAccurateFirst routing, early dropping, opportunistic rerouting.
+  Ablations: ``ours-exact`` (exact MILP), ``ours-no-drop``, ``ours-no-reroute``.
+* ``inferline``: InferLine-like pipeline-aware *hardware* scaling only: the same
+  planner with the accuracy floor at the best achievable (most accurate variants), no
+  admission control (InferLine has none); same data plane.
+* ``proteus``: Proteus-like accuracy scaling *per task*: each task is planned alone on
+  its own observed query rate (which lags the upstream variant choice), with a latency
+  budget of SLO / depth and a share of the cluster proportional to its full-accuracy
+  need; no path awareness, no admission control.
+* ``infaas``: INFaaS-like per-task greedy: one variant per task; when a task runs hot
+  (utilisation > 0.9) add a free worker, else downgrade one accuracy step; when cold
+  (< 0.5) upgrade if the better variant would run below 0.8, else release a worker.
+* ``clipper-high`` / ``clipper-low``: Clipper-like static provisioning of all workers
+  with the most (least) accurate variant of every task, planned once for the whole
+  cluster; never re-planned, no admission control.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from services.common.plan import ANY_PATH, Allocation, Plan, RegisteredWorker, assign_workers
+from services.controller.planning import PlannerPolicy
+from services.planner import PlannerContext, plan_from_solution, solve
+from services.planner.assign import _bucket_rates
+from services.planner.profile import PipelineProfile, TaskProfile
+from services.planner.solver import PlanSolution
+
+GRID = 1.02    # plans are solved for the demand rounded up to this geometric grid (cacheable)
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    root_qps: float                       # the controller's demand estimate
+    task_qps: Mapping[str, float]         # observed query arrival rate per task (EWMA)
+    current: Plan | None
+    n_workers: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    plan: Plan
+    planned_qps: Mapping[tuple[str, str], float] = field(default_factory=dict)   # (task, path) -> q/s
+    admission_qps: float | None = None
+    expected_accuracy: float | None = None
+
+
+def worker_ids(n: int) -> list[str]:
+    return [f"w{i:04d}" for i in range(n)]
+
+
+_SOLVES: dict[tuple, PlanSolution] = {}
+
+
+def cached_solve(profile: PipelineProfile, demand: float, n_workers: int, method: str = "relaxed",
+                 min_accuracy: float | None = None, slo_ms: float | None = None) -> PlanSolution:
+    """``services.planner.solve`` without a previous plan (so the change cost is off
+    and solutions can be cached per rounded demand); assignment still keeps workers."""
+    key = (profile.name, id(profile), round(demand, 6), n_workers, method, min_accuracy, slo_ms)
+    sol = _SOLVES.get(key)
+    if sol is None:
+        sol = solve(PlannerContext(profile, demand_qps=demand, n_workers=n_workers, method=method,
+                                   min_accuracy=min_accuracy, slo_ms=slo_ms))
+        _SOLVES[key] = sol
+    return sol
+
+
+def round_up(q: float) -> float:
+    if q <= 0.5:
+        return 0.5
+    return GRID ** math.ceil(math.log(q) / math.log(GRID) - 1e-9)
+
+
+def pool_workers(allocations: list[Allocation], current: Plan | None, n_workers: int,
+                 task_order: list[str]) -> list[RegisteredWorker]:
+    """Which pool worker serves which task: keep workers on their task (those running a
+    wanted variant first), then fill from idle workers, then from released ones."""
+    need = Counter()
+    wanted: dict[str, set] = defaultdict(set)
+    for a in allocations:
+        need[a.task] += a.replicas
+        wanted[a.task].add(a.variant)
+    cur = dict(current.workers) if current else {}
+    ids = worker_ids(n_workers)
+    taken: dict[str, str] = {}
+    for task in task_order:
+        mine = [w for w in ids if w in cur and cur[w].task == task]
+        mine.sort(key=lambda w: (cur[w].variant not in wanted[task], w))
+        for w in mine[:need[task]]:
+            taken[w] = task
+    free = [w for w in ids if w not in cur] + [w for w in ids if w in cur and w not in taken]
+    for task in task_order:
+        short = need[task] - sum(1 for t in taken.values() if t == task)
+        while short > 0 and free:
+            taken[free.pop(0)] = task
+            short -= 1
+    return [RegisteredWorker(w, f"sim:{w}", t) for w, t in sorted(taken.items())]
+
+
+def _planned_rates(sol: PlanSolution) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for task, paths in _bucket_rates(sol).items():
+        tot = 0.0
+        for path, buckets in paths.items():
+            q = sum(buckets.values())
+            out[(task, path)] = q
+            tot += q
+        out[(task, ANY_PATH)] = tot
+    return out
+
+
+class Policy:
+    name = "policy"
+    early_drop = True
+    reroute = True
+    cancel_failed = False    # discard queued sub-queries of requests that already failed
+
+    def __init__(self, profile: PipelineProfile, n_workers: int) -> None:
+        self.profile = profile
+        self.n_workers = n_workers
+        self.version = 0
+        self.task_order = [t.name for t in profile.tasks]
+
+    def decide(self, obs: Observation) -> Decision | None:   # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _plan_from_allocs(self, allocs: list[Allocation], rates: Mapping[tuple[str, str], float],
+                          current: Plan | None, now: float, source: str) -> Decision:
+        """A plan for per-task policies: ANY_PATH routing by planned bucket rates
+        ``rates[(task, variant, batch)]``, split evenly over the bucket's workers."""
+        regs = pool_workers(allocs, current, self.n_workers, self.task_order)
+        assigned = assign_workers(allocs, regs, current)
+        members: dict[tuple, list[str]] = defaultdict(list)
+        for a in sorted(assigned.values(), key=lambda a: a.worker_id):
+            members[(a.task, a.variant, a.batch_size)].append(a.worker_id)
+        routing: dict[str, dict[str, dict[str, float]]] = {}
+        planned: dict[tuple[str, str], float] = {}
+        for task in self.task_order:
+            w: dict[str, float] = {}
+            for key, ids in members.items():
+                if key[0] != task:
+                    continue
+                q = max(rates.get(key, 0.0), 1e-9)
+                for wid in ids:
+                    w[wid] = w.get(wid, 0.0) + q / len(ids)
+            tot = sum(w.values())
+            if tot > 0:
+                routing[task] = {ANY_PATH: {k: x / tot for k, x in sorted(w.items())}}
+                planned[(task, ANY_PATH)] = sum(rates.get(k, 0.0) for k in members if k[0] == task)
+        self.version += 1
+        plan = Plan(self.version, self.profile.name, dict(sorted(assigned.items())), routing,
+                    source=source, created_unix_s=now)
+        return Decision(plan, planned)
+
+
+class OursPolicy(Policy):
+    """The controller's planner mode (see the module docstring)."""
+
+    name = "ours"
+
+    def __init__(self, profile: PipelineProfile, n_workers: int, method: str = "relaxed",
+                 early_drop: bool = True, reroute: bool = True, admission: bool = True,
+                 full_accuracy_only: bool = False, name: str | None = None,
+                 batch_budget: float = 0.5, headroom: float = 1.25, cancel_failed: bool = False) -> None:
+        super().__init__(profile, n_workers)
+        self.cancel_failed = cancel_failed
+        # the planner keeps the sum of batch latencies on a path within slo_ms / 2; planning
+        # for slo_ms = 2 * batch_budget * SLO leaves (1 - batch_budget) * SLO for queueing
+        self.plan_slo_ms = 2 * batch_budget * profile.slo_ms
+        self.method = method
+        self.early_drop = early_drop
+        self.reroute = reroute
+        self.admission = admission
+        self.name = name or self.name
+        self.planner = PlannerPolicy(profile, self.plan_slo_ms, method=method, headroom=headroom)
+        self.members = [RegisteredWorker(w, f"sim:{w}", "") for w in worker_ids(n_workers)]
+        self.min_accuracy = None
+        if full_accuracy_only:
+            best = cached_solve(profile, 1.0, n_workers, method, slo_ms=self.plan_slo_ms).max_accuracy
+            self.min_accuracy = best * (1 - 1e-6)
+
+    def decide(self, obs: Observation) -> Decision | None:
+        pp = self.planner
+        if obs.current is not None and not pp.should_replan(self.members, obs.root_qps, obs.now):
+            return None
+        target = pp.target_demand(obs.root_qps)
+        sol = cached_solve(self.profile, round_up(target), self.n_workers, self.method, self.min_accuracy,
+                           slo_ms=self.plan_slo_ms)
+        pp.planned_members = tuple(sorted((w.worker_id, w.task) for w in self.members))
+        pp.planned_at = obs.now
+        if not sol.ok:
+            pp.planned_demand = None
+            return None
+        pp.planned_demand = target
+        regs = pool_workers(list(sol.allocations), obs.current, self.n_workers, self.task_order)
+        self.version += 1
+        plan = plan_from_solution(sol, regs, obs.current, version=self.version, now=obs.now)
+        return Decision(plan, _planned_rates(sol),
+                        sol.admission_rate_qps if self.admission else None, sol.expected_accuracy)
+
+
+def single_task_profile(profile: PipelineProfile, task: str, slo_ms: float,
+                        variants: list[str] | None = None) -> PipelineProfile:
+    t = profile.task(task)
+    vs = tuple(v for v in t.variants if variants is None or v.name in variants)
+    return PipelineProfile(name=f"{profile.name}.{task}", slo_ms=slo_ms, tasks=(TaskProfile(task, vs),),
+                           device=profile.device, source=profile.source)
+
+
+def restricted_profile(profile: PipelineProfile, pick) -> PipelineProfile:
+    """The profile with one variant per task, ``pick(task) -> variant``."""
+    tasks = []
+    for t in profile.tasks:
+        v = pick(t)
+        fan = {v.name: dict(t.fan_out[v.name])} if t.children else {}
+        tasks.append(TaskProfile(t.name, (v,), t.children, fan))
+    return replace(profile, name=profile.name, tasks=tuple(tasks))
+
+
+def depth(profile: PipelineProfile) -> int:
+    return max(len(c) for c in profile.chains())
+
+
+def best_batch(v, budget_ms: float) -> int:
+    """The batch size with the most throughput whose p95 latency fits ``budget_ms``."""
+    fits = [b for b in v.latency_ms if v.latency(b) <= budget_ms] or [min(v.latency_ms)]
+    return max(fits, key=lambda b: (v.throughput_qps(b), -b))
+
+
+class ProteusPolicy(Policy):
+    """Per-task accuracy scaling on per-task observed demand (module docstring)."""
+
+    name = "proteus"
+    admission = False
+
+    def __init__(self, profile: PipelineProfile, n_workers: int, headroom: float = 1.25,
+                 threshold: float = 0.15, max_age_s: float = 60.0) -> None:
+        super().__init__(profile, n_workers)
+        self.headroom, self.threshold, self.max_age_s = headroom, threshold, max_age_s
+        self.budget = profile.slo_ms / depth(profile)
+        self.subs = {t.name: single_task_profile(profile, t.name, self.budget) for t in profile.tasks}
+        self.planned: dict[str, float] | None = None
+        self.at = 0.0
+
+    def decide(self, obs: Observation) -> Decision | None:
+        targets = {t: max(0.5, self.headroom * obs.task_qps.get(t, 0.0)) for t in self.task_order}
+        if self.planned is not None and obs.now - self.at < self.max_age_s and all(
+                abs(targets[t] - self.planned[t]) <= self.threshold * max(self.planned[t], 1e-9)
+                for t in self.task_order):
+            return None
+        self.planned, self.at = targets, obs.now
+        need = {}
+        for t in self.profile.tasks:
+            top = max(t.variants, key=lambda v: v.accuracy)
+            need[t.name] = targets[t.name] / top.throughput_qps(best_batch(top, self.budget / 2))
+        caps = split_workers(need, self.n_workers)
+        allocs: list[Allocation] = []
+        rates: dict[tuple, float] = {}
+        for t in self.task_order:
+            sol = cached_solve(self.subs[t], round_up(targets[t]), caps[t])
+            if not sol.ok:   # no variant fits the task's share of the SLO: give it the whole SLO
+                sol = cached_solve(single_task_profile(self.profile, t, self.profile.slo_ms),
+                                   round_up(targets[t]), caps[t])
+            if not sol.ok:
+                return None
+            allocs.extend(sol.allocations)
+            for f in sol.flows:
+                key = (t, f.variants[0], f.batches[0])
+                rates[key] = rates.get(key, 0.0) + f.rate_qps
+        return self._plan_from_allocs(allocs, rates, obs.current, obs.now, "proteus")
+
+
+def split_workers(need: Mapping[str, float], n: int) -> dict[str, int]:
+    """Largest-remainder split of ``n`` workers proportional to ``need``, at least 1 each."""
+    tasks = list(need)
+    tot = sum(need.values()) or 1.0
+    raw = {t: max(1.0, n * need[t] / tot) for t in tasks}
+    base = {t: int(math.floor(raw[t])) for t in tasks}
+    left = n - sum(base.values())
+    for t in sorted(tasks, key=lambda t: -(raw[t] - base[t])):
+        if left <= 0:
+            break
+        base[t] += 1
+        left -= 1
+    while sum(base.values()) > n:   # the minimum of 1 each overshot: take from the largest
+        t = max(base, key=base.get)
+        base[t] -= 1
+    return base
+
+
+class InfaasPolicy(Policy):
+    """Per-task greedy upgrade/downgrade (module docstring)."""
+
+    name = "infaas"
+    admission = False
+
+    def __init__(self, profile: PipelineProfile, n_workers: int, hot: float = 0.9, cold: float = 0.5,
+                 upgrade_below: float = 0.8) -> None:
+        super().__init__(profile, n_workers)
+        self.hot, self.cold, self.upgrade_below = hot, cold, upgrade_below
+        budget = profile.slo_ms / depth(profile) / 2
+        # only variants whose single-query latency fits the task's budget (else the fastest)
+        self.ladder = {}
+        for t in profile.tasks:
+            fit = [v for v in t.variants if v.latency(1) <= budget] or [min(t.variants, key=lambda v: v.latency(1))]
+            self.ladder[t.name] = [(v, best_batch(v, budget)) for v in sorted(fit, key=lambda v: -v.accuracy)]
+        self.state: dict[str, list[int]] | None = None    # task -> [variant index, replicas]
+
+    def _thr(self, t: str, i: int) -> float:
+        v, b = self.ladder[t][i]
+        return v.throughput_qps(b)
+
+    def decide(self, obs: Observation) -> Decision | None:
+        lam = {t: obs.task_qps.get(t, 0.0) for t in self.task_order}
+        if self.state is None:
+            need = {t: lam[t] / self._thr(t, 0) for t in self.task_order}
+            reps = {t: max(1, math.ceil(need[t] / self.upgrade_below)) for t in self.task_order}
+            if sum(reps.values()) > self.n_workers:
+                reps = split_workers(need, self.n_workers)
+            self.state = {t: [0, reps[t]] for t in self.task_order}
+        else:
+            changed = False
+            for t in self.task_order:
+                i, r = self.state[t]
+                util = lam[t] / (r * self._thr(t, i))
+                free = self.n_workers - sum(s[1] for s in self.state.values())
+                if util > self.hot:
+                    if free > 0:
+                        self.state[t][1] += 1
+                        changed = True
+                    elif i + 1 < len(self.ladder[t]):
+                        self.state[t][0] += 1
+                        changed = True
+                elif util < self.cold:
+                    if i > 0 and lam[t] / (r * self._thr(t, i - 1)) < self.upgrade_below:
+                        self.state[t][0] -= 1
+                        changed = True
+                    elif r > 1 and lam[t] / ((r - 1) * self._thr(t, i)) < self.upgrade_below:
+                        self.state[t][1] -= 1
+                        changed = True
+            if not changed:
+                return None
+        allocs, rates = [], {}
+        for t in self.task_order:
+            i, r = self.state[t]
+            v, b = self.ladder[t][i]
+            allocs.append(Allocation(t, v.name, b, r))
+            rates[(t, v.name, b)] = lam[t]
+        return self._plan_from_allocs(allocs, rates, obs.current, obs.now, "infaas")
+
+
+class ClipperPolicy(Policy):
+    """Static provisioning of every worker with one variant per task (module docstring)."""
+
+    admission = False
+
+    def __init__(self, profile: PipelineProfile, n_workers: int, highest: bool = True) -> None:
+        super().__init__(profile, n_workers)
+        self.name = "clipper-high" if highest else "clipper-low"
+        key = (lambda v: v.accuracy) if highest else (lambda v: -v.accuracy)
+        budget = profile.slo_ms / 2 / depth(profile)
+
+        def pick(t):   # the most (least) accurate variant whose single query fits its share of SLO/2
+            fit = [v for v in t.variants if v.latency(1) <= budget] or [min(t.variants, key=lambda v: v.latency(1))]
+            return max(fit, key=key)
+        self.fixed = restricted_profile(profile, pick)
+        self.done = False
+
+    def decide(self, obs: Observation) -> Decision | None:
+        if self.done:
+            return None
+        self.done = True
+        sol = cached_solve(self.fixed, 1e6, self.n_workers)   # overload: most it can serve
+        reps = {(a.task, a.variant, a.batch_size): a.replicas for a in sol.allocations}
+        rates = {(b[0], b[1], b[2]): 0.0 for b in reps}
+        for t, paths in _bucket_rates(sol).items():
+            for p, bk in paths.items():
+                for (v, b), q in bk.items():
+                    rates[(t, v, b)] = rates.get((t, v, b), 0.0) + q
+        # every worker stays active: spare workers join the most utilised bucket
+        while sum(reps.values()) < self.n_workers:
+            k = max(reps, key=lambda k: rates.get(k, 0.0) / reps[k])
+            reps[k] += 1
+        allocs = [Allocation(t, v, b, r) for (t, v, b), r in sorted(reps.items())]
+        return self._plan_from_allocs(allocs, rates, obs.current, obs.now, self.name)
+
+
+POLICIES = ("ours", "ours-exact", "ours-no-drop", "ours-no-reroute", "inferline", "proteus", "infaas",
+            "clipper-high", "clipper-low")
+
+
+def make_policy(name: str, profile: PipelineProfile, n_workers: int) -> Policy:
+    if name == "ours":
+        return OursPolicy(profile, n_workers)
+    if name == "ours-exact":
+        return OursPolicy(profile, n_workers, method="exact", name=name)
+    if name == "ours-no-drop":
+        return OursPolicy(profile, n_workers, early_drop=False, name=name)
+    if name == "ours-no-reroute":
+        return OursPolicy(profile, n_workers, reroute=False, name=name)
+    if name == "inferline":
+        return OursPolicy(profile, n_workers, admission=False, full_accuracy_only=True, name=name)
+    if name == "proteus":
+        return ProteusPolicy(profile, n_workers)
+    if name == "infaas":
+        return InfaasPolicy(profile, n_workers)
+    if name in ("clipper-high", "clipper-low"):
+        return ClipperPolicy(profile, n_workers, highest=name == "clipper-high")
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")

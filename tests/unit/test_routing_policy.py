@@ -1,0 +1,51 @@
+"""MostAccurateFirst: fill the most accurate workers up to their planned share, spill
+the rest down the accuracy ladder."""
+import pytest
+from hypothesis import given, strategies as st
+
+from services.common.routing import MostAccurateFirstPolicy, RouteTable, most_accurate_first
+
+W = {"hi": 0.25, "mid": 0.25, "lo": 0.5}
+ACC = {"hi": 0.99, "mid": 0.9, "lo": 0.6}
+
+
+def test_planned_demand_routes_the_planned_split():
+    assert most_accurate_first(W, ACC, 1.0) == pytest.approx(W)
+
+
+def test_less_demand_takes_traffic_from_the_least_accurate_first():
+    eff = most_accurate_first(W, ACC, 0.6)
+    # 0.6 of the planned rate: hi and mid full (0.25 each), lo gets 0.1; normalised by 0.6
+    assert eff == pytest.approx({"hi": 0.25 / 0.6, "mid": 0.25 / 0.6, "lo": 0.1 / 0.6})
+    assert most_accurate_first(W, ACC, 0.2) == {"hi": 1.0}
+
+
+def test_more_demand_overloads_everyone_by_the_same_factor():
+    assert most_accurate_first(W, ACC, 2.0) == pytest.approx(W)
+
+
+def test_zero_weights_get_nothing_and_no_weight_is_an_error():
+    assert "x" not in most_accurate_first({**W, "x": 0.0}, {**ACC, "x": 1.0}, 0.1)
+    with pytest.raises(ValueError):
+        most_accurate_first({"a": 0.0}, {"a": 1.0})
+
+
+def test_table_choice_is_deterministic_and_accuracy_ordered():
+    t = RouteTable.build(W, ACC, 1.0)
+    assert t.ids == ("hi", "mid", "lo")
+    assert [t.choose(u) for u in (0.0, 0.24, 0.26, 0.51, 0.999)] == ["hi", "hi", "mid", "lo", "lo"]
+    p = MostAccurateFirstPolicy(ACC)
+    assert p.choose(W, 0.3, 0.5) == "hi"       # 0.5 of planned: hi holds 0.25/0.5 = half the traffic
+    assert p.choose(W, 0.7, 0.5) == "mid"
+
+
+@given(st.dictionaries(st.sampled_from("abcdef"), st.floats(0.01, 10), min_size=1),
+       st.floats(0.01, 5.0))
+def test_effective_weights_are_a_distribution_favouring_accuracy(weights, ratio):
+    acc = {k: 0.1 * (i + 1) for i, k in enumerate(sorted(weights))}
+    eff = most_accurate_first(weights, acc, ratio)
+    assert sum(eff.values()) == pytest.approx(1.0)
+    total = sum(weights.values())
+    if ratio <= 1.0:   # nobody exceeds its planned capacity, in units of the observed rate
+        for k, x in eff.items():
+            assert x * ratio <= weights[k] / total + 1e-9

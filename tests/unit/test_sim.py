@@ -1,0 +1,130 @@
+"""The simulator: determinism, accounting, the batching fast path, and a closed form."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from services.common.batching import EdfQueue, GroupedEdfQueue
+from services.planner import load_profile, parse_profile
+from services.sim import SimConfig, make_policy, poisson_arrivals, simulate, trace_arrivals
+from services.sim.metrics import DROPPED, LATE, OK, SHED
+
+TRAFFIC = load_profile("profiles/traffic_analysis.json")
+
+
+def one_stage(latency_ms: float, slo_ms: float = 10_000.0, batches=(1,)):
+    return parse_profile({"name": "one", "slo_ms": slo_ms, "tasks": [{"name": "t", "variants": [
+        {"name": "v", "accuracy": 0.9,
+         "latency_ms": {str(b): {"p50_ms": latency_ms * b, "p95_ms": latency_ms * b} for b in batches}}]}]})
+
+
+def run(policy="ours", rate=60.0, duration=20.0, seed=3, **cfg):
+    arr = poisson_arrivals(rate, duration, seed)
+    return simulate(TRAFFIC, arr, make_policy(policy, TRAFFIC, cfg.pop("n_workers", 20)),
+                    SimConfig(seed=seed, **cfg))
+
+
+def test_same_seed_same_results_other_seed_other_results():
+    a, b = run(), run()
+    assert np.array_equal(a.status, b.status)
+    assert np.array_equal(a.accuracy, b.accuracy, equal_nan=True)
+    assert np.array_equal(a.latency_s, b.latency_s, equal_nan=True)
+    assert a.queries == b.queries and a.batches == b.batches
+    c = run(seed=4)
+    assert not np.array_equal(a.latency_s[:100], c.latency_s[:100], equal_nan=True)
+
+
+def test_reference_queue_gives_identical_results():
+    """The fast grouped queue and EdfQueue.take_batch itself: the same simulation."""
+    a = run(rate=120.0, duration=10.0, queue="fast")
+    b = run(rate=120.0, duration=10.0, queue="reference")
+    assert np.array_equal(a.status, b.status)
+    assert np.array_equal(a.latency_s, b.latency_s, equal_nan=True)
+    assert a.queries_dropped == b.queries_dropped > 0
+
+
+def test_every_request_gets_exactly_one_outcome():
+    r = run(policy="inferline", rate=400.0, duration=10.0)
+    counts = {s: r.count(s) for s in (OK, LATE, DROPPED, SHED)}
+    assert sum(counts.values()) == r.requests
+    assert r.violation_ratio == pytest.approx(1 - counts[OK] / r.requests)
+    ok = r.status == OK
+    assert np.all(r.latency_s[ok] <= TRAFFIC.slo_ms / 1000 + 1e-9)
+    assert np.all((r.accuracy[ok] > 0.5) & (r.accuracy[ok] <= 1.0))
+    assert np.all(np.isnan(r.accuracy[~ok]))
+
+
+def test_overload_sheds_at_admission_with_accuracy_scaling():
+    r = run(policy="ours", rate=2500.0, duration=5.0)
+    assert r.count(SHED) > 0              # beyond what the cheapest variants carry
+    assert r.effective_accuracy < 0.9     # accuracy scaled down
+
+
+def test_fan_out_follows_the_integer_recipe():
+    """floor((i+1)m) - floor(im) summed over n frames is floor(n m): per-request sub-query
+    counts average the profile's mean exactly."""
+    r = run(policy="clipper-high", rate=20.0, duration=20.0, slo_ms=60_000.0)   # nothing dropped
+    fan = TRAFFIC.task("object_detection").fan_out["yolov5x"]
+    n = r.requests
+    assert r.count(OK) == n
+    expect = n + math.floor(n * fan["car_classification"]) + math.floor(n * fan["facial_recognition"])
+    assert r.queries == expect
+
+
+def test_queueing_delay_matches_md1():
+    """One stage, batch size 1, deterministic 10 ms service, Poisson arrivals at rho = 0.6:
+    the mean wait is rho / (2 mu (1 - rho)) = 0.6 * 0.01 / 0.8 = 7.5 ms."""
+    prof = one_stage(10.0)
+    arr = poisson_arrivals(60.0, 600.0, seed=11)
+    r = simulate(prof, arr, make_policy("clipper-high", prof, 1),
+                 SimConfig(n_workers=1, seed=1, latency_jitter=False))
+    assert r.count(OK) == r.requests
+    wait = float(np.mean(r.latency_s)) - 0.010
+    assert wait == pytest.approx(0.0075, rel=0.1)
+
+
+def test_early_dropping_ablation_never_drops():
+    a = run(policy="ours-no-drop", rate=300.0, duration=10.0)
+    assert a.count(DROPPED) == 0 and a.queries_dropped == 0
+
+
+def test_trace_replay_uses_the_brief_recipe():
+    arr = trace_arrivals("traces/twitter_medium_normal.txt", 4.5, 1)
+    assert arr.size == 36046     # brief section 5
+    assert np.all(np.diff(arr) >= 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 6), st.sampled_from([0.0, 0.005, 0.02])),
+                min_size=1, max_size=25),
+       st.integers(1, 8), st.floats(0.0, 0.03), st.sampled_from([0.001, 0.004, 0.01]))
+def test_grouped_queue_equals_edf_queue(groups, max_batch, now, per_item):
+    """Pushing a group of n is pushing n entries: same batches, same drops, in order."""
+    ref, fast = EdfQueue(), GroupedEdfQueue()
+    for i, (dl_ms, n, reserve) in enumerate(groups):
+        for _ in range(n):
+            ref.push(i, dl_ms / 1000.0, reserve)
+        fast.push(i, dl_ms / 1000.0, reserve, n)
+
+    def exec_time(size):
+        return per_item * size if size % 3 else per_item * size * 1.5   # not monotone per item
+
+    def fold(entries):
+        out = []
+        for x in entries:
+            if out and out[-1][0] == x:
+                out[-1] = (x, out[-1][1] + 1)
+            else:
+                out.append((x, 1))
+        return out
+
+    t = now
+    while len(ref):
+        b1, d1 = ref.take_batch(t, max_batch, exec_time)
+        b2, d2 = fast.take_batch(t, max_batch, exec_time)
+        assert fold([e.item for e in b1]) == fold([x for x, n in b2 for _ in range(n)])
+        assert fold([e.item for e in d1]) == fold([x for x, n in d2 for _ in range(n)])
+        assert len(ref) == len(fast)
+        t += 0.004
+    assert fast.queued == 0
