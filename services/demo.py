@@ -29,10 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default="pipelines/ocr.yaml", help="pipeline spec")
     p.add_argument("--profile", default="profiles/ocr_cpu.json",
                    help="variant profile the controller's planner uses (default: this machine's OCR profile)")
-    p.add_argument("--headroom", type=float, default=1.8,
-                   help="the planner plans for this multiple of the estimated demand (default 1.8: "
-                        "on a small host the routers, the load generator and Redis share the cores "
-                        "the profile measured the models alone on)")
+    p.add_argument("--headroom", type=float, default=2.0,
+                   help="the planner plans for this multiple of the estimated demand (default 2.0, "
+                        "the controller's default)")
     p.add_argument("--cold-start", action="store_true",
                    help="do not tell the planner the expected rate: it starts from zero demand and "
                         "follows the measured demand (the first seconds then run on a plan for too "

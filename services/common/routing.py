@@ -3,7 +3,8 @@
 The plan gives each worker of a stage a weight per upstream variant path: its planned
 share of that path's queries. MostAccurateFirst reads those shares as capacities and
 fills them in accuracy order: the most accurate workers take traffic up to their
-planned share, the rest spills down the accuracy ladder. With the demand the plan was
+planned share, the rest spills down the accuracy ladder; workers of equally accurate
+variants share their class's traffic in proportion to their planned shares. With the demand the plan was
 made for (``load_ratio == 1``) it routes exactly the planned split; with less demand the
 least accurate workers lose traffic first (accuracy goes up, never down); with more
 demand than planned every worker is full and the excess is spread in proportion to the
@@ -33,18 +34,25 @@ def most_accurate_first(weights: Mapping[str, float], accuracy: Mapping[str, flo
         raise ValueError("no positive weight")
     if not (load_ratio > 0):   # no observed traffic (or NaN): the plan's own split
         load_ratio = 1.0
+    # Fill accuracy classes (workers of equally accurate variants), most accurate first.
+    # Within a class traffic is split in proportion to the planned shares: packing it onto
+    # the first workers of a class would gain no accuracy and spend their headroom.
+    classes: dict[float, list[tuple[str, float]]] = {}
+    for wid, w in items:
+        classes.setdefault(accuracy.get(wid, 0.0), []).append((wid, w))
     remaining = load_ratio
     out: dict[str, float] = {}
-    for wid, w in items:
-        share = w / total
+    for members in classes.values():      # insertion order = accuracy order
+        share = sum(w for _, w in members) / total
         take = min(share, remaining)
-        out[wid] = take
+        for wid, w in members:
+            out[wid] = take * w / (share * total)
         remaining -= take
         if remaining <= 0:
             break
     if remaining > 1e-12:   # more than planned: spread the excess by planned share
         for wid, w in items:
-            out[wid] += remaining * w / total
+            out[wid] = out.get(wid, 0.0) + remaining * w / total
     s = sum(out.values())
     return {wid: x / s for wid, x in out.items() if x > 0}
 

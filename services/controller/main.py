@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="profile of the pipeline's variants (e.g. profiles/ocr_cpu.json): plan with the planner")
     p.add_argument("--planner", choices=["relaxed", "exact"], default="relaxed",
                    help="relaxed LP with rounding and repair (fast, default) or the exact MILP")
-    p.add_argument("--headroom", type=float, default=1.25,
-                   help="plan for this multiple of the estimated demand (default 1.25)")
+    p.add_argument("--headroom", type=float, default=2.0,
+                   help="plan for this multiple of the estimated demand (default 2.0; see docs/results)")
     p.add_argument("--min-demand-qps", type=float, default=0.5,
                    help="plan for at least this demand, e.g. at a cold start (default 0.5)")
     p.add_argument("--demand-tau-s", type=float, default=3.0,

@@ -28,7 +28,10 @@ class PlannerPolicy:
     profile: PipelineProfile
     slo_ms: float
     method: str = "relaxed"
-    headroom: float = 1.25          # plan for this multiple of the estimated demand
+    # Plan for this multiple of the estimated demand. 2.0, not 1.25: requests fan out into
+    # bursts of sub-queries, and in the simulator (docs/results) 1.25 let those bursts
+    # through: 16.6 % vs 4.6 % violations on the low-load traffic-analysis trace.
+    headroom: float = 2.0
     min_demand_qps: float = 0.5     # plan for at least this (a cold start is not zero load)
     replan_threshold: float = 0.15
     cooldown_s: float = 15.0

@@ -190,8 +190,9 @@ class _Sim:
         self.route_obs: dict = {}       # (ti, path) -> queries routed this period
         self.route_rate: dict = {}      # (ti, path) -> EWMA q/s
         self.task_count = [0] * nt
-        self.root_est = DemandEstimator(tau_s=5.0)
-        self.task_est = [DemandEstimator(tau_s=5.0) for _ in range(nt)]
+        # the controller's estimator with its defaults (services/controller/demand.py)
+        self.root_est = DemandEstimator()
+        self.task_est = [DemandEstimator() for _ in range(nt)]
         self.mafs = MostAccurateFirstPolicy({})
         self.queries = self.dropped_q = self.batches = self.plans = 0
         self.inflight = 0

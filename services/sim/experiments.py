@@ -105,9 +105,22 @@ def sweep(pipeline: str, n_workers: int, multiples, duration: float, seed: int, 
                                                     for p in policies))
     for p in policies:
         for lim in (0.01, 0.05):
+            out[p][f"capacity_at_{lim}"] = effective_capacity(out["rates"], out[p]["viol"], lim)
+            # the loose reading (highest single point within the limit) for comparison
             ok = [r for r, v in zip(out["rates"], out[p]["viol"]) if v <= lim]
-            out[p][f"capacity_at_{lim}"] = max(ok) if ok else 0.0
+            out[p][f"best_point_at_{lim}"] = max(ok) if ok else 0.0
     return out
+
+
+def effective_capacity(rates, violations, limit: float) -> float:
+    """The highest swept demand such that it and every lower swept demand stay within
+    ``limit``: a demand counts only if the system also copes with everything below it."""
+    cap = 0.0
+    for r, v in sorted(zip(rates, violations)):
+        if not v <= limit:
+            break
+        cap = r
+    return cap
 
 
 def figures(outdir: Path, traces: dict, sweeps: dict) -> list[str]:
@@ -227,14 +240,18 @@ def reproduce(outdir: Path, quick: bool = False) -> None:
         sweeps[pipeline] = sw
         report["sweeps"][pipeline] = sw
     md += ["## Effective capacity (steady Poisson demand, 30 s per point)", "",
-           "Highest swept demand served within the violation limit; accuracy scaling (ours) vs hardware "
-           "scaling only (inferline) on the same 20 workers.", "",
-           "| pipeline | limit | ours (req/s) | hardware only (req/s) | ratio |", "|---|---:|---:|---:|---:|"]
+           "Effective capacity = the highest swept demand such that it and every lower swept demand "
+           "stay within the violation limit; accuracy scaling (ours) vs hardware scaling only "
+           "(inferline) on the same 20 workers. The last column is the looser reading (the highest "
+           "single point within the limit, ignoring failures at lower demand).", "",
+           "| pipeline | limit | ours (req/s) | hardware only (req/s) | ratio | highest point: ours / hw |",
+           "|---|---:|---:|---:|---:|---:|"]
     for pipeline, sw in sweeps.items():
         for lim in (0.01, 0.05):
             a, b = sw["ours"][f"capacity_at_{lim}"], sw["inferline"][f"capacity_at_{lim}"]
+            a2, b2 = sw["ours"][f"best_point_at_{lim}"], sw["inferline"][f"best_point_at_{lim}"]
             md.append(f"| {pipeline} | {lim:.0%} | {a:.0f} | {b:.0f} | "
-                      f"{(a / b) if b else float('nan'):.2f} |")
+                      f"{(a / b) if b else float('nan'):.2f} | {a2:.0f} / {b2:.0f} |")
     md.append("")
     md.append("Sweep points (violation ratio / effective accuracy):")
     md.append("")

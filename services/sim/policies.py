@@ -179,7 +179,7 @@ class OursPolicy(Policy):
     def __init__(self, profile: PipelineProfile, n_workers: int, method: str = "relaxed",
                  early_drop: bool = True, reroute: bool = True, admission: bool = True,
                  full_accuracy_only: bool = False, name: str | None = None,
-                 batch_budget: float = 0.5, headroom: float = 1.25, cancel_failed: bool = False) -> None:
+                 batch_budget: float = 0.5, headroom: float | None = None, cancel_failed: bool = False) -> None:
         super().__init__(profile, n_workers)
         self.cancel_failed = cancel_failed
         # the planner keeps the sum of batch latencies on a path within slo_ms / 2; planning
@@ -190,7 +190,9 @@ class OursPolicy(Policy):
         self.reroute = reroute
         self.admission = admission
         self.name = name or self.name
-        self.planner = PlannerPolicy(profile, self.plan_slo_ms, method=method, headroom=headroom)
+        # the controller's own default headroom unless told otherwise
+        kw = {} if headroom is None else {"headroom": headroom}
+        self.planner = PlannerPolicy(profile, self.plan_slo_ms, method=method, **kw)
         self.members = [RegisteredWorker(w, f"sim:{w}", "") for w in worker_ids(n_workers)]
         self.min_accuracy = None
         if full_accuracy_only:
@@ -251,7 +253,7 @@ class ProteusPolicy(Policy):
     name = "proteus"
     admission = False
 
-    def __init__(self, profile: PipelineProfile, n_workers: int, headroom: float = 1.25,
+    def __init__(self, profile: PipelineProfile, n_workers: int, headroom: float = PlannerPolicy.headroom,
                  threshold: float = 0.15, max_age_s: float = 60.0) -> None:
         super().__init__(profile, n_workers)
         self.headroom, self.threshold, self.max_age_s = headroom, threshold, max_age_s

@@ -31,7 +31,7 @@ def test_planner_scales_accuracy_when_demand_exceeds_full_accuracy_capacity(mode
     profile = load_profile(PROFILE)
     full = max_demand(profile, 2, slo_ms=1500, full_accuracy=True, method="exact")
     # drive at 1.6x what one det + one rec worker serve at full accuracy (the planner
-    # plans for 1.25x the estimate), bounded so the 2-core machine still answers
+    # plans for 2x the estimate by default), bounded so the 2-core machine still answers
     rate = min(12.0, max(1.0, 1.6 * full.served_qps))
     _, pages = eval_pages
     load_pages = [LoadPage(f"p{i}", p.png, p.lines) for i, p in enumerate(pages)]

@@ -49,3 +49,15 @@ def test_effective_weights_are_a_distribution_favouring_accuracy(weights, ratio)
     if ratio <= 1.0:   # nobody exceeds its planned capacity, in units of the observed rate
         for k, x in eff.items():
             assert x * ratio <= weights[k] / total + 1e-9
+
+
+def test_equally_accurate_workers_share_traffic_instead_of_packing_it():
+    # three workers of one variant, planned for twice the demand they see: spreading the
+    # traffic keeps each at half its planned load; packing it would run two of them full
+    weights = {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    eff = most_accurate_first(weights, {"a": 0.9, "b": 0.9, "c": 0.9}, load_ratio=0.5)
+    assert eff == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    # a more accurate class is still filled first: x takes its whole planned share
+    eff = most_accurate_first({"x": 0.25, "a": 0.375, "b": 0.375}, {"x": 0.99, "a": 0.9, "b": 0.9},
+                              load_ratio=0.5)
+    assert eff == pytest.approx({"x": 0.5, "a": 0.25, "b": 0.25})   # 0.25/0.5, then (0.5-0.25)/2/0.5

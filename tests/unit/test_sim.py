@@ -128,3 +128,13 @@ def test_grouped_queue_equals_edf_queue(groups, max_batch, now, per_item):
         assert len(ref) == len(fast)
         t += 0.004
     assert fast.queued == 0
+
+
+def test_effective_capacity_needs_every_lower_demand_within_the_limit():
+    from services.sim.experiments import effective_capacity
+
+    rates = [50, 100, 150, 200, 300]
+    viol = [0.0, 0.004, 0.03, 0.002, 0.0]          # 150 req/s breaks the 1 % limit
+    assert effective_capacity(rates, viol, 0.01) == 100
+    assert effective_capacity(rates, viol, 0.05) == 300
+    assert effective_capacity(rates, [0.2] + viol[1:], 0.01) == 0.0
