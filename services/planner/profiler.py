@@ -42,7 +42,7 @@ import numpy as np
 from services.common.onnx import create_session
 from services.common.processing import make_processor
 from services.common.spec import PipelineSpec, VariantSpec, load_spec
-from services.planner.profile import (FORMAT, LatencyPoint, PipelineProfile, TaskProfile, VariantProfile,
+from services.planner.profile import (LatencyPoint, PipelineProfile, TaskProfile, VariantProfile,
                                       write_profile)
 
 ROOT_BATCHES = (1, 2, 4, 8)

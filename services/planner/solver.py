@@ -23,7 +23,6 @@ final ceil. Every status is checked against cvxpy's constants; a failed solve re
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping

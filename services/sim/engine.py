@@ -511,7 +511,7 @@ class _Sim:
         if period < end:
             self.push(period, TICK, None)
         heap = self.heap
-        deadline, pend = self.deadline, self.pend
+        pend = self.pend
         bucket = self.bucket
         i = 0
         while True:

@@ -190,7 +190,6 @@ def figures(outdir: Path, traces: dict, sweeps: dict) -> list[str]:
 def reproduce(outdir: Path, quick: bool = False) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    lines: list[str] = []
 
     def log(msg: str) -> None:
         print(msg, flush=True)

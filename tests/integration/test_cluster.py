@@ -15,7 +15,6 @@ import pytest
 
 from services.cluster import ClusterConfig, LocalCluster
 from services.common import oip
-from services.gen import inference_pb2 as ipb
 from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc

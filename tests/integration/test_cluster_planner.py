@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from services.cluster import ClusterConfig, LocalCluster
 from services.gen import pipeserve_pb2 as pb
