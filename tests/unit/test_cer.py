@@ -53,9 +53,8 @@ def test_page_cer_orders_lines_before_comparing():
     assert page_cer(truth[:2], truth) == pytest.approx(6 / 21)   # "first line\nleft\nright" = 21 chars
 
 
-def test_levenshtein_is_fast_enough_for_pages():
-    import time
+def test_levenshtein_on_page_sized_strings():
+    # page-sized inputs (speed is the benchmark's business, not a test's)
     a, b = "x" * 600, "y" * 550
-    t = time.perf_counter()
-    assert levenshtein(a, b) == 600
-    assert time.perf_counter() - t < 0.5
+    assert levenshtein(a, b) == 600          # 550 substitutions + 50 deletions
+    assert levenshtein("kitten" * 100, "sitting" * 100) == 300   # 3 edits per repetition
