@@ -7,6 +7,11 @@ plan only if ``plan.version`` is newer than the one they run (see ``plan_channel
 Routing: ``routing[task][upstream_path][worker_id] = weight``. ``upstream_path`` is the
 "/"-joined variant names of the ancestors that processed the query ("" for the root
 task); the key ``"*"`` matches any upstream path. Weights of one entry sum to 1.
+
+Planner-made plans also carry what MostAccurateFirst routing needs
+(``services/common/routing.py``): ``planned_qps[task][upstream_path]`` (the query rate
+the plan was made for) and ``worker_accuracy[worker_id]`` (its variant's accuracy).
+Without them (operator plans) routers follow the weights as they are.
 """
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ class Plan:
     capacity_qps: float | None = None
     source: str = "operator"
     created_unix_s: float = field(default_factory=time.time)
+    planned_qps: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    worker_accuracy: Mapping[str, float] = field(default_factory=dict)
 
     def is_newer_than(self, other: "Plan | None") -> bool:
         return other is None or self.version > other.version
@@ -65,6 +72,8 @@ class Plan:
         d = asdict(self)
         d["workers"] = {k: asdict(v) for k, v in self.workers.items()}
         d["routing"] = {t: {p: dict(w) for p, w in tbl.items()} for t, tbl in self.routing.items()}
+        d["planned_qps"] = {t: dict(p) for t, p in self.planned_qps.items()}
+        d["worker_accuracy"] = dict(self.worker_accuracy)
         return d
 
     def to_json(self) -> str:
@@ -84,6 +93,9 @@ class Plan:
                 capacity_qps=d.get("capacity_qps"),
                 source=str(d.get("source", "operator")),
                 created_unix_s=float(d.get("created_unix_s", time.time())),
+                planned_qps={t: {p: float(q) for p, q in paths.items()}
+                             for t, paths in (d.get("planned_qps") or {}).items()},
+                worker_accuracy={w: float(a) for w, a in (d.get("worker_accuracy") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(source, "<plan>", f"malformed plan: {exc!r}") from exc

@@ -72,7 +72,12 @@ def plan_from_solution(solution: PlanSolution, workers: list[RegisteredWorker], 
         table[ANY_PATH] = anyw
         routing[task] = table
     kwargs = {} if now is None else {"created_unix_s": float(now)}
-    return Plan(version=version, pipeline=solution.pipeline,
+    planned = {task: {path: sum(b.values()) for path, b in paths.items()} for task, paths in rates.items()}
+    for task, paths in planned.items():
+        paths[ANY_PATH] = sum(paths.values())
+    accuracy = dict(solution.variant_accuracy)
+    worker_accuracy = {wid: accuracy[a.variant] for wid, a in assignments.items() if a.variant in accuracy}
+    return Plan(version=version, pipeline=solution.pipeline, planned_qps=planned, worker_accuracy=worker_accuracy,
                 workers={k: v for k, v in sorted(assignments.items())}, routing=routing,
                 admission_rate_qps=solution.admission_rate_qps, expected_accuracy=solution.expected_accuracy,
                 capacity_qps=solution.capacity_qps, source=f"planner:{solution.method}:{solution.mode}", **kwargs)

@@ -92,6 +92,7 @@ class PlanSolution:
     lp_bound: Mapping[str, float] = field(default_factory=dict)
     solve_ms: float = 0.0
     message: str = ""
+    variant_accuracy: Mapping[str, float] = field(default_factory=dict)   # of the allocated variants
 
     def replicas(self) -> dict[tuple[str, str, int], int]:
         return {(a.task, a.variant, a.batch_size): a.replicas for a in self.allocations}
@@ -315,4 +316,6 @@ def _extract(ctx: PlannerContext, m: PlanningModel, status: str, lp_bound: dict,
                         demand_qps=float(ctx.demand_qps), served_qps=served, expected_accuracy=exp_acc,
                         max_accuracy=m.max_accuracy, workers_used=int(r_int.sum()), n_workers=ctx.n_workers,
                         allocations=allocs, flows=flows, capacity_qps=capacity, lp_bound=lp_bound,
-                        solve_ms=(ctx.clock() - t0) * 1000.0)
+                        solve_ms=(ctx.clock() - t0) * 1000.0,
+                        variant_accuracy={a.variant: ctx.profile.task(a.task).variant(a.variant).accuracy
+                                          for a in allocs})

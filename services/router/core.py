@@ -1,5 +1,7 @@
-"""The router core for one stage: choose workers by the plan's routing weights, send each
-worker its queries in one message, fan region outputs out to the child stages' routers
+"""The router core for one stage: choose workers by the plan's routing weights with
+MostAccurateFirst (``services/common/routing.py``: below the planned rate of a path the
+most accurate workers take it first; at the planned rate exactly the plan's split), send
+each worker its queries in one message, fan region outputs out to the child stages' routers
 (all crops of a variant group in one message), gather and return results.
 
 Guarantees: ``route`` returns exactly one QueryResult per input query, in order; a
@@ -10,6 +12,7 @@ outbound call carries a timeout equal to the remaining end-to-end budget.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import deque
@@ -18,7 +21,8 @@ from typing import Callable, Protocol
 from services.common.batching import pick_weighted
 from services.common.errors import Unavailable
 from services.common.logging import get_logger
-from services.common.plan import Plan
+from services.common.plan import ANY_PATH, Plan
+from services.common.routing import MostAccurateFirstPolicy
 from services.common.spec import PipelineSpec
 from services.gen import pipeserve_pb2 as pb
 
@@ -60,9 +64,23 @@ class RouterCore:
         self.clock = clock
         self.plan: Plan | None = None
         self._child_ms: deque[float] = deque(maxlen=200)
+        self._maf = MostAccurateFirstPolicy({})
+        self._rates = PathRates(clock)
 
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
+        self._maf = MostAccurateFirstPolicy(plan.worker_accuracy)
+
+    def load_ratio(self, plan: Plan, upstream_path: str) -> float:
+        """Observed / planned query rate of this stage along ``upstream_path`` (1.0 when
+        the plan states no rate or nothing has been measured yet)."""
+        planned = plan.planned_qps.get(self.task.name, {})
+        key = upstream_path if upstream_path in planned else ANY_PATH
+        target = planned.get(key)
+        seen = self._rates.rate(key)
+        if not target or seen is None:
+            return 1.0
+        return seen / target
 
     @property
     def reserve_ms(self) -> float:
@@ -85,9 +103,12 @@ class RouterCore:
         weights = dict(plan.weights_for(self.task.name, upstream_path))
         if not weights:
             raise Unavailable(f"plan v{plan.version} routes no traffic for {self.task.name!r}")
+        planned = plan.planned_qps.get(self.task.name, {})
+        self._rates.count(upstream_path if upstream_path in planned else ANY_PATH, len(queries))
+        table = self._maf.table(weights, self.load_ratio(plan, upstream_path))
         groups: dict[str, list[int]] = {}
         for i in range(len(queries)):
-            groups.setdefault(pick_weighted(weights, self.rng.random()), []).append(i)
+            groups.setdefault(table.choose(self.rng.random()), []).append(i)
         results: list[pb.QueryResult | None] = [None] * len(queries)
         await asyncio.gather(*[
             self._run_worker_group(plan, wid, [queries[i] for i in idx], idx, results, request_id,
@@ -184,3 +205,37 @@ class RouterCore:
             return list(resp.results)
         except CallFailed as exc:
             return [_fail(q.query_id, exc.status, exc.message, child) for q in queries]
+
+
+class PathRates:
+    """Query rate per routing key: counts folded once a second into a moving average
+    with time constant ``tau_s`` (seconds, from the injected clock)."""
+
+    def __init__(self, clock: Callable[[], float], tau_s: float = 3.0, tick_s: float = 1.0) -> None:
+        self.clock = clock
+        self.tau_s = tau_s
+        self.tick_s = tick_s
+        self._counts: dict[str, int] = {}
+        self._rates: dict[str, float] = {}
+        self._last = clock()
+
+    def count(self, key: str, n: int) -> None:
+        self._tick()
+        self._counts[key] = self._counts.get(key, 0) + n
+
+    def rate(self, key: str) -> float | None:
+        self._tick()
+        return self._rates.get(key)
+
+    def _tick(self) -> None:
+        now = self.clock()
+        dt = now - self._last
+        if dt < self.tick_s:
+            return
+        alpha = 1.0 - math.exp(-dt / self.tau_s)
+        for key in set(self._counts) | set(self._rates):
+            inst = self._counts.get(key, 0) / dt
+            prev = self._rates.get(key)
+            self._rates[key] = inst if prev is None else prev + alpha * (inst - prev)
+        self._counts.clear()
+        self._last = now

@@ -2,6 +2,8 @@
 import asyncio
 import random
 
+import pytest
+
 from services.common.plan import ANY_PATH, Plan, WorkerAssignment
 from services.common.spec import parse_spec
 from services.gen import pipeserve_pb2 as pb
@@ -130,3 +132,34 @@ def test_outbound_timeouts_are_the_remaining_budget():
     workers = FakeWorkers(regions=0)
     run(make(workers, FakeChildren()), deadline_in=2.0)
     assert 1.5 < workers.calls[0][2] <= 2.0
+
+
+def test_most_accurate_first_below_the_planned_rate():
+    """Planned: 20 pages/s split 50/50 between an accurate and a cheap detector. At a
+    quarter of that rate MostAccurateFirst sends everything to the accurate one; at the
+    planned rate the plan's split holds."""
+    from dataclasses import replace
+
+    now = [1000.0]
+    workers, children = FakeWorkers(regions=0), FakeChildren()
+    core = RouterCore(SPEC, "det", workers, children, rng=random.Random(2), clock=lambda: now[0])
+    base = plan({"det-a": 0.5, "det-b": 0.5})
+    core.set_plan(replace(base, planned_qps={"det": {ANY_PATH: 20.0}},
+                          worker_accuracy={"det-a": 0.99, "det-b": 0.90, "rec-0": 0.95}))
+
+    def drive(rate, seconds):
+        seen = {"a:1": 0, "b:1": 0}
+        for _ in range(int(rate * seconds)):
+            now[0] += 1.0 / rate
+            workers.calls.clear()
+            asyncio.run(core.route("r", now[0] + 10, [pb.Query(query_id="q", payload=b"p")], ""))
+            seen[workers.calls[0][0]] += 1
+        return seen
+
+    drive(5.0, 10)                                   # let the rate estimate settle at 5/s
+    low = drive(5.0, 10)
+    assert core.load_ratio(core.plan, "") == pytest.approx(0.25, rel=0.2)
+    assert low["b:1"] == 0 and low["a:1"] == 50      # 5/s fits in det-a's planned 10/s
+    drive(20.0, 10)
+    at_plan = drive(20.0, 10)
+    assert 0.35 < at_plan["a:1"] / 200 < 0.65        # the plan's 50/50 split
