@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.errors import SpecError
 from services.common.grpc_utils import bind, make_channel, make_server
 from services.common.logging import configure_logging, get_logger
 from services.common.plan import Plan, validate_plan
@@ -192,7 +193,11 @@ async def serve(cfg: WorkerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     configure_logging("worker", json_logs=cfg.json_logs)
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except SpecError as exc:
+        log.error("invalid_input_file", error=str(exc))
+        return 2
     return 0
 
 
