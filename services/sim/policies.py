@@ -115,16 +115,9 @@ def pool_workers(allocations: list[Allocation], current: Plan | None, n_workers:
     return [RegisteredWorker(w, f"sim:{w}", t) for w, t in sorted(taken.items())]
 
 
-def _planned_rates(sol: PlanSolution) -> dict[tuple[str, str], float]:
-    out: dict[tuple[str, str], float] = {}
-    for task, paths in _bucket_rates(sol).items():
-        tot = 0.0
-        for path, buckets in paths.items():
-            q = sum(buckets.values())
-            out[(task, path)] = q
-            tot += q
-        out[(task, ANY_PATH)] = tot
-    return out
+def _planned_rates(plan: Plan) -> dict[tuple[str, str], float]:
+    """The plan's planned query rate per (task, upstream path), as MostAccurateFirst reads it."""
+    return {(t, p): q for t, paths in plan.planned_qps.items() for p, q in paths.items()}
 
 
 class Policy:
@@ -215,7 +208,7 @@ class OursPolicy(Policy):
         regs = pool_workers(list(sol.allocations), obs.current, self.n_workers, self.task_order)
         self.version += 1
         plan = plan_from_solution(sol, regs, obs.current, version=self.version, now=obs.now)
-        return Decision(plan, _planned_rates(sol),
+        return Decision(plan, _planned_rates(plan),
                         sol.admission_rate_qps if self.admission else None, sol.expected_accuracy)
 
 
