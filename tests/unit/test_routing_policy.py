@@ -34,7 +34,7 @@ def test_table_choice_is_deterministic_and_accuracy_ordered():
     t = RouteTable.build(W, ACC, 1.0)
     assert t.ids == ("hi", "mid", "lo")
     assert [t.choose(u) for u in (0.0, 0.24, 0.26, 0.51, 0.999)] == ["hi", "hi", "mid", "lo", "lo"]
-    p = MostAccurateFirstPolicy(ACC)
+    p = MostAccurateFirstPolicy(ACC, fill=1.0)
     assert p.choose(W, 0.3, 0.5) == "hi"       # 0.5 of planned: hi holds 0.25/0.5 = half the traffic
     assert p.choose(W, 0.7, 0.5) == "mid"
 
@@ -61,3 +61,21 @@ def test_equally_accurate_workers_share_traffic_instead_of_packing_it():
     eff = most_accurate_first({"x": 0.25, "a": 0.375, "b": 0.375}, {"x": 0.99, "a": 0.9, "b": 0.9},
                               load_ratio=0.5)
     assert eff == pytest.approx({"x": 0.5, "a": 0.25, "b": 0.25})   # 0.25/0.5, then (0.5-0.25)/2/0.5
+
+
+def test_fill_caps_how_full_the_most_accurate_workers_get():
+    """With fill f, MostAccurateFirst routes as for capacities f x the planned shares:
+    at load ratio f the planned split itself; below it the most accurate first."""
+    weights, acc = {"hi": 0.5, "lo": 0.5}, {"hi": 0.99, "lo": 0.8}
+    p = MostAccurateFirstPolicy(acc, fill=0.5)
+    t = p.table(weights, 0.5)
+    assert dict(zip(t.ids, t.cum)) == pytest.approx({"hi": 0.5, "lo": 1.0})
+    t = p.table(weights, 0.2)                       # hi's capacity is 0.25 of the plan: all of it
+    assert t.ids == ("hi",)
+    t = p.table(weights, 0.4)                       # hi full at 0.25, the rest (0.15) spills
+    assert dict(zip(t.ids, t.cum)) == pytest.approx({"hi": 0.25 / 0.4, "lo": 1.0})
+    full = MostAccurateFirstPolicy(acc, fill=1.0).table(weights, 0.4)
+    assert full.ids == ("hi",)                      # fill 1: hi takes all 0.4 of its 0.5
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            MostAccurateFirstPolicy(acc, fill=bad)
