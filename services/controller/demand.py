@@ -4,8 +4,14 @@ Each front door publishes its cumulative count of received requests (admitted or
 not) with a timestamp, about once a second. The estimator measures each front door's
 rate over a sliding window of ``window_s`` seconds (one-second Poisson counts are too
 noisy to plan on) and smooths the sum with an exponentially weighted moving average
-whose time constant is ``tau_s`` (seconds, not samples: the loop period may vary).
-The average is symmetric, so a steady demand is estimated without bias.
+whose time constant is ``tau_s`` (seconds, not samples: the loop period may vary)
+while the windowed rate is below the estimate and ``tau_up_s`` while it is above: a
+rise is followed faster than a fall, because too little capacity costs SLO misses at
+once and too much only accuracy or workers. (Measured in the simulator on the
+traffic-analysis comparison traces, 1 s vs 3 s up: 5.1 % vs 6.3 % violations at high
+load, 2.7 % vs 4.2 % at low load, about 0.3 more active workers; see docs/results.)
+With ``tau_up_s == tau_s`` the average is symmetric and a steady demand is estimated
+without bias; with a faster rise, a noisy steady demand is slightly overestimated.
 """
 from __future__ import annotations
 
@@ -14,8 +20,10 @@ from collections import deque
 
 
 class DemandEstimator:
-    def __init__(self, tau_s: float = 3.0, window_s: float = 5.0, stale_s: float = 10.0) -> None:
+    def __init__(self, tau_s: float = 3.0, window_s: float = 5.0, stale_s: float = 10.0,
+                 tau_up_s: float | None = 1.0) -> None:
         self.tau_s = tau_s
+        self.tau_up_s = tau_s if tau_up_s is None else tau_up_s
         self.window_s = window_s
         self.stale_s = stale_s
         self.samples: dict[str, deque[tuple[float, float]]] = {}
@@ -50,7 +58,8 @@ class DemandEstimator:
             self.estimate = instant
         else:
             dt = max(0.0, now - self._last_update)
-            alpha = 1.0 - math.exp(-dt / self.tau_s) if self.tau_s > 0 else 1.0
+            tau = self.tau_up_s if instant > self.estimate else self.tau_s
+            alpha = 1.0 - math.exp(-dt / tau) if tau > 0 else 1.0
             self.estimate += alpha * (instant - self.estimate)
         self._last_update = now
         return self.estimate

@@ -35,6 +35,7 @@ class ControllerConfig:
     headroom: float
     min_demand_qps: float
     demand_tau_s: float
+    demand_tau_up_s: float
     host: str
     port: int
     redis_url: str | None
@@ -65,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan for at least this demand, e.g. at a cold start (default 0.5)")
     p.add_argument("--demand-tau-s", type=float, default=3.0,
                    help="time constant of the demand estimate's moving average, over 5 s "
-                        "windowed rates (default 3 s)")
+                        "windowed rates, while demand falls (default 3 s)")
+    p.add_argument("--demand-tau-up-s", type=float, default=1.0,
+                   help="the same while demand rises (default 1 s: too little capacity costs SLO "
+                        "misses at once, too much only accuracy or workers)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50050, help="port to bind, 0 = any free port")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
@@ -84,6 +88,7 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
     return ControllerConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
                             profile=Path(a.profile) if a.profile else None, planner=a.planner,
                             headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
+                            demand_tau_up_s=a.demand_tau_up_s,
                             host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
                             heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json)
 
@@ -167,7 +172,7 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
             raise SpecError(str(cfg.profile), "name", f"profile is for {planner.profile.name!r}, spec is {spec.name!r}")
     core = ControllerCore(spec, WorkerRegistry(cfg.heartbeat_timeout_s), publisher.publish, cfg.plan_file,
                           planner=planner)
-    demand = DemandEstimator(tau_s=cfg.demand_tau_s)
+    demand = DemandEstimator(tau_s=cfg.demand_tau_s, tau_up_s=cfg.demand_tau_up_s)
     server = make_server()
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(core), server)
     port = bind(server, cfg.host, cfg.port)

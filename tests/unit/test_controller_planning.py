@@ -1,6 +1,7 @@
 """Planner mode of the controller: demand estimation and the planning policy, with the
 real CVXPY planner on a small OCR-shaped profile."""
 import asyncio
+import math
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,31 @@ def test_controller_core_publishes_planner_plans_and_an_operator_plan_takes_over
                        "  - {task: rec, variant: rec_v6tiny}\n")
     asyncio.run(core.reconcile())
     assert pub.plans[-1].source == "operator" and core.planner is None
+
+
+def test_demand_estimate_rises_faster_than_it_falls():
+    est = DemandEstimator(tau_s=3.0, window_s=1.0, tau_up_s=1.0)
+    count = 0.0
+    for t in range(30):
+        count += 10
+        est.observe("fd", count, float(t))
+        est.update(float(t))
+    assert est.estimate == pytest.approx(10.0, rel=0.01)
+    for t in range(30, 32):                         # a step up to 30 req/s, 2 s later
+        count += 30
+        est.observe("fd", count, float(t))
+        est.update(float(t))
+    up = est.estimate - 10.0
+    for t in range(32, 100):
+        count += 30
+        est.observe("fd", count, float(t))
+        est.update(float(t))
+    for t in range(100, 102):                       # a step back down to 10 req/s, 2 s later
+        count += 10
+        est.observe("fd", count, float(t))
+        est.update(float(t))
+    down = 30.0 - est.estimate
+    assert up == pytest.approx(20 * (1 - math.exp(-2 / 1.0)), rel=0.02)
+    assert down == pytest.approx(20 * (1 - math.exp(-2 / 3.0)), rel=0.02)
+    sym = DemandEstimator(tau_s=3.0, tau_up_s=None)
+    assert sym.tau_up_s == sym.tau_s == 3.0
