@@ -15,9 +15,10 @@ of batch time, seeded with the profile's p50), ``TokenBucket`` admission,
 policy's planner. What is modelled: batch execution time drawn per batch from the
 profile (log-normal with the profile's p50 as median and p95 as 95th percentile),
 per-query fan-out by the brief's integer recipe ``floor((i+1)m) - floor(im)`` over the
-i-th query a variant processes, model swaps (a worker that changes variant keeps
-serving its queue with the old model while the new one loads for ``load_s``), and a
-transport that takes no time.
+i-th query a variant processes, model swaps as the worker does them (a worker that
+changes variant within its task keeps serving with the old model, new arrivals
+included, while the new one loads for ``load_s``; one that moves to another task
+serves nothing until its model is loaded), and a transport that takes no time.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import numpy as np
 from services.common.admission import TokenBucket
 from services.common.batching import EdfQueue, GroupedEdfQueue, ServiceTimeEstimator
 from services.common.plan import ANY_PATH, Plan
-from services.common.routing import MostAccurateFirstPolicy
+from services.common.routing import DEFAULT_FILL, MostAccurateFirstPolicy
 from services.controller.demand import DemandEstimator
 from services.planner.profile import PipelineProfile
 from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
@@ -53,6 +54,7 @@ class SimConfig:
     latency_jitter: bool = True         # False: every batch takes exactly its p50
     queue: str = "fast"                 # "fast" (GroupedEdfQueue) or "reference" (EdfQueue)
     ratio_alpha: float = 0.5            # EWMA weight of the per-path observed rate (MostAccurateFirst)
+    route_fill: float = DEFAULT_FILL    # MostAccurateFirst's utilisation cap per worker
 
 
 class _RefQueue:
@@ -113,7 +115,7 @@ class _Variant:
 
 class _Worker:
     __slots__ = ("wid", "var", "maxb", "queue", "est", "reserve", "busy", "busy_until", "ready_at",
-                 "draining", "active", "gen")
+                 "draining", "active", "gen", "pending")
 
     def __init__(self, wid: str) -> None:
         self.wid = wid
@@ -128,6 +130,7 @@ class _Worker:
         self.draining: list = []      # (queue, variant, max batch, estimator) of earlier variants
         self.active = False
         self.gen = 0
+        self.pending = None           # (variant, max batch) loading while the current one serves
 
     def expected_finish(self, now: float, extra: int) -> float:
         """When ``extra`` more queries would be done here (p50 batches, no jitter)."""
@@ -193,7 +196,7 @@ class _Sim:
         # the controller's estimator with its defaults (services/controller/demand.py)
         self.root_est = DemandEstimator()
         self.task_est = [DemandEstimator() for _ in range(nt)]
-        self.mafs = MostAccurateFirstPolicy({})
+        self.mafs = MostAccurateFirstPolicy({}, cfg.route_fill)
         self.queries = self.dropped_q = self.batches = self.plans = 0
         self.inflight = 0
         self.ticks: dict[str, list] = {"t": [], "demand_est": [], "active": [], "planned_accuracy": []}
@@ -256,9 +259,24 @@ class _Sim:
             v = self.variants[(a.task, a.variant)]
             w.active = True
             w.reserve = reserves[v.ti] if early else -math.inf
-            if w.var is v:
-                w.maxb = min(a.batch_size, v.maxb)
+            maxb = min(a.batch_size, v.maxb)
+            if w.pending is not None and w.pending[0] is v:    # already loading it
+                w.pending = (v, maxb)
                 continue
+            if w.var is v:
+                if w.pending is not None:    # back to the variant it still runs: cancel the load
+                    w.pending = None
+                    w.gen += 1
+                w.maxb = maxb
+                continue
+            if not initial and w.var is not None and w.var.ti == v.ti and now >= w.ready_at:
+                # the worker's hot swap (services/worker/core.py): the new variant loads
+                # while the old one keeps serving, queries arriving meanwhile included
+                w.pending = (v, maxb)
+                w.gen += 1
+                self.push(now + v.load_s, SWAP, (w, w.gen))
+                continue
+            w.pending = None
             if w.var is not None and (w.queue.queued or w.draining):
                 w.draining.append((w.queue, w.var, w.maxb, w.est))
             w.var, w.maxb, w.queue, w.est = v, min(a.batch_size, v.maxb), self.mkqueue(), v.estimator()
@@ -270,11 +288,20 @@ class _Sim:
         for wid in sorted(plan.workers):
             self.by_task[self.workers[wid].var.ti].append(self.workers[wid])
         self.accuracy_of = {wid: self.variants[(a.task, a.variant)].acc for wid, a in plan.workers.items()}
-        self.mafs = MostAccurateFirstPolicy(self.accuracy_of)
+        self.mafs = MostAccurateFirstPolicy(self.accuracy_of, self.cfg.route_fill)
         self.compile_routes()
         for w in self.workers.values():
             if not w.busy:
                 self.start(w, now)
+
+    def switch(self, w: _Worker) -> None:
+        """A hot swap completes: the loaded variant takes over; what the old one had
+        queued still runs on it (drained first)."""
+        v, maxb = w.pending
+        w.pending = None
+        if w.queue.queued:
+            w.draining.append((w.queue, w.var, w.maxb, w.est))
+        w.var, w.maxb, w.queue, w.est = v, maxb, self.mkqueue(), v.estimator()
 
     def compile_routes(self) -> None:
         plan = self.plan
@@ -522,8 +549,11 @@ class _Sim:
                     self.on_batch(t, payload)
                 elif kind == SWAP:
                     w, gen = payload
-                    if gen == w.gen and not w.busy:
-                        self.start(w, t)
+                    if gen == w.gen:
+                        if w.pending is not None:
+                            self.switch(w)
+                        if not w.busy:
+                            self.start(w, t)
                 else:
                     self.tick(t, i)
                     if t + period < end:

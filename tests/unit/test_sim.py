@@ -8,7 +8,9 @@ from hypothesis import given, settings, strategies as st
 from services.common.batching import EdfQueue, GroupedEdfQueue
 from services.planner import load_profile, parse_profile
 from services.sim import SimConfig, make_policy, poisson_arrivals, simulate, trace_arrivals
+from services.common.plan import Allocation
 from services.sim.metrics import DROPPED, LATE, OK, SHED
+from services.sim.policies import Policy
 
 TRAFFIC = load_profile("profiles/traffic_analysis.json")
 
@@ -138,3 +140,39 @@ def test_effective_capacity_needs_every_lower_demand_within_the_limit():
     assert effective_capacity(rates, viol, 0.01) == 100
     assert effective_capacity(rates, viol, 0.05) == 300
     assert effective_capacity(rates, [0.2] + viol[1:], 0.01) == 0.0
+
+
+class _SwitchAt(Policy):
+    """Variant ``first`` until ``at_s``, then ``then`` (one worker, batch 1)."""
+    name = "switch"
+
+    def __init__(self, profile, at_s, first="a", then="b"):
+        super().__init__(profile, 1)
+        self.at_s, self.first, self.then, self.current = at_s, first, then, None
+
+    def decide(self, obs):
+        want = self.first if obs.now < self.at_s else self.then
+        if want == self.current:
+            return None
+        self.current = want
+        return self._plan_from_allocs([Allocation("t", want, 1, 1)], {("t", want, 1): 1.0},
+                                      obs.current, obs.now, "test")
+
+
+def two_variants(load_s: float):
+    return parse_profile({"name": "two", "slo_ms": 500.0, "tasks": [{"name": "t", "variants": [
+        {"name": name, "accuracy": acc, "load_s": load_s,
+         "latency_ms": {"1": {"p50_ms": 10.0, "p95_ms": 10.0}}} for name, acc in (("a", 0.5), ("b", 0.9))]}]})
+
+
+def test_a_swap_within_a_task_keeps_serving_with_the_old_variant():
+    """As the worker does it (services/worker/core.py): while the new variant loads
+    (5 s here, far beyond the 500 ms SLO) the old one serves every arrival; then the
+    new one takes over."""
+    prof = two_variants(load_s=5.0)
+    arr = np.arange(0.05, 10.0, 0.1)                     # 10 req/s, well within capacity
+    r = simulate(prof, arr, _SwitchAt(prof, at_s=2.0), SimConfig(n_workers=1, seed=0, latency_jitter=False))
+    assert r.count(OK) == r.requests
+    before_ready = arr < 7.0 - 1e-9                      # plan at t=2 s + 5 s load
+    assert np.all(r.accuracy[before_ready] == 0.5)
+    assert np.all(r.accuracy[arr > 7.1] == 0.9)
