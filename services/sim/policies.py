@@ -71,14 +71,17 @@ _SOLVES: dict[tuple, PlanSolution] = {}
 
 
 def cached_solve(profile: PipelineProfile, demand: float, n_workers: int, method: str = "relaxed",
-                 min_accuracy: float | None = None, slo_ms: float | None = None) -> PlanSolution:
-    """``services.planner.solve`` without a previous plan (so the change cost is off
-    and solutions can be cached per rounded demand); assignment still keeps workers."""
-    key = (profile.name, id(profile), round(demand, 6), n_workers, method, min_accuracy, slo_ms)
+                 min_accuracy: float | None = None, slo_ms: float | None = None,
+                 previous: Plan | None = None) -> PlanSolution:
+    """``services.planner.solve``, cached per (rounded demand, previous plan's variant
+    counts): the solver reads only those counts of the previous plan (its change cost)."""
+    prev = tuple(sorted(Counter((a.task, a.variant) for a in previous.workers.values()).items())) \
+        if previous is not None else None
+    key = (profile.name, id(profile), round(demand, 6), n_workers, method, min_accuracy, slo_ms, prev)
     sol = _SOLVES.get(key)
     if sol is None:
         sol = solve(PlannerContext(profile, demand_qps=demand, n_workers=n_workers, method=method,
-                                   min_accuracy=min_accuracy, slo_ms=slo_ms))
+                                   min_accuracy=min_accuracy, slo_ms=slo_ms), previous)
         _SOLVES[key] = sol
     return sol
 
@@ -198,7 +201,7 @@ class OursPolicy(Policy):
             return None
         target = pp.target_demand(obs.root_qps)
         sol = cached_solve(self.profile, round_up(target), self.n_workers, self.method, self.min_accuracy,
-                           slo_ms=self.plan_slo_ms)
+                           slo_ms=self.plan_slo_ms, previous=obs.current)
         pp.planned_members = tuple(sorted((w.worker_id, w.task) for w in self.members))
         pp.planned_at = obs.now
         if not sol.ok:
