@@ -30,7 +30,9 @@ def test_modes_follow_demand(traffic):
     high = solve(PlannerContext(traffic, 5000.0, 18))
     assert (low.mode, mid.mode, high.mode) == ("hardware", "accuracy", "overload")
     assert low.expected_accuracy == pytest.approx(low.max_accuracy)
-    assert mid.served_qps == pytest.approx(400.0) and mid.expected_accuracy < low.expected_accuracy
+    # phases 2 and 3 hold the served rate to within EPS = 1e-6 of phase 1's (solver.py), so
+    # 400 * (1 - 1e-6) is a correct answer; pytest's default rel=1e-6 sat exactly on that edge
+    assert mid.served_qps >= 400.0 * (1 - 2e-6) and mid.expected_accuracy < low.expected_accuracy
     assert high.served_qps < 5000.0 and high.admission_rate_qps == pytest.approx(high.served_qps)
     assert low.admission_rate_qps is None
     for s in (low, mid, high):
