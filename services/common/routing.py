@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Hashable, Mapping, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 def most_accurate_first(weights: Mapping[str, float], accuracy: Mapping[str, float],
@@ -119,3 +121,23 @@ class MostAccurateFirstPolicy:
 
     def choose(self, weights: Mapping[str, float], u: float, load_ratio: float = 1.0) -> str:
         return self.table(weights, load_ratio).choose(u)
+
+
+def expected_finish_s(start_s: float, waiting: int, max_batch: int, batch_s: float) -> float:
+    """When a worker that can start at ``start_s`` has run ``waiting`` queries, in whole
+    batches of ``max_batch`` that take ``batch_s`` each."""
+    return start_s + -(-waiting // max(1, max_batch)) * batch_s
+
+
+def reroute_choice(chosen: K, finish_s: Mapping[K, float], deadline_s: float, reserve_s: float) -> K:
+    """Opportunistic rerouting (brief section 3): keep ``chosen`` unless it would finish the
+    queries after ``deadline_s - reserve_s`` (``reserve_s``: what the stages below still
+    need); then take the worker of the stage (any variant) that finishes them first, if
+    that one makes it. Otherwise keep ``chosen``, whose worker drops them early.
+    ``finish_s`` holds each candidate's expected finish (ties: the first listed wins);
+    a chosen worker with no estimate is kept."""
+    mine = finish_s.get(chosen)
+    if mine is None or mine + reserve_s <= deadline_s or not finish_s:
+        return chosen
+    best = min(finish_s, key=finish_s.__getitem__)
+    return best if finish_s[best] + reserve_s <= deadline_s else chosen

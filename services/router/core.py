@@ -4,6 +4,11 @@ most accurate workers take it first; at the planned rate exactly the plan's spli
 each worker its queries in one message, fan region outputs out to the child stages' routers
 (all crops of a variant group in one message), gather and return results.
 
+Opportunistic rerouting (child stages): the router counts the queries each worker has
+not answered yet and learns each worker's batch time from the replies; a group whose
+chosen worker would finish it too late for the deadline goes to the worker of the stage
+that finishes it first, if that one makes it (``reroute_choice``, the simulator's rule).
+
 Guarantees: ``route`` returns exactly one QueryResult per input query, in order; a
 failure of a worker or child router becomes an explicit status on the affected
 queries (UNAVAILABLE, DROPPED_DEADLINE, INTERNAL), never an exception or a hang: every
@@ -22,7 +27,7 @@ from services.common.batching import pick_weighted
 from services.common.errors import Unavailable
 from services.common.logging import get_logger
 from services.common.plan import ANY_PATH, Plan
-from services.common.routing import MostAccurateFirstPolicy
+from services.common.routing import MostAccurateFirstPolicy, expected_finish_s, reroute_choice
 from services.common.spec import PipelineSpec
 from services.gen import pipeserve_pb2 as pb
 
@@ -66,6 +71,9 @@ class RouterCore:
         self._child_ms: deque[float] = deque(maxlen=200)
         self._maf = MostAccurateFirstPolicy({})
         self._rates = PathRates(clock)
+        self.reroute = spec.parent_of(self.task.name) is not None   # child stages, as in the simulator
+        self._outstanding: dict[str, int] = {}   # worker id -> queries sent, not answered yet
+        self._batch_s: dict[str, float] = {}     # worker id -> moving average of its batch time
 
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
@@ -106,9 +114,14 @@ class RouterCore:
         planned = plan.planned_qps.get(self.task.name, {})
         self._rates.count(upstream_path if upstream_path in planned else ANY_PATH, len(queries))
         table = self._maf.table(weights, self.load_ratio(plan, upstream_path))
-        groups: dict[str, list[int]] = {}
+        chosen: dict[str, list[int]] = {}
         for i in range(len(queries)):
-            groups.setdefault(table.choose(self.rng.random()), []).append(i)
+            chosen.setdefault(table.choose(self.rng.random()), []).append(i)
+        groups: dict[str, list[int]] = {}
+        for wid, idx in chosen.items():
+            if self.reroute:
+                wid = self.reroute_target(plan, wid, len(idx), deadline_s)
+            groups.setdefault(wid, []).extend(idx)
         results: list[pb.QueryResult | None] = [None] * len(queries)
         await asyncio.gather(*[
             self._run_worker_group(plan, wid, [queries[i] for i in idx], idx, results, request_id,
@@ -119,6 +132,30 @@ class RouterCore:
         if self.task.children:
             await self._fan_out(final, request_id, deadline_s, upstream_path)
         return final
+
+    def reroute_target(self, plan: Plan, wid: str, n: int, deadline_s: float) -> str:
+        """``wid``, or the worker of this stage that finishes ``n`` more queries first if
+        ``wid`` would finish them too late (workers with no measured batch time yet are
+        not estimated: ``wid`` among them is kept)."""
+        now = self.clock()
+        finish: dict[str, float] = {}
+        for w in plan.workers_of(self.task.name):
+            lat = self._batch_s.get(w.worker_id)
+            if lat is not None:
+                finish[w.worker_id] = expected_finish_s(now, self._outstanding.get(w.worker_id, 0) + n,
+                                                        w.batch_size, lat)
+        target = reroute_choice(wid, finish, deadline_s, self.reserve_ms / 1000.0)
+        if target != wid:
+            log.info("rerouted", task=self.task.name, queries=n, frm=wid, to=target,
+                     late_by_ms=round((finish[wid] + self.reserve_ms / 1000.0 - deadline_s) * 1e3, 1))
+        return target
+
+    def _observe_batch(self, wid: str, results) -> None:
+        times = [r.service_ms for r in results if r.batch_size > 0 and r.service_ms > 0]
+        if times:
+            x = max(times) / 1000.0
+            prev = self._batch_s.get(wid)
+            self._batch_s[wid] = x if prev is None else prev + 0.3 * (x - prev)
 
     async def _run_worker_group(self, plan: Plan, wid: str, queries: list[pb.Query], idx: list[int],
                                 out: list, request_id: str, deadline_s: float,
@@ -135,11 +172,14 @@ class RouterCore:
             req = pb.InferBatchRequest(request_id=request_id, task=self.task.name, deadline_unix_s=deadline_s,
                                        downstream_reserve_ms=self.reserve_ms, plan_version=plan.version,
                                        queries=queries)
+            sent_to = wid
+            self._outstanding[sent_to] = self._outstanding.get(sent_to, 0) + len(queries)
             try:
                 resp = await self.workers.infer(w.address, req, remaining)
                 if len(resp.results) != len(queries):
                     raise CallFailed(pb.INTERNAL, f"worker {wid} returned {len(resp.results)} results "
                                                   f"for {len(queries)} queries")
+                self._observe_batch(wid, resp.results)
                 for r, i in zip(resp.results, idx):
                     out[i] = r
                 return
@@ -153,6 +193,8 @@ class RouterCore:
                 for q, i in zip(queries, idx):
                     out[i] = _fail(q.query_id, exc.status, exc.message, self.task.name)
                 return
+            finally:
+                self._outstanding[sent_to] -= len(queries)
 
     async def _fan_out(self, results: list[pb.QueryResult], request_id: str, deadline_s: float,
                        upstream_path: str) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 from services.common.admission import TokenBucket
 from services.common.batching import EdfQueue, GroupedEdfQueue, ServiceTimeEstimator
 from services.common.plan import ANY_PATH, Plan
-from services.common.routing import DEFAULT_FILL, MostAccurateFirstPolicy
+from services.common.routing import DEFAULT_FILL, MostAccurateFirstPolicy, reroute_choice
 from services.controller.demand import DemandEstimator
 from services.planner.profile import PipelineProfile
 from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
@@ -414,7 +414,7 @@ class _Sim:
     def _reroute(self, ti: int, w: _Worker, c: int, now: float, deadline: float) -> _Worker:
         """Opportunistic rerouting: a group that would be late goes to the worker of the
         same task (any variant) that finishes it first, if that one makes the deadline."""
-        best, best_t = w, math.inf
+        finish = {}
         for x in self.by_task[ti]:
             if not x.active:
                 continue
@@ -426,10 +426,10 @@ class _Sim:
             start = x.busy_until if x.busy_until > now else now
             if x.ready_at > start:
                 start = x.ready_at
-            t = start + -(-waiting // b) * x.var.p50[b]
-            if t < best_t:
-                best, best_t = x, t
-        return best if best_t + best.reserve <= deadline else w
+            finish[x] = start + -(-waiting // b) * x.var.p50[b]
+        if w not in finish:
+            finish[w] = w.expected_finish(now, c)
+        return reroute_choice(w, finish, deadline, w.reserve)
 
     def on_batch(self, now: float, payload) -> None:
         w, batch, v, size, dur, est = payload

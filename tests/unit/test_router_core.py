@@ -163,3 +163,42 @@ def test_most_accurate_first_below_the_planned_rate():
     drive(20.0, 10)
     at_plan = drive(20.0, 10)
     assert 0.35 < at_plan["a:1"] / 200 < 0.65        # the plan's 50/50 split
+
+
+class TimedRecWorkers:
+    """Recognisers that report a fixed batch time per address."""
+
+    def __init__(self, batch_ms):
+        self.batch_ms = batch_ms
+        self.calls = []
+
+    async def infer(self, address, request, timeout_s):
+        self.calls.append(address)
+        return pb.InferBatchResponse(results=[
+            pb.QueryResult(query_id=q.query_id, status=pb.OK, variant="r1", task="rec",
+                           service_ms=self.batch_ms[address], batch_size=len(request.queries))
+            for q in request.queries], plan_version=5)
+
+
+def test_a_child_stage_reroutes_a_group_its_worker_would_finish_too_late():
+    """rec-slow takes 2 s a batch, rec-fast 10 ms (learnt from replies). With 1 s left,
+    a group the weights send to rec-slow goes to rec-fast; with 10 s left it stays."""
+    now = [1000.0]
+    workers = TimedRecWorkers({"s:1": 2000.0, "f:1": 10.0})
+    core = RouterCore(SPEC, "rec", workers, FakeChildren(), rng=random.Random(0), clock=lambda: now[0])
+    assigned = {"rec-slow": WorkerAssignment("rec-slow", "s:1", "rec", "r1", 4),
+                "rec-fast": WorkerAssignment("rec-fast", "f:1", "rec", "r1", 4)}
+
+    def route_via(wid, deadline_in):
+        core.set_plan(Plan(5, "ocr", assigned, {"rec": {ANY_PATH: {wid: 1.0}}}))
+        workers.calls.clear()
+        res = asyncio.run(core.route("r", now[0] + deadline_in, [pb.Query(query_id="q", payload=b"c")], "d1"))
+        assert [r.status for r in res] == [pb.OK]
+        return workers.calls
+
+    assert route_via("rec-fast", 10.0) == ["f:1"]       # learn both batch times
+    assert route_via("rec-slow", 10.0) == ["s:1"]
+    assert route_via("rec-slow", 1.0) == ["f:1"]        # 2 s > 1 s left: rerouted
+    assert route_via("rec-slow", 10.0) == ["s:1"]       # on time: the plan's choice
+    det = RouterCore(SPEC, "det", FakeWorkers(regions=0), FakeChildren())
+    assert det.reroute is False                          # the root stage does not reroute

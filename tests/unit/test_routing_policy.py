@@ -79,3 +79,14 @@ def test_fill_caps_how_full_the_most_accurate_workers_get():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError):
             MostAccurateFirstPolicy(acc, fill=bad)
+
+
+def test_reroute_choice_keeps_an_on_time_worker_and_moves_a_late_group():
+    from services.common.routing import expected_finish_s, reroute_choice
+    assert expected_finish_s(10.0, 9, 4, 0.5) == pytest.approx(11.5)       # 3 batches of <= 4
+    assert expected_finish_s(10.0, 0, 4, 0.5) == 10.0
+    finish = {"slow": 12.0, "mid": 10.9, "fast": 10.5}
+    assert reroute_choice("slow", finish, deadline_s=13.0, reserve_s=0.5) == "slow"   # on time: stays
+    assert reroute_choice("slow", finish, deadline_s=11.2, reserve_s=0.5) == "fast"   # late: first finisher
+    assert reroute_choice("slow", finish, deadline_s=10.9, reserve_s=0.5) == "slow"   # nobody makes it
+    assert reroute_choice("new", finish, deadline_s=0.0, reserve_s=0.0) == "new"      # no estimate: stays
