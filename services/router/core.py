@@ -4,7 +4,7 @@ most accurate workers take it first; at the planned rate exactly the plan's spli
 each worker its queries in one message, fan region outputs out to the child stages' routers
 (all crops of a variant group in one message), gather and return results.
 
-Opportunistic rerouting (child stages): the router counts the queries each worker has
+Opportunistic rerouting: the router counts the queries each worker has
 not answered yet and learns each worker's batch time from the replies; a group whose
 chosen worker would finish it too late for the deadline goes to the worker of the stage
 that finishes it first, if that one makes it (``reroute_choice``, the simulator's rule).
@@ -71,7 +71,7 @@ class RouterCore:
         self._child_ms: deque[float] = deque(maxlen=200)
         self._maf = MostAccurateFirstPolicy({})
         self._rates = PathRates(clock)
-        self.reroute = spec.parent_of(self.task.name) is not None   # child stages, as in the simulator
+        self.reroute = True      # opportunistic rerouting (reroute_target), as in the simulator
         self._outstanding: dict[str, int] = {}   # worker id -> queries sent, not answered yet
         self._batch_s: dict[str, float] = {}     # worker id -> moving average of its batch time
 

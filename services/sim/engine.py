@@ -405,7 +405,7 @@ class _Sim:
         deadline = self.deadline[r]
         item = (r, path)
         for w, c in groups.items():
-            if ti and self.policy.reroute and w.expected_finish(now, c) + w.reserve > deadline:
+            if self.policy.reroute and w.expected_finish(now, c) + w.reserve > deadline:
                 w = self._reroute(ti, w, c, now, deadline)
             w.queue.push(item, deadline, w.reserve, c)
             if not w.busy:
