@@ -8,8 +8,9 @@ whose time constant is ``tau_s`` (seconds, not samples: the loop period may vary
 while the windowed rate is below the estimate and ``tau_up_s`` while it is above: a
 rise is followed faster than a fall, because too little capacity costs SLO misses at
 once and too much only accuracy or workers. (Measured in the simulator on the
-traffic-analysis comparison traces, 1 s vs 3 s up: 5.1 % vs 6.3 % violations at high
-load, 2.7 % vs 4.2 % at low load, about 0.3 more active workers; see docs/results.)
+traffic-analysis comparison traces, before rerouting at the first stage, 1 s vs 3 s
+up: 5.1 % vs 6.3 % violations at high load, 2.7 % vs 4.2 % at low load, about 0.3 more
+active workers; docs/simulator.md, Known limits.)
 With ``tau_up_s == tau_s`` the average is symmetric and a steady demand is estimated
 without bias; with a faster rise, a noisy steady demand is slightly overestimated.
 """
