@@ -203,10 +203,12 @@ def figures(outdir: Path, traces: dict, sweeps: dict) -> list[str]:
                 continue
             b = results[p].binned(5.0)
             if p == "ours":
-                ax[0].plot(b["t"], b["demand"], color="k", lw=1)
+                ax[0].plot(b["t"], b["demand"], color="k", lw=1, label="demand")
+            ax[0].plot(b["t"], b["goodput"], lw=0.8, label=f"{p} goodput")
             ax[1].plot(b["t"], b["accuracy"], lw=1, label=p)
             ax[2].plot(b["t"], b["violations"], lw=1, label=p)
-        ax[0].set_ylabel("demand (req/s)")
+        ax[0].set_ylabel("req/s")
+        ax[0].legend(fontsize=6, ncol=3)
         ax[1].set_ylabel("eff. accuracy")
         ax[2].set_ylabel("violation ratio")
         ax[2].set_xlabel("time (s)")
