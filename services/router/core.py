@@ -4,10 +4,11 @@ most accurate workers take it first; at the planned rate exactly the plan's spli
 each worker its queries in one message, fan region outputs out to the child stages' routers
 (all crops of a variant group in one message), gather and return results.
 
-Opportunistic rerouting: the router counts the queries each worker has
-not answered yet and learns each worker's batch time from the replies; a group whose
-chosen worker would finish it too late for the deadline goes to the worker of the stage
-that finishes it first, if that one makes it (``reroute_choice``, the simulator's rule).
+Opportunistic rerouting: the router counts the queries each worker has not answered yet
+and learns each worker's batch time from the replies; a group whose chosen worker would
+leave it less than ``REROUTE_SLACK`` of the SLO as slack goes to the worker of the stage
+that finishes it first, if that one makes the deadline (``reroute_choice``, the
+simulator's rule).
 
 Guarantees: ``route`` returns exactly one QueryResult per input query, in order; a
 failure of a worker or child router becomes an explicit status on the affected
@@ -27,7 +28,7 @@ from services.common.batching import pick_weighted
 from services.common.errors import Unavailable
 from services.common.logging import get_logger
 from services.common.plan import ANY_PATH, Plan
-from services.common.routing import MostAccurateFirstPolicy, expected_finish_s, reroute_choice
+from services.common.routing import REROUTE_SLACK, MostAccurateFirstPolicy, expected_finish_s, reroute_choice
 from services.common.spec import PipelineSpec
 from services.gen import pipeserve_pb2 as pb
 
@@ -135,7 +136,7 @@ class RouterCore:
 
     def reroute_target(self, plan: Plan, wid: str, n: int, deadline_s: float) -> str:
         """``wid``, or the worker of this stage that finishes ``n`` more queries first if
-        ``wid`` would finish them too late (workers with no measured batch time yet are
+        ``wid`` would leave them too little slack (workers with no measured batch time yet are
         not estimated: ``wid`` among them is kept)."""
         now = self.clock()
         finish: dict[str, float] = {}
@@ -144,10 +145,11 @@ class RouterCore:
             if lat is not None:
                 finish[w.worker_id] = expected_finish_s(now, self._outstanding.get(w.worker_id, 0) + n,
                                                         w.batch_size, lat)
-        target = reroute_choice(wid, finish, deadline_s, self.reserve_ms / 1000.0)
+        target = reroute_choice(wid, finish, deadline_s, self.reserve_ms / 1000.0,
+                                REROUTE_SLACK * self.spec.slo_ms / 1000.0)
         if target != wid:
             log.info("rerouted", task=self.task.name, queries=n, frm=wid, to=target,
-                     late_by_ms=round((finish[wid] + self.reserve_ms / 1000.0 - deadline_s) * 1e3, 1))
+                     slack_ms=round((deadline_s - finish[wid] - self.reserve_ms / 1000.0) * 1e3, 1))
         return target
 
     def _observe_batch(self, wid: str, results) -> None:

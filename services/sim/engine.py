@@ -34,7 +34,7 @@ import numpy as np
 from services.common.admission import TokenBucket
 from services.common.batching import EdfQueue, GroupedEdfQueue, ServiceTimeEstimator
 from services.common.plan import ANY_PATH, Plan
-from services.common.routing import DEFAULT_FILL, MostAccurateFirstPolicy, reroute_choice
+from services.common.routing import DEFAULT_FILL, REROUTE_SLACK, MostAccurateFirstPolicy, reroute_choice
 from services.controller.demand import DemandEstimator
 from services.planner.profile import PipelineProfile
 from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
@@ -156,6 +156,7 @@ class _Sim:
             raise ValueError(f"queue must be 'fast' or 'reference', got {cfg.queue!r}")
         self.profile, self.arr, self.policy, self.cfg = profile, arrivals, policy, cfg
         self.slo = (cfg.slo_ms if cfg.slo_ms is not None else profile.slo_ms) / 1000.0
+        self.reroute_slack = REROUTE_SLACK * self.slo
         self.tasks = [t.name for t in profile.tasks]
         tix = {t: i for i, t in enumerate(self.tasks)}
         self.chains = [tuple(tix[t] for t in c) for c in profile.chains()]
@@ -405,15 +406,16 @@ class _Sim:
         deadline = self.deadline[r]
         item = (r, path)
         for w, c in groups.items():
-            if self.policy.reroute and w.expected_finish(now, c) + w.reserve > deadline:
+            if self.policy.reroute and w.expected_finish(now, c) + w.reserve + self.reroute_slack > deadline:
                 w = self._reroute(ti, w, c, now, deadline)
             w.queue.push(item, deadline, w.reserve, c)
             if not w.busy:
                 self.start(w, now)
 
     def _reroute(self, ti: int, w: _Worker, c: int, now: float, deadline: float) -> _Worker:
-        """Opportunistic rerouting: a group that would be late goes to the worker of the
-        same task (any variant) that finishes it first, if that one makes the deadline."""
+        """Opportunistic rerouting: a group that would leave less than ``REROUTE_SLACK`` of
+        the SLO as slack goes to the worker of the same task (any variant) that finishes it
+        first, if that one makes the deadline."""
         finish = {}
         for x in self.by_task[ti]:
             if not x.active:
@@ -429,7 +431,7 @@ class _Sim:
             finish[x] = start + -(-waiting // b) * x.var.p50[b]
         if w not in finish:
             finish[w] = w.expected_finish(now, c)
-        return reroute_choice(w, finish, deadline, w.reserve)
+        return reroute_choice(w, finish, deadline, w.reserve, self.reroute_slack)
 
     def on_batch(self, now: float, payload) -> None:
         w, batch, v, size, dur, est = payload

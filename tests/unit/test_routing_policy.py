@@ -90,3 +90,13 @@ def test_reroute_choice_keeps_an_on_time_worker_and_moves_a_late_group():
     assert reroute_choice("slow", finish, deadline_s=11.2, reserve_s=0.5) == "fast"   # late: first finisher
     assert reroute_choice("slow", finish, deadline_s=10.9, reserve_s=0.5) == "slow"   # nobody makes it
     assert reroute_choice("new", finish, deadline_s=0.0, reserve_s=0.0) == "new"      # no estimate: stays
+
+
+def test_reroute_choice_moves_a_group_left_with_too_little_slack():
+    from services.common.routing import reroute_choice
+    finish = {"slow": 10.8, "fast": 10.2}
+    # slow makes the deadline (11.0) but with 0.2 s to spare, less than the 0.5 s slack asked
+    assert reroute_choice("slow", finish, deadline_s=11.0, reserve_s=0.0, slack_s=0.5) == "fast"
+    assert reroute_choice("slow", finish, deadline_s=11.0, reserve_s=0.0, slack_s=0.1) == "slow"
+    # fast misses the slack too, but makes the deadline: still the better bet
+    assert reroute_choice("slow", finish, deadline_s=10.5, reserve_s=0.0, slack_s=0.5) == "fast"
