@@ -30,7 +30,7 @@ class PlannerPolicy:
     method: str = "relaxed"
     # Plan for this multiple of the estimated demand. 2.0, not 1.25: demand jumps within a
     # second, faster than a re-plan and a model load; in the simulator (docs/results, the
-    # headroom table) 1.25 / 2.0 / 3.0 give 11.3 / 1.9 / 0.2 % violations on the low-load
+    # headroom table) 1.25 / 2.0 / 3.0 give 9.5 / 1.1 / 0.05 % violations on the low-load
     # traffic-analysis trace, for 6.7 / 9.2 / 11.9 active workers off-peak.
     headroom: float = 2.0
     min_demand_qps: float = 0.5     # plan for at least this (a cold start is not zero load)
