@@ -139,17 +139,21 @@ class RouterCore:
         ``wid`` would leave them too little slack (workers with no measured batch time yet are
         not estimated: ``wid`` among them is kept)."""
         now = self.clock()
+        reserve_s, slack_s = self.reserve_ms / 1000.0, REROUTE_SLACK * self.spec.slo_ms / 1000.0
+        lat, mine = self._batch_s.get(wid), plan.workers.get(wid)
+        if lat is None or mine is None or expected_finish_s(
+                now, self._outstanding.get(wid, 0) + n, mine.batch_size, lat) + reserve_s + slack_s <= deadline_s:
+            return wid                     # the common case: no need to look at the others
         finish: dict[str, float] = {}
         for w in plan.workers_of(self.task.name):
             lat = self._batch_s.get(w.worker_id)
             if lat is not None:
                 finish[w.worker_id] = expected_finish_s(now, self._outstanding.get(w.worker_id, 0) + n,
                                                         w.batch_size, lat)
-        target = reroute_choice(wid, finish, deadline_s, self.reserve_ms / 1000.0,
-                                REROUTE_SLACK * self.spec.slo_ms / 1000.0)
+        target = reroute_choice(wid, finish, deadline_s, reserve_s, slack_s)
         if target != wid:
             log.info("rerouted", task=self.task.name, queries=n, frm=wid, to=target,
-                     slack_ms=round((deadline_s - finish[wid] - self.reserve_ms / 1000.0) * 1e3, 1))
+                     slack_ms=round((deadline_s - finish[wid] - reserve_s) * 1e3, 1))
         return target
 
     def _observe_batch(self, wid: str, results) -> None:
