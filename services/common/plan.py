@@ -9,7 +9,7 @@ Routing: ``routing[task][upstream_path][worker_id] = weight``. ``upstream_path``
 task); the key ``"*"`` matches any upstream path. Weights of one entry sum to 1.
 
 Planner-made plans also carry what MostAccurateFirst routing needs
-(``services/common/routing.py``): ``planned_qps[task][upstream_path]`` (the query rate
+(``services/policy/routing.py``): ``planned_qps[task][upstream_path]`` (the query rate
 the plan was made for) and ``worker_accuracy[worker_id]`` (its variant's accuracy).
 Without them (operator plans) routers follow the weights as they are.
 """

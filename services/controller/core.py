@@ -19,7 +19,7 @@ from services.common.logging import get_logger
 from services.common.plan import (Allocation, Plan, assign_workers, load_plan_file, parse_plan_file,
                                   uniform_routing, validate_plan)
 from services.common.spec import PipelineSpec
-from services.controller.planning import PlannerPolicy
+from services.policy.planning import PlannerPolicy
 from services.controller.registry import WorkerRegistry
 
 log = get_logger(__name__)

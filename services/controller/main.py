@@ -17,8 +17,8 @@ from services.common.plan_channel import PlanPublisher, connect, frontdoor_patte
 from services.common.redis_server import RedisServer
 from services.common.spec import load_spec
 from services.controller.core import ControllerCore
-from services.controller.demand import DemandEstimator
-from services.controller.planning import PlannerPolicy
+from services.policy.demand import DemandEstimator
+from services.policy.planning import PlannerPolicy
 from services.controller.registry import WorkerRegistry
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc

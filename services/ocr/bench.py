@@ -67,7 +67,7 @@ def load_stage(spec, name: str, models: Path, threads: int) -> Stage:
 
 def detection_cer(detected, texts: list[str], page) -> float:
     """Page CER of one detector result (``ItemResult``) read by a recogniser as ``texts``
-    (one per region, in order). Shared with the profiler (services/planner/profiler.py)."""
+    (one per region, in order). Shared with the profiler (services/tools/profiler.py)."""
     if len(texts) != len(detected.regions):
         raise ValueError(f"{len(texts)} texts for {len(detected.regions)} regions")
     return page_cer([(t, r.points) for t, r in zip(texts, detected.regions)], page.lines)

@@ -1,5 +1,5 @@
 """The router core for one stage: choose workers by the plan's routing weights with
-MostAccurateFirst (``services/common/routing.py``: below the planned rate of a path the
+MostAccurateFirst (``services/policy/routing.py``: below the planned rate of a path the
 most accurate workers take it first; at the planned rate exactly the plan's split), send
 each worker its queries in one message, fan region outputs out to the child stages' routers
 (all crops of a variant group in one message), gather and return results.
@@ -24,11 +24,11 @@ import time
 from collections import deque
 from typing import Callable, Protocol
 
-from services.common.batching import pick_weighted
+from services.policy.batching import pick_weighted
 from services.common.errors import Unavailable
 from services.common.logging import get_logger
 from services.common.plan import ANY_PATH, Plan
-from services.common.routing import REROUTE_SLACK, MostAccurateFirstPolicy, expected_finish_s, reroute_choice
+from services.policy.routing import REROUTE_SLACK, MostAccurateFirstPolicy, expected_finish_s, reroute_choice
 from services.common.spec import PipelineSpec
 from services.gen import pipeserve_pb2 as pb
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
-from services.common.admission import TokenBucket
+from services.policy.admission import TokenBucket
 from services.common.errors import SpecError
 from services.common.grpc_utils import bind, make_server
 from services.common.logging import configure_logging, get_logger

@@ -8,7 +8,7 @@ import uuid
 import structlog
 
 from services.common import oip
-from services.common.admission import TokenBucket
+from services.policy.admission import TokenBucket
 from services.common.errors import (DeadlineMissed, InvalidInput, NotFound, ServingError, Shed,
                                     Unavailable)
 from services.common.grpc_utils import map_errors

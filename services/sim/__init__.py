@@ -2,9 +2,9 @@
 
 It runs the project's own policy code - the planner (``services.planner``), the demand
 estimator and re-planning rule of the controller (``services.controller``), the
-MostAccurateFirst routing policy (``services.common.routing``), the EDF batching rule
-with early dropping (``services.common.batching``) and admission control
-(``services.common.admission``) - with a simulated clock and an instantaneous transport.
+MostAccurateFirst routing policy (``services.policy.routing``), the EDF batching rule
+with early dropping (``services.policy.batching``) and admission control
+(``services.policy.admission``) - with a simulated clock and an instantaneous transport.
 
     from services.sim import SimConfig, simulate, make_policy, poisson_arrivals
     res = simulate(profile, arrivals_s, make_policy("ours", profile), SimConfig(n_workers=20))

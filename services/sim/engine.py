@@ -8,7 +8,7 @@ control tick; queries travel as groups (the sub-queries of one request that a ro
 sends to one worker in one message), counted one by one by the batching rule.
 
 What runs here is the services' policy code: ``GroupedEdfQueue.take_batch`` (the
-batching rule and early dropping of ``services.common.batching``; ``queue="reference"``
+batching rule and early dropping of ``services.policy.batching``; ``queue="reference"``
 runs ``EdfQueue.take_batch`` itself), ``ServiceTimeEstimator`` (each worker's estimate
 of batch time, seeded with the profile's p50), ``TokenBucket`` admission,
 ``DemandEstimator`` (the controller's demand EWMA), MostAccurateFirst routing and the
@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.admission import TokenBucket
-from services.common.batching import EdfQueue, GroupedEdfQueue, ServiceTimeEstimator
+from services.policy.admission import TokenBucket
+from services.policy.batching import EdfQueue, GroupedEdfQueue, ServiceTimeEstimator
 from services.common.plan import ANY_PATH, Plan
-from services.common.routing import (DEFAULT_FILL, REROUTE_SLACK, MostAccurateFirstPolicy, expected_finish_s,
+from services.policy.routing import (DEFAULT_FILL, REROUTE_SLACK, MostAccurateFirstPolicy, expected_finish_s,
                                      reroute_choice)
-from services.controller.demand import DemandEstimator
+from services.policy.demand import DemandEstimator
 from services.planner.profile import PipelineProfile
 from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
 from services.sim.policies import Decision, Observation, Policy, worker_ids
@@ -194,7 +194,7 @@ class _Sim:
         self.route_obs: dict = {}       # (ti, path) -> queries routed this period
         self.route_rate: dict = {}      # (ti, path) -> EWMA q/s
         self.task_count = [0] * nt
-        # the controller's estimator with its defaults (services/controller/demand.py)
+        # the controller's estimator with its defaults (services/policy/demand.py)
         self.root_est = DemandEstimator()
         self.task_est = [DemandEstimator() for _ in range(nt)]
         self.mafs = MostAccurateFirstPolicy({}, cfg.route_fill)

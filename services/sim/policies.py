@@ -11,7 +11,7 @@ where they are), and ``services.common.plan.assign_workers`` which variant it ru
 What each policy models (docs/simulator.md has the longer story):
 
 * ``ours``: the controller's planner mode: demand estimate x headroom, re-plan when it
-  moves by more than 15 % (``services.controller.planning.PlannerPolicy``), joint
+  moves by more than 15 % (``services.policy.planning.PlannerPolicy``), joint
   pipeline planner (relaxed LP + repair), admission at the planned served rate in
   overload, MostAccurateFirst routing, early dropping, opportunistic rerouting.
   Ablations: ``ours-exact`` (exact MILP), ``ours-no-drop``, ``ours-no-reroute``.
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from services.common.plan import ANY_PATH, Allocation, Plan, RegisteredWorker, assign_workers
-from services.controller.planning import PlannerPolicy
+from services.policy.planning import PlannerPolicy
 from services.planner import PlannerContext, plan_from_solution, solve
 from services.planner.assign import _bucket_rates
 from services.planner.profile import PipelineProfile, TaskProfile

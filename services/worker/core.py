@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from services.common.batching import EdfQueue, ServiceTimeEstimator
+from services.policy.batching import EdfQueue, ServiceTimeEstimator
 from services.common.errors import InvalidInput, Unavailable
 from services.common.logging import get_logger
 from services.common.onnx import create_session

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from services.cluster import ClusterConfig, LocalCluster
+from services.tools.cluster import ClusterConfig, LocalCluster
 from services.common import oip
 from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2 as pb

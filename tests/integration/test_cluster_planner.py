@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from services.cluster import ClusterConfig, LocalCluster
+from services.tools.cluster import ClusterConfig, LocalCluster
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.loadgen.runner import LoadConfig, LoadPage, run_load

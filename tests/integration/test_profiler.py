@@ -16,7 +16,7 @@ from services.common.spec import PipelineSpec, TaskSpec, VariantSpec
 from services.ocr.pages import load_pages, write_pages
 from services.planner.model import dominated_variants
 from services.planner.profile import load_profile, parse_profile, profile_to_dict
-from services.planner.profiler import ProfilerConfig, build_profile, factorise, latency_point, run
+from services.tools.profiler import ProfilerConfig, build_profile, factorise, latency_point, run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS, SPEC = ROOT / "models", ROOT / "pipelines" / "ocr.yaml"

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from services.common.admission import TokenBucket
-from services.common.batching import EdfQueue, ServiceTimeEstimator, pick_weighted
+from services.policy.admission import TokenBucket
+from services.policy.batching import EdfQueue, ServiceTimeEstimator, pick_weighted
 
 
 def linear(per_item_s):

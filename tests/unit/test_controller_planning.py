@@ -9,8 +9,8 @@ import pytest
 from services.common.plan import RegisteredWorker, validate_plan
 from services.common.spec import load_spec
 from services.controller.core import ControllerCore
-from services.controller.demand import DemandEstimator
-from services.controller.planning import PlannerPolicy
+from services.policy.demand import DemandEstimator
+from services.policy.planning import PlannerPolicy
 from services.controller.registry import WorkerRegistry
 from services.planner import parse_profile
 

@@ -3,7 +3,7 @@ the rest down the accuracy ladder."""
 import pytest
 from hypothesis import given, strategies as st
 
-from services.common.routing import MostAccurateFirstPolicy, RouteTable, most_accurate_first
+from services.policy.routing import MostAccurateFirstPolicy, RouteTable, most_accurate_first
 
 W = {"hi": 0.25, "mid": 0.25, "lo": 0.5}
 ACC = {"hi": 0.99, "mid": 0.9, "lo": 0.6}
@@ -82,7 +82,7 @@ def test_fill_caps_how_full_the_most_accurate_workers_get():
 
 
 def test_reroute_choice_keeps_an_on_time_worker_and_moves_a_late_group():
-    from services.common.routing import expected_finish_s, reroute_choice
+    from services.policy.routing import expected_finish_s, reroute_choice
     assert expected_finish_s(10.0, 9, 4, 0.5) == pytest.approx(11.5)       # 3 batches of <= 4
     assert expected_finish_s(10.0, 0, 4, 0.5) == 10.0
     finish = {"slow": 12.0, "mid": 10.9, "fast": 10.5}
@@ -93,7 +93,7 @@ def test_reroute_choice_keeps_an_on_time_worker_and_moves_a_late_group():
 
 
 def test_reroute_choice_moves_a_group_left_with_too_little_slack():
-    from services.common.routing import reroute_choice
+    from services.policy.routing import reroute_choice
     finish = {"slow": 10.8, "fast": 10.2}
     # slow makes the deadline (11.0) but with 0.2 s to spare, less than the 0.5 s slack asked
     assert reroute_choice("slow", finish, deadline_s=11.0, reserve_s=0.0, slack_s=0.5) == "fast"

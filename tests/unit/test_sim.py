@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from services.common.batching import EdfQueue, GroupedEdfQueue
+from services.policy.batching import EdfQueue, GroupedEdfQueue
 from services.planner import load_profile, parse_profile
 from services.sim import SimConfig, make_policy, poisson_arrivals, simulate, trace_arrivals
 from services.common.plan import Allocation

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.cluster import ClusterConfig, LocalCluster
+from services.tools.cluster import ClusterConfig, LocalCluster
 from services.loadgen.report import format_report
 from services.loadgen.runner import LoadConfig, default_cer_fn, load_page_set, run_load
 
