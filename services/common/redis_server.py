@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 
 def find_redis_server() -> str:
@@ -42,23 +43,59 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
-    """A child ``redis-server`` process. Use as a context manager or call ``stop()``."""
+def _resp(*words: bytes) -> bytes:
+    """One Redis command in the wire protocol (binary-safe arguments)."""
+    return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+
+class RedisServer:
+    """A child ``redis-server`` process. Use as a context manager or call ``stop()``.
+
+    With ``password`` the server requires it (``requirepass``, given in a private config
+    file, not on the command line) and :attr:`url` carries it."""
+
+    def __init__(self, port: int | None = None, binary: str | None = None,
+                 password: str | None = None) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
+        self.password = password or None
         self._dir = tempfile.mkdtemp(prefix="pipeserve-redis-")
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _config_file(self) -> list[str]:
+        """``[path]`` of a config file (mode 0600) holding ``requirepass``, or ``[]``."""
+        if not self.password:
+            return []
+        path = Path(self._dir) / "redis.conf"
+        escaped = "".join(f"\\x{b:02x}" for b in self.password.encode())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{escaped}"\n')
+        return [str(path)]
+
+    def _answers_ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            if self.password:
+                s.sendall(_resp(b"AUTH", self.password.encode()) + _resp(b"PING"))
+            else:
+                s.sendall(b"PING\r\n")
+            buf = b""
+            while b"\r\n" not in buf or (self.password and buf.count(b"\r\n") < 2):
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf.rstrip().endswith(b"+PONG")
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning"],
+            [self.binary, *self._config_file(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         atexit.register(self.stop)
@@ -68,10 +105,8 @@ class RedisServer:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err.strip()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
+                if self._answers_ping():
+                    return self
             except OSError:
                 pass
             time.sleep(0.05)
@@ -100,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="pipeserve-redis",
         description="Run the project's embedded Redis server in the foreground (Ctrl-C stops it).")
     p.add_argument("--port", type=int, default=0, help="port to listen on (default: a free port)")
+    p.add_argument("--password", default=os.environ.get("PIPESERVE_REDIS_PASSWORD") or None,
+                   help="require this password (requirepass); the printed REDIS_URL carries it "
+                        "(default $PIPESERVE_REDIS_PASSWORD, which keeps it off the command line)")
     args = p.parse_args(argv)
-    server = RedisServer(port=args.port or None).start()
+    server = RedisServer(port=args.port or None, password=args.password).start()
     print(f"REDIS_URL={server.url}", flush=True)
     stop = False
 

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from services.common.grpc_utils import TlsError, add_tls_arguments, tls_from_args
 from services.loadgen.report import LoadReport, format_report
 from services.loadgen.runner import LoadConfig, run_load
 
@@ -38,6 +39,8 @@ examples:
   pipeserve-loadgen --target localhost:8001 --pages data/eval \\
       --trace traces/twitter_medium_normal.txt --time-scale 0.2 --rate-scale 0.05 \\
       --json runs/trace.json
+  pipeserve-loadgen --target 127.0.0.1:8001 --pages data/eval --rate 5 --duration 30 \\
+      --tls-ca certs/ca.pem --tls-cert certs/client.pem --tls-key certs/client.key   # mutual TLS
 
 exit status: 0 when the run completed (whatever the violation ratio), 2 on bad arguments,
 1 when the run could not start (e.g. missing pages).
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the report as JSON to FILE")
     out.add_argument("--quiet", action="store_true",
                      help="no progress bar (it is also off when stderr is not a terminal)")
+    add_tls_arguments(p, client_only=True)
     return p
 
 
@@ -124,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         use_trace_deadlines=args.use_trace_deadlines, seed=args.seed,
         slo_ms=args.slo_ms, timeout_ms=args.timeout_ms,
         send_timeout_param=args.send_timeout_param, max_in_flight=args.max_in_flight,
-        progress=not args.quiet)
+        progress=not args.quiet,
+        tls=tls_from_args(args) if hasattr(args, "tls_ca") else None)
 
 
 def write_json(report: LoadReport, path: Path) -> None:
@@ -137,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rate is not None and args.duration is None:
         parser.error("--rate needs --duration")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except TlsError as exc:
+        print(f"pipeserve-loadgen: error: {exc}", file=sys.stderr)
+        return 2
     try:
         config.validate()
         report = asyncio.run(run_load(config))

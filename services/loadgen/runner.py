@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import grpc
 
 from services.common import oip
-from services.common.grpc_utils import make_channel
+from services.common.grpc_utils import TlsConfig, make_channel, tls_mode
 from services.gen import inference_pb2_grpc
 from services.loadgen import report as rep
 from services.loadgen.schedule import Arrival, poisson_schedule, read_trace, trace_schedule
@@ -56,6 +56,7 @@ class LoadConfig:
     send_timeout_param: bool = False
     max_in_flight: int = 10_000
     progress: bool = True
+    tls: TlsConfig | None = None   # None: plaintext; a client cert in it for mutual TLS
 
     @property
     def effective_timeout_ms(self) -> float:
@@ -163,7 +164,7 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
     in_flight = 0
     max_lag = 0.0
     bar = _progress(config, len(schedule))
-    channel = make_channel(config.target)
+    channel = make_channel(config.target, tls=config.tls)
     stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
 
     def finish(result: rep.RequestResult) -> None:
@@ -269,6 +270,7 @@ def _with_cer(results: dict[int, rep.RequestResult], pendings: dict[int, _Pendin
 
 def _config_dict(config: LoadConfig, scheduled: int) -> dict:
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    d["tls"] = tls_mode(config.tls)   # "off", "tls" or "mtls"; not the key's path
     d["scheduled"] = scheduled
     d["effective_timeout_ms"] = config.effective_timeout_ms
     return d

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.grpc_utils import make_channel
+from services.common.grpc_utils import TlsConfig, make_channel
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.router.core import CallFailed
@@ -12,7 +12,9 @@ from services.router.core import CallFailed
 _CODE_TO_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: pb.DROPPED_DEADLINE,
     grpc.StatusCode.UNAVAILABLE: pb.UNAVAILABLE,
-    grpc.StatusCode.INVALID_ARGUMENT: pb.INVALID,
+    # A whole call refused as INVALID_ARGUMENT means this router built a bad message: its
+    # fault, not the client's (a client's bad payload comes back as an INVALID query result).
+    grpc.StatusCode.INVALID_ARGUMENT: pb.INTERNAL,
     grpc.StatusCode.RESOURCE_EXHAUSTED: pb.SHED,
     grpc.StatusCode.CANCELLED: pb.UNAVAILABLE,
 }
@@ -26,13 +28,14 @@ def _failed(exc: grpc.aio.AioRpcError, who: str) -> CallFailed:
 class WorkerClient:
     """Channels to workers, opened on first use and closed when they leave the plan."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsConfig | None = None) -> None:
+        self.tls = tls   # None: plaintext
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
 
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
         entry = self._stubs.get(address)
         if entry is None:
-            channel = make_channel(address)
+            channel = make_channel(address, tls=self.tls)
             entry = (channel, pb_grpc.WorkerStub(channel))
             self._stubs[address] = entry
         return entry[1]
@@ -54,8 +57,9 @@ class WorkerClient:
 
 
 class ChildRouterClient:
-    def __init__(self, children: dict[str, str]) -> None:
+    def __init__(self, children: dict[str, str], tls: TlsConfig | None = None) -> None:
         self.addresses = dict(children)
+        self.tls = tls   # None: plaintext
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.RouterStub]] = {}
 
     async def route(self, task: str, request: pb.RouteRequest, timeout_s: float) -> pb.RouteResponse:
@@ -63,7 +67,7 @@ class ChildRouterClient:
             raise CallFailed(pb.INTERNAL, f"no router address configured for child task {task!r}")
         entry = self._stubs.get(task)
         if entry is None:
-            channel = make_channel(self.addresses[task])
+            channel = make_channel(self.addresses[task], tls=self.tls)
             entry = (channel, pb_grpc.RouterStub(channel))
             self._stubs[task] = entry
         try:

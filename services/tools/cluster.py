@@ -4,6 +4,11 @@ router being the OIP front door. Used by ``pipeserve-demo`` and the integration 
 
 Every process logs to ``<log_dir>/<name>.log``. ``stop()`` sends SIGTERM (graceful:
 servers drain in-flight calls), then kills what is left after a grace period.
+
+With ``ClusterConfig.tls`` every process serves and calls over TLS (mutual TLS with
+``require_client_cert``), and so do the launcher's own readiness checks. The Redis URL
+(which may carry a password) reaches the processes in their ``REDIS_URL`` environment,
+not on their command lines.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common.grpc_utils import TlsConfig, make_sync_channel
 from services.common.redis_server import RedisServer, free_port
 from services.common.spec import PipelineSpec, load_spec
 from services.gen import inference_pb2 as ipb
@@ -36,6 +42,8 @@ class ClusterConfig:
     redis_url: str | None = None
     json_logs: bool = False
     heartbeat_timeout_s: float = 5.0
+    tls: TlsConfig | None = None          # TLS (and mTLS) for every service and the checks
+    redis_password: str | None = None     # the embedded Redis requires it (with redis_url unset)
 
 
 @dataclass
@@ -61,7 +69,10 @@ class LocalCluster:
     def _spawn(self, name: str, module: str, args: list[str], address: str = "") -> Proc:
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.cfg.log_dir / f"{name}.log"
-        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPESERVE_TLS")}
+        env.update(REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")   # the URL stays off argv
+        if self.cfg.tls is not None:
+            args = [*args, *self.cfg.tls.to_args()]
         if self.cfg.json_logs:
             env["PIPESERVE_LOG_JSON"] = "1"
         with open(log_path, "ab") as log:
@@ -76,12 +87,12 @@ class LocalCluster:
         wid = f"{task}-{index}"
         return self._spawn(f"worker-{wid}", "services.worker.main", [
             "--spec", str(self.cfg.spec), "--task", task, "--worker-id", wid, "--port", str(port),
-            "--controller", self.controller_address, "--redis-url", self.redis_url,
+            "--controller", self.controller_address,
             "--models", str(self.cfg.models)], address=f"127.0.0.1:{port}")
 
     def start(self, ready_timeout_s: float = 120.0) -> "LocalCluster":
         if not self.redis_url:
-            self.redis = RedisServer().start()
+            self.redis = RedisServer(password=self.cfg.redis_password).start()
             self.redis_url = self.redis.url
         cport = free_port()
         self.controller_address = f"127.0.0.1:{cport}"
@@ -95,14 +106,14 @@ class LocalCluster:
             source += ["--min-demand-qps", str(self.cfg.min_demand_qps)]
         self._spawn("controller", "services.controller.main", [
             "--spec", str(self.cfg.spec), *source, "--port", str(cport),
-            "--redis-url", self.redis_url, "--heartbeat-timeout-s", str(self.cfg.heartbeat_timeout_s)],
+            "--heartbeat-timeout-s", str(self.cfg.heartbeat_timeout_s)],
             address=self.controller_address)
         for t in self.spec.tasks:
             self.router_addresses[t.name] = f"127.0.0.1:{free_port()}"
         # children first, so a parent's first call finds its child listening
         for t in reversed(self.spec.tasks):
             args = ["--spec", str(self.cfg.spec), "--task", t.name, "--port",
-                    self.router_addresses[t.name].rsplit(":", 1)[1], "--redis-url", self.redis_url]
+                    self.router_addresses[t.name].rsplit(":", 1)[1]]
             for c in t.children:
                 args += ["--child", f"{c}={self.router_addresses[c]}"]
             self._spawn(f"router-{t.name}", "services.router.main", args, address=self.router_addresses[t.name])
@@ -113,6 +124,11 @@ class LocalCluster:
         self.wait_ready(ready_timeout_s)
         return self
 
+    def channel(self, address: str, options: list | None = None) -> grpc.Channel:
+        """A blocking channel to one of the cluster's services, with the cluster's TLS
+        (its certificate is the client certificate under mutual TLS)."""
+        return make_sync_channel(address, self.cfg.tls, options=options)
+
     def check_alive(self) -> None:
         for p in self.procs.values():
             if p.popen.poll() is not None:
@@ -122,7 +138,7 @@ class LocalCluster:
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the front door says the pipeline model is ready."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.front_door) as ch:
+        with self.channel(self.front_door) as ch:
             stub = ipb_grpc.GRPCInferenceServiceStub(ch)
             while time.monotonic() < deadline:
                 self.check_alive()
@@ -141,7 +157,7 @@ class LocalCluster:
         for p in self.procs.values():
             if not p.name.startswith("worker-"):
                 continue
-            with grpc.insecure_channel(p.address) as ch:
+            with self.channel(p.address) as ch:
                 try:
                     r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 except grpc.RpcError:

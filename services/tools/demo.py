@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.common.grpc_utils import add_tls_arguments, tls_from_args
 from services.tools.cluster import ClusterConfig, LocalCluster
 from services.loadgen.report import format_report
 from services.loadgen.runner import LoadConfig, default_cer_fn, load_page_set, run_load
@@ -48,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=None, help="where service logs go (default runs/demo-<time>)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tls_arguments(p)   # every service, and the load generator as their client, use them
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    tls = tls_from_args(a, parser)
     for path, hint in ((Path(a.models), "make models"), (Path(a.pages), "make data")):
         if not path.exists():
             print(f"error: {path} does not exist; run `{hint}` first", file=sys.stderr)
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
               else {"profile": Path(a.profile), "headroom": a.headroom,
                     "min_demand_qps": None if a.cold_start else a.rate * a.headroom})
     cfg = ClusterConfig(spec=Path(a.spec), **source, models=Path(a.models),
-                        workers=workers, log_dir=log_dir)
+                        workers=workers, log_dir=log_dir, tls=tls)
     cluster = LocalCluster(cfg)
     t0 = time.monotonic()
     print(f"plans from: {a.plan_file or 'the planner on ' + a.profile}", flush=True)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         pages = load_page_set(a.pages)
         config = LoadConfig(target=cluster.front_door, pipeline=cluster.spec.name, pages_dir=Path(a.pages),
                             rate=a.rate, duration_s=a.duration, seed=a.seed, slo_ms=cluster.spec.slo_ms,
-                            progress=not a.quiet and sys.stderr.isatty())
+                            progress=not a.quiet and sys.stderr.isatty(), tls=tls)
         report = asyncio.run(run_load(config, pages, cer_fn=default_cer_fn()))
         cluster.check_alive()
     finally:
