@@ -51,6 +51,11 @@ class Plan:
     created_unix_s: float = field(default_factory=time.time)
     planned_qps: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     worker_accuracy: Mapping[str, float] = field(default_factory=dict)
+    # p50 batch latency (ms) per task, variant and batch size, for the variants the plan
+    # runs: seeds the workers' batch-time estimates and the downstream reserve
+    latency_ms: Mapping[str, Mapping[str, Mapping[int, float]]] = field(default_factory=dict)
+    # "task/variant" -> measured / profile latency factor the plan was made with
+    calibration: Mapping[str, float] = field(default_factory=dict)
 
     def is_newer_than(self, other: "Plan | None") -> bool:
         return other is None or self.version > other.version
@@ -74,31 +79,79 @@ class Plan:
         d["routing"] = {t: {p: dict(w) for p, w in tbl.items()} for t, tbl in self.routing.items()}
         d["planned_qps"] = {t: dict(p) for t, p in self.planned_qps.items()}
         d["worker_accuracy"] = dict(self.worker_accuracy)
+        d["calibration"] = dict(self.calibration)
+        d["latency_ms"] = {t: {v: {str(b): x for b, x in sorted(bs.items())} for v, bs in vs.items()}
+                           for t, vs in self.latency_ms.items()}
         return d
+
+    def fastest_s(self) -> dict[str, float]:
+        """Each task's fastest single-query latency (s) among the variants the plan runs
+        for it, from ``latency_ms`` (tasks without figures are left out)."""
+        out: dict[str, float] = {}
+        for w in self.workers.values():
+            by_batch = self.latency_ms.get(w.task, {}).get(w.variant)
+            if by_batch:
+                x = by_batch[min(by_batch)] / 1000.0
+                out[w.task] = min(out.get(w.task, x), x)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
     def from_dict(d: Mapping[str, Any], source: str = "plan") -> "Plan":
+        """Parse a plan, checking every field's type (a plan comes over the network:
+        ``"batch_size": "2"`` is refused here, with the field named, not later in a
+        comparison deep inside a subscriber)."""
+        if not isinstance(d, Mapping):
+            raise SpecError(source, "<plan>", f"must be a mapping, got {type(d).__name__}")
         try:
-            workers = {wid: WorkerAssignment(**w) for wid, w in d["workers"].items()}
-            routing = {t: {p: {wid: float(x) for wid, x in w.items()} for p, w in tbl.items()}
-                       for t, tbl in d["routing"].items()}
+            workers = {}
+            for wid, w in _mapping(d, "workers", source).items():
+                where = f"workers.{wid}"
+                if not isinstance(w, Mapping):
+                    raise SpecError(source, where, "must be a mapping")
+                workers[wid] = WorkerAssignment(
+                    worker_id=_str(w, "worker_id", source, where), address=_str(w, "address", source, where),
+                    task=_str(w, "task", source, where), variant=_str(w, "variant", source, where),
+                    batch_size=_int(w, "batch_size", source, where, lo=1))
+                if workers[wid].worker_id != wid:
+                    raise SpecError(source, f"{where}.worker_id", f"is {workers[wid].worker_id!r}, key is {wid!r}")
+            routing: dict[str, dict[str, dict[str, float]]] = {}
+            for t, tbl in _mapping(d, "routing", source).items():
+                routing[t] = {}
+                for p in _mapping(d["routing"], t, source, "routing"):
+                    routing[t][p] = {wid: _number(x, f"routing.{t}.{p}.{wid}", source, lo=0.0)
+                                     for wid, x in _mapping(tbl, p, source, f"routing.{t}").items()}
+            planned = {t: {p: _number(q, f"planned_qps.{t}.{p}", source, lo=0.0)
+                           for p, q in _mapping(d["planned_qps"], t, source, "planned_qps").items()}
+                       for t in _mapping(d, "planned_qps", source, optional=True)}
+            latency: dict[str, dict[str, dict[int, float]]] = {}
+            for t in _mapping(d, "latency_ms", source, optional=True):
+                latency[t] = {}
+                for v, by_batch in _mapping(d["latency_ms"], t, source, "latency_ms").items():
+                    if not isinstance(by_batch, Mapping):
+                        raise SpecError(source, f"latency_ms.{t}.{v}", "must be a mapping")
+                    latency[t][v] = {_batch_key(b, f"latency_ms.{t}.{v}", source):
+                                     _number(x, f"latency_ms.{t}.{v}.{b}", source, lo=0.0)
+                                     for b, x in by_batch.items()}
             plan = Plan(
-                version=int(d["version"]), pipeline=str(d["pipeline"]), workers=workers,
-                routing=routing,
-                admission_rate_qps=d.get("admission_rate_qps"),
-                expected_accuracy=d.get("expected_accuracy"),
-                capacity_qps=d.get("capacity_qps"),
+                version=_int(d, "version", source, "", lo=0), pipeline=_str(d, "pipeline", source, ""),
+                workers=workers, routing=routing,
+                admission_rate_qps=_opt_number(d, "admission_rate_qps", source),
+                expected_accuracy=_opt_number(d, "expected_accuracy", source),
+                capacity_qps=_opt_number(d, "capacity_qps", source),
                 source=str(d.get("source", "operator")),
-                created_unix_s=float(d.get("created_unix_s", time.time())),
-                planned_qps={t: {p: float(q) for p, q in paths.items()}
-                             for t, paths in (d.get("planned_qps") or {}).items()},
-                worker_accuracy={w: float(a) for w, a in (d.get("worker_accuracy") or {}).items()},
+                created_unix_s=_opt_number(d, "created_unix_s", source) or time.time(),
+                planned_qps=planned,
+                worker_accuracy={w: _number(a, f"worker_accuracy.{w}", source, lo=0.0)
+                                 for w, a in _mapping(d, "worker_accuracy", source, optional=True).items()},
+                latency_ms=latency,
+                calibration={k: _number(x, f"calibration.{k}", source, lo=0.0)
+                             for k, x in _mapping(d, "calibration", source, optional=True).items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SpecError(source, "<plan>", f"malformed plan: {exc!r}") from exc
+        except KeyError as exc:
+            raise SpecError(source, str(exc.args[0]), "is required") from None
         return plan
 
     @staticmethod
@@ -107,6 +160,61 @@ class Plan:
             return Plan.from_dict(json.loads(text), source=source)
         except json.JSONDecodeError as exc:
             raise SpecError(source, "<plan>", f"not JSON: {exc}") from exc
+
+
+def _mapping(d: Any, key: str, source: str, where: str = "", optional: bool = False) -> Mapping:
+    name = f"{where}.{key}" if where else key
+    if not isinstance(d, Mapping):
+        raise SpecError(source, where or "<plan>", "must be a mapping")
+    value = d.get(key)
+    if value is None:
+        if optional:
+            return {}
+        raise SpecError(source, name, "is required")
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise SpecError(source, name, f"must be a mapping with string keys, got {type(value).__name__}")
+    return value
+
+
+def _str(d: Mapping, key: str, source: str, where: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str) or not value:
+        raise SpecError(source, f"{where}.{key}" if where else key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _int(d: Mapping, key: str, source: str, where: str, lo: int | None = None) -> int:
+    value = d.get(key)
+    name = f"{where}.{key}" if where else key
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(source, name, f"must be an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise SpecError(source, name, f"must be >= {lo}, got {value}")
+    return value
+
+
+def _number(value: Any, name: str, source: str, lo: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")):
+        raise SpecError(source, name, f"must be a finite number, got {value!r}")
+    if lo is not None and value < lo:
+        raise SpecError(source, name, f"must be >= {lo:g}, got {value!r}")
+    return float(value)
+
+
+def _opt_number(d: Mapping, key: str, source: str) -> float | None:
+    value = d.get(key)
+    return None if value is None else _number(value, key, source)
+
+
+def _batch_key(b: Any, name: str, source: str) -> int:
+    try:
+        n = int(b)
+    except (TypeError, ValueError):
+        raise SpecError(source, name, f"batch size {b!r} is not an integer") from None
+    if n < 1 or str(n) != str(b).strip():
+        raise SpecError(source, name, f"batch size {b!r} must be an integer >= 1")
+    return n
 
 
 def validate_plan(plan: Plan, spec: PipelineSpec) -> None:
@@ -191,8 +299,14 @@ def parse_plan_file(data: Any, spec: PipelineSpec, source: str = "plan file") ->
             raise SpecError(source, f"{where}.share", f"must be in [0, 1], got {share!r}")
         out.append(Allocation(task.name, str(a["variant"]), b, r, None if share is None else float(share)))
     for t in spec.tasks:
-        if not any(a.task == t.name for a in out):
+        mine = [a for a in out if a.task == t.name]
+        if not mine:
             raise SpecError(source, "allocations", f"no allocation for task {t.name!r}")
+        # the traffic split uniform_routing makes: given shares, else replica counts
+        total = sum(a.share if a.share is not None else a.replicas for a in mine)
+        if total <= 0:
+            raise SpecError(source, "allocations",
+                            f"every variant of task {t.name!r} has share 0: at least one must take traffic")
     return out
 
 
@@ -274,5 +388,10 @@ def uniform_routing(assignments: Mapping[str, WorkerAssignment], allocations: li
             for wid in members:
                 weights[wid] = shares[v] / total / len(members)
         s = sum(weights.values())
+        if s <= 0:
+            # only share-0 variants have workers (the others' workers are not registered):
+            # serving with them beats serving nothing; the plan says which ones run
+            weights = {w.worker_id: 1.0 for w in ws}
+            s = float(len(ws))
         routing[task] = {ANY_PATH: {k: x / s for k, x in sorted(weights.items())}}
     return routing

@@ -21,7 +21,6 @@ from typing import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common.errors import SpecError
 from services.common.logging import get_logger
 from services.common.plan import Plan
 
@@ -115,21 +114,31 @@ class PlanSubscriber:
         self.current: Plan | None = None
         self.connected = False
         self._rejected_version = 0
+        self._rejected_raw: int | None = None
+        self._poke = asyncio.Event()
 
     async def _apply_raw(self, raw: bytes | None) -> None:
+        """Parse, validate and apply one stored plan. Never raises (but for
+        cancellation): a malformed or invalid plan is logged once and skipped, the last
+        good plan stays; a failing ``on_plan`` callback is logged and the next plan is
+        still applied."""
         if raw is None:
             return
         try:
             plan = Plan.from_json(raw, source="redis")
-        except SpecError as exc:
-            log.error("plan_rejected", pipeline=self.pipeline, error=str(exc))
+        except Exception as exc:   # SpecError, or anything a hostile value provokes
+            digest = hash(raw)
+            if digest != self._rejected_raw:
+                self._rejected_raw = digest
+                log.error("plan_rejected", pipeline=self.pipeline, error=str(exc),
+                          keeping=self.current.version if self.current else None)
             return
         if not plan.is_newer_than(self.current) or plan.version == self._rejected_version:
             return
         if self.validate is not None:
             try:
                 self.validate(plan)
-            except SpecError as exc:
+            except Exception as exc:
                 self._rejected_version = plan.version
                 log.error("plan_rejected", pipeline=self.pipeline, plan_version=plan.version,
                           error=str(exc), keeping=self.current.version if self.current else None)
@@ -138,13 +147,37 @@ class PlanSubscriber:
         self.current = plan
         log.info("plan_applied", pipeline=self.pipeline, plan_version=plan.version,
                  previous_version=previous.version if previous else None)
-        result = self.on_plan(plan)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = self.on_plan(plan)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("plan_callback_failed", pipeline=self.pipeline, plan_version=plan.version)
+
+    async def _wait_for_news(self, pubsub) -> None:
+        """Return on a notification, a poke, or after ``poll_interval_s``. Waits in short
+        slices rather than cancelling a pending read (a read cancelled half-way could
+        leave the connection mid-message)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.poll_interval_s
+        while not self._poke.is_set():
+            left = end - loop.time()
+            if left <= 0:
+                return
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(0.25, left))
+            if msg is not None:
+                return
+
+    def poke(self) -> None:
+        """Re-read the stored plan now (e.g. a peer runs a newer version than ours)."""
+        self._poke.set()
 
     async def run(self) -> None:
         """Follow plans until cancelled. Never raises on Redis errors."""
         backoff = 0.2
+        reported = False   # a failure before the first connection is logged once, too
         while True:
             client = connect(self.url)
             pubsub = client.pubsub()
@@ -156,17 +189,26 @@ class PlanSubscriber:
                 self.connected = True
                 backoff = 0.2
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                   timeout=self.poll_interval_s)
-                    # On a notification or a quiet poll interval, re-read the key.
+                    await self._wait_for_news(pubsub)
+                    self._poke.clear()
+                    # On a notification, a poke or a quiet poll interval, re-read the key.
                     await self._apply_raw(await client.get(plan_key(self.pipeline)))
-                    del msg
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 if self.connected:
                     log.warning("plan_channel_lost", pipeline=self.pipeline, error=str(exc),
                                 keeping_version=self.current.version if self.current else None)
+                elif not reported:
+                    log.warning("plan_channel_unreachable", pipeline=self.pipeline, error=str(exc),
+                                retry="with backoff")
+                reported = True
+                self.connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(self.max_backoff_s, backoff * 2)
+            except Exception:   # a bug must not end plan-following: log, reconnect, go on
+                log.exception("plan_subscriber_error", pipeline=self.pipeline,
+                              keeping_version=self.current.version if self.current else None)
                 self.connected = False
                 await asyncio.sleep(backoff)
                 backoff = min(self.max_backoff_s, backoff * 2)

@@ -5,11 +5,19 @@ Two sources of the allocation: an operator plan file (or ``SetPlan``), or the pl
 sub-updates (expire lost workers, reload the operator plan file, plan, publish) each in
 its own try/except that logs and continues: the loop never dies, and a failed step
 keeps the last published plan.
+
+Control steps are serialised: the loop's step and an operator's ``SetPlan`` never run
+at once (a planner solve still running when an operator plan arrives would otherwise
+publish over it). A controller that starts while Redis holds a plan *adopts* it: it
+becomes the current plan (the planner's previous plan, so its change cost keeps the
+workers where they are), and no new plan is made until the workers it names have
+registered again or ``adopt_grace_s`` passed, so a restart causes no data-plane change.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -19,8 +27,9 @@ from services.common.logging import get_logger
 from services.common.plan import (Allocation, Plan, assign_workers, load_plan_file, parse_plan_file,
                                   uniform_routing, validate_plan)
 from services.common.spec import PipelineSpec
-from services.policy.planning import PlannerPolicy
 from services.controller.registry import WorkerRegistry
+from services.policy.calibration import Timing
+from services.policy.planning import PlannerPolicy
 
 log = get_logger(__name__)
 
@@ -43,11 +52,61 @@ class ControllerCore:
         self.planner = planner
         self.clock = clock
         self.demand_qps = 0.0          # fed by the demand estimator (planner mode)
+        self.demand_ready = True       # False until the estimator has seen a rate
         self._plan_file_mtime: float | None = None
         self.allocations: list[Allocation] | None = None
         self.current: Plan | None = None
         self.dirty = True
         self._missing_logged: list[str] = []
+        self._lock = asyncio.Lock()
+        self.adopted: Plan | None = None
+        self.adopt_until = 0.0
+
+    def adopt(self, plan: Plan, grace_s: float) -> None:
+        """Take up ``plan`` (read from Redis at start) as the current plan; hold re-planning
+        until its workers registered again or ``grace_s`` passed."""
+        self.current = plan
+        self.adopted = plan
+        self.adopt_until = self.clock() + grace_s
+        log.info("plan_adopted", plan_version=plan.version, workers=len(plan.workers), source=plan.source,
+                 grace_s=grace_s)
+
+    def _waiting_for_adopted_workers(self) -> bool:
+        if self.adopted is None:
+            return False
+        registered = {w.worker_id for w in self.registry.live()}
+        missing = sorted(set(self.adopted.workers) - registered)
+        if (missing or not self.demand_ready) and self.clock() < self.adopt_until:
+            return True
+        if missing:
+            log.warning("adopted_workers_missing", workers=missing)
+        self.adopted = None
+        return False
+
+    def observe_stats(self, task: str, stats: dict) -> None:
+        """A worker's heartbeat: its batch timings go to the planner's calibration."""
+        if self.planner is None:
+            return
+        timings = [Timing(task, t["variant"], int(t["batch_size"]), int(t["count"]), float(t["total_ms"]),
+                          int(t.get("items", 0)), int(t.get("regions", 0)))
+                   for t in stats.get("timings", ())]
+        if timings:
+            self.planner.observe_timings(timings)
+
+    def status(self) -> dict:
+        """A summary of the cluster for the periodic status log line."""
+        states = Counter(r.stats.get("state", "registering") for r in self.registry.records.values())
+        return {
+            "plan_version": self.current.version if self.current else None,
+            "workers": len(self.registry.records),
+            "states": dict(states),
+            "queued": sum(int(r.stats.get("queue_length", 0)) for r in self.registry.records.values()),
+            "dropped": sum(int(r.stats.get("dropped", 0)) for r in self.registry.records.values()),
+            "shed": sum(int(r.stats.get("shed", 0)) for r in self.registry.records.values()),
+            "errors": sum(int(r.stats.get("errors", 0)) for r in self.registry.records.values()),
+            "demand_qps": round(self.demand_qps, 2),
+            "calibration": dict(self.current.calibration) if self.current else {},
+        }
 
     def set_allocations(self, allocations: list[Allocation]) -> None:
         """An operator allocation (plan file or SetPlan) takes over from the planner."""
@@ -57,6 +116,15 @@ class ControllerCore:
 
     def set_plan_text(self, text: str) -> None:
         self.set_allocations(parse_plan_file(text, self.spec, source="SetPlan"))
+
+    async def set_operator_plan(self, text: str) -> ReconcileResult:
+        """``SetPlan``: validate, take over from the planner and publish, as one control
+        step (after the one in progress, if any). Raises SpecError for a bad plan."""
+        allocations = parse_plan_file(text, self.spec, source="SetPlan")
+        async with self._lock:
+            self.set_allocations(allocations)
+            self.adopted = None      # an operator's plan needs no grace
+            return await self._step()
 
     def _reload_plan_file(self) -> None:
         if self.plan_file is None:
@@ -109,6 +177,11 @@ class ControllerCore:
             and a.admission_rate_qps == b.admission_rate_qps
 
     async def reconcile(self) -> ReconcileResult:
+        """One control step (serialised with every other one)."""
+        async with self._lock:
+            return await self._step()
+
+    async def _step(self) -> ReconcileResult:
         t0 = time.perf_counter()
         lost: list[str] = []
         published = None
@@ -125,7 +198,9 @@ class ControllerCore:
             log.error("plan_file_invalid", error=str(exc), keeping=self.current.version if self.current else None)
         except Exception:
             log.exception("plan_file_reload_failed")
-        if self.planner is not None:
+        if self._waiting_for_adopted_workers():
+            pass
+        elif self.planner is not None:
             try:
                 plan = await self.plan_with_planner()
                 if plan is not None and not self._same(self.current, plan):

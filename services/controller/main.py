@@ -11,9 +11,11 @@ from pathlib import Path
 
 
 from services.common.errors import InvalidInput, NotFound, SpecError, Unavailable
-from services.common.grpc_utils import bind, make_server, map_errors
+from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_server, map_errors,
+                                        tls_from_args, tls_mode)
 from services.common.logging import configure_logging, get_logger
 from services.common.plan_channel import PlanPublisher, connect, frontdoor_pattern
+from services.common.redis_auth import RedisAuthError, check_credentials, redact_url
 from services.common.redis_server import RedisServer
 from services.common.spec import load_spec
 from services.controller.core import ControllerCore
@@ -42,6 +44,9 @@ class ControllerConfig:
     reconcile_s: float
     heartbeat_timeout_s: float
     json_logs: bool
+    adopt_grace_s: float = 10.0
+    status_s: float = 10.0
+    tls: TlsConfig | None = None   # its server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,24 +78,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50050, help="port to bind, 0 = any free port")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                   help="Redis URL (default $REDIS_URL; if unset, an embedded redis-server is "
-                        "started on a free port and its URL logged)")
+                   help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or rediss://... for TLS "
+                        "(default $REDIS_URL, better for a URL with a password: command lines are "
+                        "visible to local users; if unset, an embedded redis-server is started on "
+                        "a free port and its URL logged)")
     p.add_argument("--reconcile-s", type=float, default=0.5, help="reconcile loop period (s)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
                    help="a worker silent this long leaves the plan")
+    p.add_argument("--adopt-grace-s", type=float, default=10.0,
+                   help="on a restart with a plan in Redis: keep that plan until its workers have "
+                        "registered again, for at most this long (default 10 s)")
+    p.add_argument("--status-s", type=float, default=10.0,
+                   help="log a cluster_status line (workers, queues, drops, demand, calibration) "
+                        "this often; 0 = never (default 10 s)")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
+    add_tls_arguments(p)
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> ControllerConfig:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    tls = tls_from_args(a, p)
     return ControllerConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
                             profile=Path(a.profile) if a.profile else None, planner=a.planner,
                             headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
                             demand_tau_up_s=a.demand_tau_up_s,
                             host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
-                            heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json)
+                            heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json, tls=tls,
+                            adopt_grace_s=a.adopt_grace_s, status_s=a.status_s)
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -117,10 +134,16 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     @map_errors
     async def Heartbeat(self, request, context):
-        stats = {f.name: getattr(request.stats, f.name) for f in request.stats.DESCRIPTOR.fields}
+        stats = {f.name: getattr(request.stats, f.name) for f in request.stats.DESCRIPTOR.fields
+                 if f.name not in ("providers", "timings")}
         stats["providers"] = list(request.stats.providers)
+        stats["timings"] = [{"variant": t.variant, "batch_size": t.batch_size, "count": t.count,
+                             "total_ms": t.total_ms, "items": t.items, "regions": t.regions}
+                            for t in request.stats.timings]
         if not self.core.registry.heartbeat(request.stats.worker_id, stats):
             raise NotFound(f"worker {request.stats.worker_id!r} is not registered")
+        rec = self.core.registry.records[request.stats.worker_id]
+        self.core.observe_stats(rec.worker.task, stats)
         return pb.HeartbeatResponse(plan_version=self.core.current.version if self.core.current else 0)
 
     @map_errors
@@ -132,10 +155,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     @map_errors
     async def SetPlan(self, request, context):
         try:
-            self.core.set_plan_text(request.plan_file_json)
+            result = await self.core.set_operator_plan(request.plan_file_json)
         except SpecError as exc:
             raise InvalidInput(str(exc)) from None
-        result = await self.core.reconcile()
         plan = result.published or self.core.current
         return pb.SetPlanResponse(plan_version=plan.version if plan else 0)
 
@@ -155,9 +177,12 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
     if not redis_url:
         embedded = RedisServer().start()
         redis_url = embedded.url
-        log.info("embedded_redis_started", redis_url=redis_url, binary=embedded.binary)
+        log.info("embedded_redis_started", redis_url=redact_url(redis_url), binary=embedded.binary)
+    else:
+        await check_credentials(redis_url)   # wrong Redis password: exit at once, not retry forever
     client = connect(redis_url)
     publisher = PlanPublisher(client, spec.name)
+    existing = None
     try:
         existing = await publisher.current()
         if existing is not None:
@@ -172,12 +197,18 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
             raise SpecError(str(cfg.profile), "name", f"profile is for {planner.profile.name!r}, spec is {spec.name!r}")
     core = ControllerCore(spec, WorkerRegistry(cfg.heartbeat_timeout_s), publisher.publish, cfg.plan_file,
                           planner=planner)
+    if planner is not None:
+        log.info("profile_loaded", path=str(cfg.profile), device=planner.profile.device,
+                 provenance=planner.profile.provenance[:200])
+    if existing is not None and existing.pipeline == spec.name:
+        core.adopt(existing, cfg.adopt_grace_s)   # a restart: continue from the plan in force
     demand = DemandEstimator(tau_s=cfg.demand_tau_s, tau_up_s=cfg.demand_tau_up_s)
     server = make_server()
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(core), server)
-    port = bind(server, cfg.host, cfg.port)
+    port = bind(server, cfg.host, cfg.port, tls=cfg.tls)
     await server.start()
-    log.info("controller_started", address=f"{cfg.host}:{port}", pipeline=spec.name, redis_url=redis_url,
+    log.info("controller_started", address=f"{cfg.host}:{port}", pipeline=spec.name,
+             redis_url=redact_url(redis_url), tls=tls_mode(cfg.tls),
              plan_file=str(cfg.plan_file) if cfg.plan_file else None,
              profile=str(cfg.profile) if cfg.profile else None, planner=cfg.planner if planner else None)
     stop = asyncio.Event()
@@ -186,17 +217,28 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
+    demand_failing = False
+    next_status = time.monotonic() + cfg.status_s
     try:
         while not stop.is_set():
             if planner is not None:
                 try:
                     await read_demand(client, spec.name, demand)
                     core.demand_qps = demand.update(time.time())
+                    core.demand_ready = demand.ready
+                    if demand_failing:
+                        log.info("demand_read_recovered")
+                    demand_failing = False
                 except Exception as exc:   # Redis away: plan on the last estimate
-                    log.warning("demand_read_failed", error=str(exc))
+                    if not demand_failing:
+                        log.warning("demand_read_failed", error=str(exc))
+                    demand_failing = True
             result = await core.reconcile()
             if result.duration_ms > 200:
                 log.warning("slow_reconcile", duration_ms=round(result.duration_ms, 1))
+            if cfg.status_s > 0 and time.monotonic() >= next_status:
+                next_status = time.monotonic() + cfg.status_s
+                log.info("cluster_status", **core.status())
             try:
                 await asyncio.wait_for(stop.wait(), cfg.reconcile_s)
             except asyncio.TimeoutError:
@@ -216,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except SpecError as exc:
         log.error("invalid_input_file", error=str(exc))
+        return 2
+    except RedisAuthError as exc:
+        log.error("redis_auth_failed", error=str(exc))
         return 2
     return 0
 

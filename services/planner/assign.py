@@ -9,13 +9,58 @@ late query rerouted to a faster variant). Worker moves are minimised by
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
-from services.common.plan import ANY_PATH, Plan, RegisteredWorker, assign_workers
+from services.common.plan import ANY_PATH, Allocation, Plan, RegisteredWorker, assign_workers
+from services.planner.profile import PipelineProfile
 from services.planner.solver import PlanSolution
 
 
-def _bucket_rates(solution: PlanSolution) -> dict[str, dict[str, dict[tuple[str, int], float]]]:
+def bind_pool(allocations: list[Allocation], workers: list[RegisteredWorker], current: Plan | None,
+              task_order: list[str]) -> list[RegisteredWorker]:
+    """Give the pool's workers (``task == ""``) the tasks the allocations need beyond the
+    task-bound workers: keep a pool worker on the task it runs in ``current`` (those
+    running a wanted variant first), then take workers that ran nothing, then ones
+    released by another task. Pool workers no task needs are left out (parked)."""
+    pool = sorted((w for w in workers if not w.task), key=lambda w: w.worker_id)
+    bound = [w for w in workers if w.task]
+    if not pool:
+        return list(workers)
+    need: Counter = Counter()
+    wanted: dict[str, set] = defaultdict(set)
+    for a in allocations:
+        need[a.task] += a.replicas
+        wanted[a.task].add(a.variant)
+    for w in bound:
+        need[w.task] -= 1
+    cur = dict(current.workers) if current else {}
+    ids = [w.worker_id for w in pool]
+    taken: dict[str, str] = {}
+    for task in task_order:
+        mine = [w for w in ids if w in cur and cur[w].task == task]
+        mine.sort(key=lambda w: (cur[w].variant not in wanted[task], w))
+        for w in mine[:max(0, need[task])]:
+            taken[w] = task
+    free = [w for w in ids if w not in cur] + [w for w in ids if w in cur and w not in taken]
+    for task in task_order:
+        short = need[task] - sum(1 for t in taken.values() if t == task)
+        while short > 0 and free:
+            taken[free.pop(0)] = task
+            short -= 1
+    return bound + [RegisteredWorker(w.worker_id, w.address, taken[w.worker_id])
+                    for w in pool if w.worker_id in taken]
+
+
+def latency_table(profile: PipelineProfile, assignments) -> dict[str, dict[str, dict[int, float]]]:
+    """p50 batch latencies (ms) of the variants the assignments run, per task and variant."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for a in assignments:
+        v = profile.task(a.task).variant(a.variant)
+        out.setdefault(a.task, {})[a.variant] = {b: p.p50_ms for b, p in sorted(v.latency_ms.items())}
+    return out
+
+
+def bucket_rates(solution: PlanSolution) -> dict[str, dict[str, dict[tuple[str, int], float]]]:
     """task -> upstream path -> (variant, batch) -> query rate."""
     out: dict[str, dict[str, dict[tuple[str, int], float]]] = defaultdict(lambda: defaultdict(dict))
     chains = sorted({f.tasks for f in solution.flows})
@@ -45,17 +90,23 @@ def _weights(rates: dict[tuple[str, int], float], members: dict[tuple[str, int],
 
 
 def plan_from_solution(solution: PlanSolution, workers: list[RegisteredWorker], previous: Plan | None,
-                       version: int, now: float | None = None) -> Plan | None:
+                       version: int, now: float | None = None, profile: PipelineProfile | None = None
+                       ) -> Plan | None:
     """Turn a solution into plan ``version``. A failed solution keeps ``previous``
-    (returned unchanged, possibly None)."""
+    (returned unchanged, possibly None). Pool workers (no task) are bound to tasks by
+    :func:`bind_pool`; with ``profile`` the plan carries the latency figures of the
+    variants it runs (``Plan.latency_ms``)."""
     if not solution.ok:
         return previous
+    order = [t.name for t in profile.tasks] if profile is not None else \
+        list(dict.fromkeys(a.task for a in solution.allocations))
+    workers = bind_pool(list(solution.allocations), workers, previous, order)
     assignments = assign_workers(list(solution.allocations), workers, previous)
     members: dict[str, dict[tuple[str, int], list[str]]] = defaultdict(lambda: defaultdict(list))
     for a in sorted(assignments.values(), key=lambda a: a.worker_id):
         members[a.task][(a.variant, a.batch_size)].append(a.worker_id)
     routing: dict[str, dict[str, dict[str, float]]] = {}
-    rates = _bucket_rates(solution)
+    rates = bucket_rates(solution)
     for task, ms in members.items():
         table: dict[str, dict[str, float]] = {}
         total: dict[tuple[str, int], float] = defaultdict(float)
@@ -77,7 +128,9 @@ def plan_from_solution(solution: PlanSolution, workers: list[RegisteredWorker], 
         paths[ANY_PATH] = sum(paths.values())
     accuracy = dict(solution.variant_accuracy)
     worker_accuracy = {wid: accuracy[a.variant] for wid, a in assignments.items() if a.variant in accuracy}
+    latency = latency_table(profile, assignments.values()) if profile is not None else {}
     return Plan(version=version, pipeline=solution.pipeline, planned_qps=planned, worker_accuracy=worker_accuracy,
+                latency_ms=latency,
                 workers={k: v for k, v in sorted(assignments.items())}, routing=routing,
                 admission_rate_qps=solution.admission_rate_qps, expected_accuracy=solution.expected_accuracy,
                 capacity_qps=solution.capacity_qps, source=f"planner:{solution.method}:{solution.mode}", **kwargs)

@@ -43,6 +43,12 @@ class DemandEstimator:
         while len(hist) > 2 and hist[1][0] <= ts - self.window_s:
             hist.popleft()
 
+    @property
+    def ready(self) -> bool:
+        """True once a rate is known: some front door reported twice (a single counter
+        value says nothing about demand yet)."""
+        return any(len(h) >= 2 for h in self.samples.values())
+
     def rate(self, source: str) -> float:
         hist = self.samples[source]
         if len(hist) < 2:

@@ -1,26 +1,46 @@
-"""Planner mode of the controller: (live workers, estimated demand, previous plan) ->
-plan, with the CVXPY planner of ``services.planner``.
+"""The controller's decide step: (live workers, estimated demand, previous plan) ->
+plan, with the CVXPY planner of ``services.planner``. The controller and the
+simulator both run :class:`PlannerPolicy`; the simulator only injects a caching solver.
 
-Workers are task-bound (a worker registered for ``det`` runs only ``det`` variants),
-so each task's registered workers cap its replicas. Re-planning is hysteretic, since a
-model swap costs seconds: a new solve happens when membership changes, when demand rose
-by more than ``replan_threshold`` over the demand of the current plan (at once: too
-little capacity costs SLO misses), when it fell by more than twice that and the plan is
-at least ``cooldown_s`` old (too much capacity only costs accuracy or workers), or every
-``max_plan_age_s``. The planner's own change cost keeps variants stable otherwise.
+Workers registered for a task (``RegisteredWorker.task``) run only that task's
+variants, so each task's bound workers cap its replicas; workers with no task (a pool)
+go wherever the plan needs them (``services.planner.assign``). Re-planning is
+hysteretic, since a model swap costs seconds: a new solve happens when membership
+changes, when demand rose by more than ``replan_threshold`` over the demand of the
+current plan (at once: too little capacity costs SLO misses), when it fell by more than
+twice that and the plan is at least ``cooldown_s`` old (too much capacity only costs
+accuracy or workers), every ``max_plan_age_s``, or when the measured batch times have
+moved the calibrated profile by more than its margin (``services.policy.calibration``).
+The planner's own change cost keeps variants stable otherwise. Demands are solved on a
+geometric grid (``demand_grid``: 2 % steps, rounded up), so a solve can be reused.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
 
 from services.common.logging import get_logger
 from services.common.plan import Plan, RegisteredWorker
-from services.planner import PlannerContext, load_profile, plan_from_solution, solve
+from services.planner import PlannerContext, PlanSolution, load_profile, plan_from_solution, solve
 from services.planner.profile import PipelineProfile
+from services.policy.calibration import LatencyCalibrator, Timing
 
 log = get_logger(__name__)
+
+
+def on_grid(demand_qps: float, grid: float | None, floor: float = 0.5) -> float:
+    """``demand_qps`` rounded up to the next step of a geometric grid (no grid: as is)."""
+    if grid is None:
+        return demand_qps
+    if demand_qps <= floor:
+        return floor
+    return grid ** math.ceil(math.log(demand_qps) / math.log(grid) - 1e-9)
+
+
+Solver = Callable[[PlannerContext, "Plan | None"], PlanSolution]
 
 
 @dataclass
@@ -38,9 +58,19 @@ class PlannerPolicy:
     cooldown_s: float = 15.0
     max_plan_age_s: float = 60.0
     time_limit_s: float = 2.0
+    min_accuracy: float | None = None   # floor on expected accuracy (hardware scaling only)
+    demand_grid: float | None = 1.02
+    calibrate: bool = True              # correct the profile with measured batch times
+    solver: Solver = solve
+    verbose: bool = True                # log every solve (the simulator turns it off)
     planned_demand: float | None = field(default=None, init=False)
     planned_members: tuple = field(default=(), init=False)
     planned_at: float = field(default=0.0, init=False)
+    calibrator: LatencyCalibrator = field(init=False)
+    in_use: PipelineProfile | None = field(default=None, init=False)   # the profile last planned on
+
+    def __post_init__(self) -> None:
+        self.calibrator = LatencyCalibrator(self.profile)
 
     @staticmethod
     def from_file(path, slo_ms: float, **kw) -> "PlannerPolicy":
@@ -49,11 +79,18 @@ class PlannerPolicy:
     def target_demand(self, estimate_qps: float) -> float:
         return max(self.min_demand_qps, self.headroom * estimate_qps)
 
+    def observe_timings(self, timings: Iterable[Timing]) -> None:
+        """Batch times the workers measured (their heartbeats; the simulator's batches)."""
+        if self.calibrate:
+            self.calibrator.observe(timings)
+
     def should_replan(self, workers: list[RegisteredWorker], estimate_qps: float, now: float) -> bool:
         members = tuple(sorted((w.worker_id, w.task) for w in workers))
         if self.planned_demand is None or members != self.planned_members:
             return True
         if now - self.planned_at > self.max_plan_age_s:
+            return True
+        if self.calibrate and self.calibrator.needs_replan():
             return True
         target = self.target_demand(estimate_qps)
         planned = max(self.planned_demand, 1e-9)
@@ -61,17 +98,34 @@ class PlannerPolicy:
             return True
         return target < planned * (1 - 2 * self.replan_threshold) and now - self.planned_at >= self.cooldown_s
 
+    def current_profile(self) -> PipelineProfile:
+        """The profile to plan on: the calibrated one, re-scaled when the measurements
+        moved past the calibrator's margin."""
+        if not self.calibrate:
+            return self.profile
+        if self.in_use is None or self.calibrator.needs_replan():
+            drift = self.calibrator.drift()
+            self.in_use = self.calibrator.calibrated()
+            if self.verbose and self.calibrator.host_factor() is not None:
+                log.info("profile_calibrated", drift=round(drift, 3), host_factor=round(self.calibrator.host_factor(), 3),
+                         factors={f"{t}/{v}": round(f, 3) for (t, v), f in sorted(self.calibrator.in_use.items())})
+        return self.in_use
+
     def decide(self, workers: list[RegisteredWorker], estimate_qps: float, previous: Plan | None,
-               now: float | None = None) -> Plan | None:
-        """Solve for the current workers and demand. Returns a plan (version 0, the
+               now: float | None = None, version: int = 0) -> Plan | None:
+        """Solve for the current workers and demand. Returns plan ``version`` (0: the
         publisher stamps it) or None when the solver failed (keep the previous plan)."""
         now = time.monotonic() if now is None else now
-        per_task = Counter(w.task for w in workers)
+        bound = Counter(w.task for w in workers if w.task)
+        pool = sum(1 for w in workers if not w.task)
+        profile = self.current_profile()
+        caps = {t.name: bound[t.name] + pool for t in profile.tasks} if bound else None
         target = self.target_demand(estimate_qps)
-        ctx = PlannerContext(self.profile, demand_qps=target, n_workers=len(workers), slo_ms=self.slo_ms,
-                             method=self.method, time_limit_s=self.time_limit_s,
-                             task_workers=dict(per_task))
-        solution = solve(ctx, previous)
+        ctx = PlannerContext(profile, demand_qps=on_grid(target, self.demand_grid, self.min_demand_qps),
+                             n_workers=len(workers), slo_ms=self.slo_ms, method=self.method,
+                             time_limit_s=self.time_limit_s, min_accuracy=self.min_accuracy,
+                             task_workers=caps)
+        solution = self.solver(ctx, previous)
         self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
         self.planned_at = now
         if not solution.ok:
@@ -80,11 +134,17 @@ class PlannerPolicy:
             self.planned_demand = None
             return None
         self.planned_demand = target
-        plan = plan_from_solution(solution, workers, previous, version=0)
-        log.info("planner_solved", mode=solution.mode, demand_qps=round(target, 2),
-                 served_qps=round(solution.served_qps, 2),
-                 expected_accuracy=None if solution.expected_accuracy is None
-                 else round(solution.expected_accuracy, 4),
-                 workers_used=solution.workers_used, solve_ms=round(solution.solve_ms, 1),
-                 allocations=[f"{a.task}:{a.variant}@{a.batch_size}x{a.replicas}" for a in solution.allocations])
+        plan = plan_from_solution(solution, workers, previous, version=version, now=now if version else None,
+                                  profile=profile)
+        if self.calibrate and self.calibrator.host_factor() is not None:
+            plan = replace(plan, calibration={f"{t}/{v}": round(f, 4)
+                                              for (t, v), f in sorted(self.calibrator.in_use.items())})
+        if self.verbose:
+            log.info("planner_solved", mode=solution.mode, demand_qps=round(target, 2),
+                     served_qps=round(solution.served_qps, 2),
+                     expected_accuracy=None if solution.expected_accuracy is None
+                     else round(solution.expected_accuracy, 4),
+                     workers_used=solution.workers_used, solve_ms=round(solution.solve_ms, 1),
+                     allocations=[f"{a.task}:{a.variant}@{a.batch_size}x{a.replicas}"
+                                  for a in solution.allocations])
         return plan

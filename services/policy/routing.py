@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Hashable, Mapping, TypeVar
+from typing import Callable, Hashable, Mapping, TypeVar
+
+from services.policy.rates import RATE_TAU_S, RateMeter
 
 K = TypeVar("K", bound=Hashable)
 
@@ -123,6 +125,25 @@ class MostAccurateFirstPolicy:
         return self.table(weights, load_ratio).choose(u)
 
 
+def pick_weighted(weights: Mapping[str, float], u: float) -> str:
+    """Choose a key with probability proportional to its weight given ``u`` in [0, 1)
+    (zero and negative weights never chosen; ValueError when none is positive)."""
+    total = sum(w for w in weights.values() if w > 0)
+    if total <= 0:
+        raise ValueError("no positive weight")
+    acc = 0.0
+    target = u * total
+    last = None
+    for key, w in weights.items():
+        if w <= 0:
+            continue
+        acc += w
+        last = key
+        if target < acc:
+            return key
+    return last  # type: ignore[return-value]
+
+
 def expected_finish_s(start_s: float, waiting: int, max_batch: int, batch_s: float) -> float:
     """When a worker that can start at ``start_s`` has run ``waiting`` queries, in whole
     batches of ``max_batch`` that take ``batch_s`` each."""
@@ -150,3 +171,73 @@ def reroute_choice(chosen: K, finish_s: Mapping[K, float], deadline_s: float, re
         return chosen
     best = min(finish_s, key=finish_s.__getitem__)
     return best if finish_s[best] + reserve_s <= deadline_s else chosen
+
+
+class StageRouting:
+    """The routing decision of one stage under one plan, as the router and the
+    simulator both make it: MostAccurateFirst over the plan's weights for the query's
+    upstream path, at the load ratio (measured rate / planned rate) of that path.
+
+    Rates are measured per routing key: the upstream path when the plan states a rate
+    for it, else ``ANY_PATH``. The caller counts every routed query (``split`` does it)
+    and calls ``advance(now)`` before routing; tables are compiled once per rate tick.
+    ``u`` is the caller's source of uniform numbers in [0, 1) (seeded in the simulator).
+    """
+
+    def __init__(self, task: str, fill: float = DEFAULT_FILL, tau_s: float | None = None) -> None:
+        self.task = task
+        self.fill = fill
+        self.meter = RateMeter(RATE_TAU_S if tau_s is None else tau_s)
+        self._maf = MostAccurateFirstPolicy({}, fill)
+        self._weights: Mapping[str, Mapping[str, float]] = {}
+        self._planned: Mapping[str, float] = {}
+        self._tables: dict[str, RouteTable | None] = {}
+
+    def set_plan(self, routing: Mapping[str, Mapping[str, float]], planned_qps: Mapping[str, float],
+                 accuracy: Mapping[str, float]) -> None:
+        """``routing``: upstream path -> worker -> weight (this stage's table of the plan);
+        ``planned_qps``: upstream path -> planned query rate; ``accuracy``: worker ->
+        its variant's accuracy."""
+        self._weights = routing
+        self._planned = planned_qps
+        self._maf = MostAccurateFirstPolicy(accuracy, self.fill)
+        self._tables = {}
+
+    def key(self, path: str) -> str:
+        return path if path in self._planned else "*"
+
+    def advance(self, now: float) -> None:
+        if self.meter.advance(now):
+            self._tables = {}
+
+    def load_ratio(self, path: str) -> float:
+        key = self.key(path)
+        target, seen = self._planned.get(key), self.meter.rate(key)
+        if not target or seen is None:
+            return 1.0
+        return seen / target
+
+    def table(self, path: str) -> RouteTable | None:
+        """The compiled choice for ``path`` (None when the plan routes nothing for it)."""
+        if path in self._tables:
+            return self._tables[path]
+        weights = self._weights.get(path) or self._weights.get("*")
+        t = self._maf.table(weights, self.load_ratio(path)) if weights else None
+        self._tables[path] = t
+        return t
+
+    def split(self, path: str, k: int, u: Callable[[], float]) -> dict[str, int]:
+        """Choose a worker for each of ``k`` queries of ``path``: ``{worker: count}`` in
+        first-chosen order (empty when the plan routes nothing for the path)."""
+        t = self.table(path)
+        if t is None:
+            return {}
+        self.meter.count(self.key(path), k)
+        ids = t.ids
+        if len(ids) == 1:
+            return {ids[0]: k}
+        out: dict[str, int] = {}
+        for _ in range(k):
+            w = t.choose(u())
+            out[w] = out.get(w, 0) + 1
+        return out

@@ -18,19 +18,18 @@ outbound call carries a timeout equal to the remaining end-to-end budget.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
-from collections import deque
 from typing import Callable, Protocol
 
-from services.policy.batching import pick_weighted
 from services.common.errors import Unavailable
 from services.common.logging import get_logger
-from services.common.plan import ANY_PATH, Plan
-from services.policy.routing import REROUTE_SLACK, MostAccurateFirstPolicy, expected_finish_s, reroute_choice
+from services.common.plan import Plan
 from services.common.spec import PipelineSpec
 from services.gen import pipeserve_pb2 as pb
+from services.policy.reserve import RoundTripFloor, downstream_reserves
+from services.policy.routing import (REROUTE_SLACK, StageRouting, expected_finish_s, pick_weighted,
+                                     reroute_choice)
 
 log = get_logger(__name__)
 
@@ -58,9 +57,18 @@ def _fail(query_id: str, status: int, message: str, task: str) -> pb.QueryResult
 
 
 class RouterCore:
+    """``on_newer_plan()`` is called when a worker or child router answers with a newer
+    plan version than this router runs (the router then re-reads the plan at once).
+
+    The downstream reserve sent with every query (``reserve_ms``): the configured value;
+    else, when the plan carries latency figures, the policy's rule
+    (``services.policy.reserve.downstream_reserves``, the simulator's); else the fastest
+    recent *successful* child round trip."""
+
     def __init__(self, spec: PipelineSpec, task: str, workers: WorkerCaller, children: ChildCaller,
                  *, reserve_ms: float | None = None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_newer_plan: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.task = spec.task(task)
         self.workers = workers
@@ -68,41 +76,47 @@ class RouterCore:
         self.fixed_reserve_ms = reserve_ms
         self.rng = rng or random.Random()
         self.clock = clock
+        self.on_newer_plan = on_newer_plan
         self.plan: Plan | None = None
-        self._child_ms: deque[float] = deque(maxlen=200)
-        self._maf = MostAccurateFirstPolicy({})
-        self._rates = PathRates(clock)
+        self.routing = StageRouting(self.task.name)
+        self._child_rtt = RoundTripFloor()
+        self._plan_reserve_s: float | None = None
+        self._tree = {t.name: tuple(t.children) for t in spec.tasks}
         self.reroute = True      # opportunistic rerouting (reroute_target), as in the simulator
         self._outstanding: dict[str, int] = {}   # worker id -> queries sent, not answered yet
         self._batch_s: dict[str, float] = {}     # worker id -> moving average of its batch time
 
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
-        self._maf = MostAccurateFirstPolicy(plan.worker_accuracy)
+        self.routing.set_plan(plan.routing.get(self.task.name, {}), plan.planned_qps.get(self.task.name, {}),
+                              plan.worker_accuracy)
+        fastest = plan.fastest_s()
+        self._plan_reserve_s = downstream_reserves(self._tree, fastest)[self.task.name] if fastest else None
 
-    def load_ratio(self, plan: Plan, upstream_path: str) -> float:
+    def load_ratio(self, upstream_path: str) -> float:
         """Observed / planned query rate of this stage along ``upstream_path`` (1.0 when
         the plan states no rate or nothing has been measured yet)."""
-        planned = plan.planned_qps.get(self.task.name, {})
-        key = upstream_path if upstream_path in planned else ANY_PATH
-        target = planned.get(key)
-        seen = self._rates.rate(key)
-        if not target or seen is None:
-            return 1.0
-        return seen / target
+        self.routing.advance(self.clock())
+        return self.routing.load_ratio(upstream_path)
 
     @property
     def reserve_ms(self) -> float:
-        """Time the stages below still need: the configured value, else the fastest child
-        round trip seen recently (a lower bound, so no query is dropped that could make it)."""
+        """Time the stages below still need (see the class docstring)."""
         if self.fixed_reserve_ms is not None:
             return self.fixed_reserve_ms
-        if not self.task.children or not self._child_ms:
+        if not self.task.children:
             return 0.0
-        return min(self._child_ms)
+        if self._plan_reserve_s is not None:
+            return self._plan_reserve_s * 1000.0
+        measured = self._child_rtt.value()
+        return 0.0 if measured is None else measured * 1000.0
 
     def ready(self) -> bool:
         return self.plan is not None and bool(self.plan.workers_of(self.task.name))
+
+    def _newer(self, version: int) -> None:
+        if self.plan is not None and version > self.plan.version and self.on_newer_plan is not None:
+            self.on_newer_plan()
 
     async def route(self, request_id: str, deadline_s: float, queries: list[pb.Query],
                     upstream_path: str) -> list[pb.QueryResult]:
@@ -110,19 +124,17 @@ class RouterCore:
         if plan is None:
             raise Unavailable(f"router for {self.task.name!r} has no plan yet")
         weights = dict(plan.weights_for(self.task.name, upstream_path))
-        if not weights:
+        self.routing.advance(self.clock())
+        split = self.routing.split(upstream_path, len(queries), self.rng.random)
+        if not split:
             raise Unavailable(f"plan v{plan.version} routes no traffic for {self.task.name!r}")
-        planned = plan.planned_qps.get(self.task.name, {})
-        self._rates.count(upstream_path if upstream_path in planned else ANY_PATH, len(queries))
-        table = self._maf.table(weights, self.load_ratio(plan, upstream_path))
-        chosen: dict[str, list[int]] = {}
-        for i in range(len(queries)):
-            chosen.setdefault(table.choose(self.rng.random()), []).append(i)
         groups: dict[str, list[int]] = {}
-        for wid, idx in chosen.items():
+        i = 0
+        for wid, n in split.items():
             if self.reroute:
-                wid = self.reroute_target(plan, wid, len(idx), deadline_s)
-            groups.setdefault(wid, []).extend(idx)
+                wid = self.reroute_target(plan, wid, n, deadline_s)
+            groups.setdefault(wid, []).extend(range(i, i + n))
+            i += n
         results: list[pb.QueryResult | None] = [None] * len(queries)
         await asyncio.gather(*[
             self._run_worker_group(plan, wid, [queries[i] for i in idx], idx, results, request_id,
@@ -186,6 +198,7 @@ class RouterCore:
                     raise CallFailed(pb.INTERNAL, f"worker {wid} returned {len(resp.results)} results "
                                                   f"for {len(queries)} queries")
                 self._observe_batch(wid, resp.results)
+                self._newer(resp.plan_version)
                 for r, i in zip(resp.results, idx):
                     out[i] = r
                 return
@@ -223,7 +236,10 @@ class RouterCore:
                 keys.append((child, members))
         t0 = time.perf_counter()
         outputs = await asyncio.gather(*calls)
-        self._child_ms.append((time.perf_counter() - t0) * 1e3)
+        # only successful round trips bound the reserve: a call that failed at once (its
+        # deadline had passed) says nothing about what the stages below need
+        self._child_rtt.observe(time.perf_counter() - t0,
+                                ok=all(r.status == pb.OK for out in outputs for r in out))
         gathered: dict[tuple[str, str], list[pb.QueryResult]] = {}
         for (child, members), child_results in zip(keys, outputs):
             k = 0
@@ -250,40 +266,7 @@ class RouterCore:
             if len(resp.results) != len(queries):
                 raise CallFailed(pb.INTERNAL, f"child router {child} returned {len(resp.results)} "
                                               f"results for {len(queries)} queries")
+            self._newer(resp.plan_version)
             return list(resp.results)
         except CallFailed as exc:
             return [_fail(q.query_id, exc.status, exc.message, child) for q in queries]
-
-
-class PathRates:
-    """Query rate per routing key: counts folded once a second into a moving average
-    with time constant ``tau_s`` (seconds, from the injected clock)."""
-
-    def __init__(self, clock: Callable[[], float], tau_s: float = 3.0, tick_s: float = 1.0) -> None:
-        self.clock = clock
-        self.tau_s = tau_s
-        self.tick_s = tick_s
-        self._counts: dict[str, int] = {}
-        self._rates: dict[str, float] = {}
-        self._last = clock()
-
-    def count(self, key: str, n: int) -> None:
-        self._tick()
-        self._counts[key] = self._counts.get(key, 0) + n
-
-    def rate(self, key: str) -> float | None:
-        self._tick()
-        return self._rates.get(key)
-
-    def _tick(self) -> None:
-        now = self.clock()
-        dt = now - self._last
-        if dt < self.tick_s:
-            return
-        alpha = 1.0 - math.exp(-dt / self.tau_s)
-        for key in set(self._counts) | set(self._rates):
-            inst = self._counts.get(key, 0) / dt
-            prev = self._rates.get(key)
-            self._rates[key] = inst if prev is None else prev + alpha * (inst - prev)
-        self._counts.clear()
-        self._last = now

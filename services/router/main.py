@@ -16,16 +16,19 @@ from redis.exceptions import RedisError
 
 from services.policy.admission import TokenBucket
 from services.common.errors import SpecError
-from services.common.grpc_utils import bind, make_server
+from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_server, tls_from_args,
+                                        tls_mode)
 from services.common.logging import configure_logging, get_logger
 from services.common.plan import Plan, validate_plan
 from services.common.plan_channel import PlanSubscriber, connect, frontdoor_key
+from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2_grpc as pb_grpc
+from services.common.tasks import supervise
 from services.router.clients import ChildRouterClient, WorkerClient
 from services.router.core import RouterCore
-from services.router.servicer import FrontDoorServicer, RouterServicer
+from services.router.servicer import FrontDoorServicer, RouterServicer, receive_limit_bytes
 
 log = get_logger(__name__)
 
@@ -40,6 +43,7 @@ class RouterConfig:
     children: dict[str, str]
     reserve_ms: float | None
     json_logs: bool
+    tls: TlsConfig | None = None   # its server (front door included) and its channels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind, 0 = any free port")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                   help="Redis holding the plan (default: $REDIS_URL)")
+                   help="URL of the Redis holding the plan, e.g. redis://:PASSWORD@host:6379/0 or "
+                        "rediss://... for TLS (default $REDIS_URL, better for a URL with a "
+                        "password: command lines are visible to local users)")
     p.add_argument("--child", action="append", default=[], metavar="TASK=HOST:PORT",
                    help="address of a child stage's router; once per child task")
     p.add_argument("--downstream-reserve-ms", type=float, default=None,
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the fastest recent child round trip)")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
+    add_tls_arguments(p)
     return p
 
 
@@ -77,8 +84,10 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
         if not sep or not task or not addr:
             p.error(f"--child expects TASK=HOST:PORT, got {item!r}")
         children[task] = addr
+    tls = tls_from_args(a, p)
     return RouterConfig(spec=Path(a.spec), task=a.task, host=a.host, port=a.port, redis_url=a.redis_url,
-                        children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json)
+                        children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json,
+                        tls=tls)
 
 
 class RouterApp:
@@ -92,13 +101,16 @@ class RouterApp:
         missing = [c for c in task.children if c not in cfg.children]
         if missing:
             raise SystemExit(f"error: task {task.name!r} has child tasks {missing} without --child addresses")
-        self.workers = WorkerClient()
-        self.child_client = ChildRouterClient(cfg.children)
-        self.core = RouterCore(self.spec, cfg.task, self.workers, self.child_client, reserve_ms=cfg.reserve_ms)
+        self.workers = WorkerClient(tls=cfg.tls)
+        self.child_client = ChildRouterClient(cfg.children, tls=cfg.tls)
+        self.core = RouterCore(self.spec, cfg.task, self.workers, self.child_client, reserve_ms=cfg.reserve_ms,
+                               on_newer_plan=self._newer_plan_seen)
+        self.subscriber: PlanSubscriber | None = None
         self.is_root = self.spec.root.name == cfg.task
         self.admission = TokenBucket(None)
         self.front_door: FrontDoorServicer | None = None
-        self.server = make_server()
+        # the front door takes messages up to twice the spec's max_bytes (gRPC refuses larger)
+        self.server = make_server(receive_limit_bytes(self.spec) if self.is_root else None)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._tasks: list[asyncio.Task] = []
@@ -119,15 +131,19 @@ class RouterApp:
             ipb_grpc.add_GRPCInferenceServiceServicer_to_server(self.front_door, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = bind(self.server, self.cfg.host, self.cfg.port)
+        self.port = bind(self.server, self.cfg.host, self.cfg.port, tls=self.cfg.tls)
         await self.server.start()
         log.info("router_started", task=self.cfg.task, address=f"{self.cfg.host}:{self.port}",
-                 front_door=self.is_root, children=self.cfg.children)
-        sub = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
-                             validate=lambda plan: validate_plan(plan, self.spec))
-        self._tasks.append(asyncio.create_task(sub.run(), name="plan-subscriber"))
+                 front_door=self.is_root, children=self.cfg.children, tls=tls_mode(self.cfg.tls))
+        self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
+                                         validate=lambda plan: validate_plan(plan, self.spec))
+        self._tasks.append(supervise("plan-subscriber", self.subscriber.run))
         if self.front_door is not None:
-            self._tasks.append(asyncio.create_task(self._report_demand(), name="demand-reporter"))
+            self._tasks.append(supervise("demand-reporter", self._report_demand))
+
+    def _newer_plan_seen(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.poke()
 
     async def _report_demand(self, period_s: float = 1.0) -> None:
         """Publish the front door's cumulative request count for the controller's demand
@@ -162,6 +178,7 @@ class RouterApp:
 
 
 async def serve(cfg: RouterConfig) -> None:
+    await check_credentials(cfg.redis_url)   # wrong Redis password: exit at once, not retry forever
     app = RouterApp(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -181,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except SpecError as exc:
         log.error("invalid_input_file", error=str(exc))
+        return 2
+    except RedisAuthError as exc:
+        log.error("redis_auth_failed", error=str(exc))
         return 2
     return 0
 

@@ -7,12 +7,14 @@ inputs and seed. Arrivals come from a sorted array and are merged with the heap
 control tick; queries travel as groups (the sub-queries of one request that a router
 sends to one worker in one message), counted one by one by the batching rule.
 
-What runs here is the services' policy code: ``GroupedEdfQueue.take_batch`` (the
-batching rule and early dropping of ``services.policy.batching``; ``queue="reference"``
-runs ``EdfQueue.take_batch`` itself), ``ServiceTimeEstimator`` (each worker's estimate
-of batch time, seeded with the profile's p50), ``TokenBucket`` admission,
-``DemandEstimator`` (the controller's demand EWMA), MostAccurateFirst routing and the
-policy's planner. What is modelled: batch execution time drawn per batch from the
+What runs here is the services' policy code (``services.policy``), the same functions
+with the same state: ``EdfQueue.take_batch`` (the batching rule and early dropping),
+``ServiceTimeEstimator.seeded`` (each worker's batch-time estimate, seeded from the
+plan's latency figures as the worker does), ``downstream_reserves`` (the reserve rule
+the routers use), ``TokenBucket`` admission, ``DemandEstimator`` (the controller's
+demand estimate), ``StageRouting`` (MostAccurateFirst with the routers' rate meter),
+``reroute_choice`` and the policy's planner (``PlannerPolicy`` for ours, which also
+calibrates the profile from the batch times the simulated workers report each tick). What is modelled: batch execution time drawn per batch from the
 profile (log-normal with the profile's p50 as median and p95 as 95th percentile),
 per-query fan-out by the brief's integer recipe ``floor((i+1)m) - floor(im)`` over the
 i-th query a variant processes, model swaps as the worker does them (a worker that
@@ -23,7 +25,6 @@ serves nothing until its model is loaded), and a transport that takes no time.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
 import itertools
 import math
 import time
@@ -31,13 +32,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.policy.admission import TokenBucket
-from services.policy.batching import EdfQueue, GroupedEdfQueue, ServiceTimeEstimator
-from services.common.plan import ANY_PATH, Plan
-from services.policy.routing import (DEFAULT_FILL, REROUTE_SLACK, MostAccurateFirstPolicy, expected_finish_s,
-                                     reroute_choice)
-from services.policy.demand import DemandEstimator
+from services.common.plan import Plan
 from services.planner.profile import PipelineProfile
+from services.policy.admission import TokenBucket
+from services.policy.batching import EdfQueue, ServiceTimeEstimator
+from services.policy.calibration import Timing
+from services.policy.demand import DemandEstimator
+from services.policy.rates import RATE_TAU_S
+from services.policy.reserve import downstream_reserves
+from services.policy.routing import DEFAULT_FILL, REROUTE_SLACK, StageRouting, expected_finish_s, reroute_choice
 from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
 from services.sim.policies import Decision, Observation, Policy, worker_ids
 
@@ -53,38 +56,8 @@ class SimConfig:
     control_period_s: float = 1.0       # controller loop: demand estimate, re-plan check, sampling
     load_s: float = 1.0                 # model load time when the profile has no load_s
     latency_jitter: bool = True         # False: every batch takes exactly its p50
-    queue: str = "fast"                 # "fast" (GroupedEdfQueue) or "reference" (EdfQueue)
-    ratio_alpha: float = 0.5            # EWMA weight of the per-path observed rate (MostAccurateFirst)
+    rate_tau_s: float = RATE_TAU_S      # time constant of the routers' per-path rate (MostAccurateFirst)
     route_fill: float = DEFAULT_FILL    # MostAccurateFirst's utilisation cap per worker
-
-
-class _RefQueue:
-    """``EdfQueue`` with one entry per query; batches folded back into (item, count)."""
-
-    def __init__(self) -> None:
-        self.q: EdfQueue = EdfQueue()
-
-    @property
-    def queued(self) -> int:
-        return len(self.q)
-
-    def push(self, item, deadline_s, reserve_s=0.0, count=1) -> None:
-        for _ in range(count):
-            self.q.push(item, deadline_s, reserve_s)
-
-    @staticmethod
-    def _fold(entries) -> list:
-        out: list = []
-        for e in entries:
-            if out and out[-1][0] is e.item:
-                out[-1] = (e.item, out[-1][1] + 1)
-            else:
-                out.append((e.item, 1))
-        return out
-
-    def take_batch(self, now, max_batch, exec_time_s):
-        batch, dropped = self.q.take_batch(now, max_batch, exec_time_s)
-        return self._fold(batch), self._fold(dropped)
 
 
 class _Variant:
@@ -108,10 +81,6 @@ class _Variant:
         self.counts = [0] * len(children)
         self.load_s = load_s if v.load_s is None else v.load_s
 
-    def estimator(self) -> ServiceTimeEstimator:
-        est = ServiceTimeEstimator(initial_per_item_s=self.p50[1])
-        est.by_size = {b: self.p50[b] for b in range(1, self.maxb + 1)}
-        return est
 
 
 class _Worker:
@@ -131,14 +100,13 @@ class _Worker:
         self.draining: list = []      # (queue, variant, max batch, estimator) of earlier variants
         self.active = False
         self.gen = 0
-        self.pending = None           # (variant, max batch) loading while the current one serves
+        self.pending = None           # (variant, max batch, estimator) loading while the current one serves
 
     def expected_finish(self, now: float, extra: int) -> float:
         """When ``extra`` more queries would be done here (p50 batches, no jitter)."""
-        v = self.var
         b = self.maxb
         waiting = self.queue.queued + extra + sum(d[0].queued for d in self.draining)
-        return expected_finish_s(max(now, self.busy_until, self.ready_at), waiting, b, v.p50[b])
+        return expected_finish_s(max(now, self.busy_until, self.ready_at), waiting, b, self.est(b))
 
 
 def simulate(profile: PipelineProfile, arrivals_s: np.ndarray, policy: Policy,
@@ -152,8 +120,6 @@ class _Sim:
     def __init__(self, profile: PipelineProfile, arrivals: np.ndarray, policy: Policy, cfg: SimConfig) -> None:
         if arrivals.size and np.any(np.diff(arrivals) < 0):
             raise ValueError("arrivals must be sorted")
-        if cfg.queue not in ("fast", "reference"):
-            raise ValueError(f"queue must be 'fast' or 'reference', got {cfg.queue!r}")
         self.profile, self.arr, self.policy, self.cfg = profile, arrivals, policy, cfg
         self.slo = (cfg.slo_ms if cfg.slo_ms is not None else profile.slo_ms) / 1000.0
         self.reroute_slack = REROUTE_SLACK * self.slo
@@ -166,7 +132,6 @@ class _Sim:
             for v in t.variants:
                 ch = [(tix[c], float(t.fan_out[v.name][c])) for c in t.children]
                 self.variants[(t.name, v.name)] = _Variant(v, tix[t.name], ch, cfg.load_s)
-        self.accuracy_of = {}
         self.workers = {w: _Worker(w) for w in worker_ids(cfg.n_workers)}
         self.rng = np.random.default_rng(cfg.seed)
         self._u: list[float] = []
@@ -176,7 +141,9 @@ class _Sim:
         self.heap: list = []
         self.seq = itertools.count()
         self.cancel = getattr(policy, "cancel_failed", False)
-        self.mkqueue = GroupedEdfQueue if cfg.queue == "fast" else _RefQueue
+        self.mkqueue = EdfQueue
+        self.tree = {t.name: tuple(t.children) for t in profile.tasks}
+        self.timings: dict[tuple[str, str, int], list] = {}   # batches since the last tick
         n = arrivals.size
         self.deadline = (arrivals + self.slo).tolist()
         self.pend = [0] * n
@@ -190,14 +157,11 @@ class _Sim:
         self.bucket = TokenBucket(None)
         self.plan: Plan | None = None
         self.planned: dict = {}
-        self.routes: list[dict] = [{} for _ in range(nt)]
-        self.route_obs: dict = {}       # (ti, path) -> queries routed this period
-        self.route_rate: dict = {}      # (ti, path) -> EWMA q/s
+        self.stages = [StageRouting(t, cfg.route_fill, cfg.rate_tau_s) for t in self.tasks]
         self.task_count = [0] * nt
         # the controller's estimator with its defaults (services/policy/demand.py)
         self.root_est = DemandEstimator()
         self.task_est = [DemandEstimator() for _ in range(nt)]
-        self.mafs = MostAccurateFirstPolicy({}, cfg.route_fill)
         self.queries = self.dropped_q = self.batches = self.plans = 0
         self.inflight = 0
         self.ticks: dict[str, list] = {"t": [], "demand_est": [], "active": [], "planned_accuracy": []}
@@ -228,21 +192,10 @@ class _Sim:
         return Observation(now, self.root_est.estimate, task_qps, self.plan, self.cfg.n_workers)
 
     def _reserves(self, plan: Plan) -> list[float]:
-        """Minimum time the stages below a task still need: the fastest single-query
-        latency among the child's planned variants, plus its own reserve (max over
-        parallel children). 0 for leaves."""
-        fastest = [math.inf] * len(self.tasks)
-        for a in plan.workers.values():
-            v = self.variants[(a.task, a.variant)]
-            fastest[v.ti] = min(fastest[v.ti], v.p50[1])
-        out = [0.0] * len(self.tasks)
-        for ti in reversed(range(len(self.tasks))):   # tasks are declared parents first
-            need = 0.0
-            for c in self.children[ti]:
-                f = fastest[c] if math.isfinite(fastest[c]) else 0.0
-                need = max(need, f + out[c])
-            out[ti] = need
-        return out
+        """The downstream reserve of every task under ``plan``: the routers' rule
+        (``services.policy.reserve``) on the plan's latency figures."""
+        r = downstream_reserves(self.tree, plan.fastest_s())
+        return [r[t] for t in self.tasks]
 
     def apply(self, d: Decision, now: float, initial: bool = False) -> None:
         plan = d.plan
@@ -262,7 +215,7 @@ class _Sim:
             w.reserve = reserves[v.ti] if early else -math.inf
             maxb = min(a.batch_size, v.maxb)
             if w.pending is not None and w.pending[0] is v:    # already loading it
-                w.pending = (v, maxb)
+                w.pending = (v, maxb, w.pending[2])
                 continue
             if w.var is v:
                 if w.pending is not None:    # back to the variant it still runs: cancel the load
@@ -273,14 +226,14 @@ class _Sim:
             if not initial and w.var is not None and w.var.ti == v.ti and now >= w.ready_at:
                 # the worker's hot swap (services/worker/core.py): the new variant loads
                 # while the old one keeps serving, queries arriving meanwhile included
-                w.pending = (v, maxb)
+                w.pending = (v, maxb, self._estimator(plan, a))
                 w.gen += 1
                 self.push(now + v.load_s, SWAP, (w, w.gen))
                 continue
             w.pending = None
             if w.var is not None and (w.queue.queued or w.draining):
                 w.draining.append((w.queue, w.var, w.maxb, w.est))
-            w.var, w.maxb, w.queue, w.est = v, maxb, self.mkqueue(), v.estimator()
+            w.var, w.maxb, w.queue, w.est = v, maxb, self.mkqueue(), self._estimator(plan, a)
             w.gen += 1
             w.ready_at = now if initial else now + v.load_s
             if not initial:
@@ -288,9 +241,13 @@ class _Sim:
         self.by_task = [[] for _ in self.tasks]
         for wid in sorted(plan.workers):
             self.by_task[self.workers[wid].var.ti].append(self.workers[wid])
-        self.accuracy_of = {wid: self.variants[(a.task, a.variant)].acc for wid, a in plan.workers.items()}
-        self.mafs = MostAccurateFirstPolicy(self.accuracy_of, self.cfg.route_fill)
-        self.compile_routes()
+        accuracy = plan.worker_accuracy or \
+            {wid: self.variants[(a.task, a.variant)].acc for wid, a in plan.workers.items()}
+        planned: dict[str, dict[str, float]] = {}
+        for (task, path), q in self.planned.items():
+            planned.setdefault(task, {})[path] = q
+        for ti, task in enumerate(self.tasks):
+            self.stages[ti].set_plan(plan.routing.get(task, {}), planned.get(task, {}), accuracy)
         for w in self.workers.values():
             if not w.busy:
                 self.start(w, now)
@@ -298,26 +255,17 @@ class _Sim:
     def switch(self, w: _Worker) -> None:
         """A hot swap completes: the loaded variant takes over; what the old one had
         queued still runs on it (drained first)."""
-        v, maxb = w.pending
+        v, maxb, est = w.pending
         w.pending = None
         if w.queue.queued:
             w.draining.append((w.queue, w.var, w.maxb, w.est))
-        w.var, w.maxb, w.queue, w.est = v, maxb, self.mkqueue(), v.estimator()
+        w.var, w.maxb, w.queue, w.est = v, maxb, self.mkqueue(), est
 
-    def compile_routes(self) -> None:
-        plan = self.plan
-        for ti, task in enumerate(self.tasks):
-            table = {}
-            for path, weights in plan.routing.get(task, {}).items():
-                if not weights:
-                    continue
-                key = (ti, path)
-                planned = self.planned.get((task, path), 0.0)
-                seen = self.route_rate.get(key)
-                ratio = seen / planned if planned > 0 and seen is not None else 1.0
-                rt = self.mafs.table(weights, ratio)
-                table[path] = ([self.workers[w] for w in rt.ids], list(rt.cum), key)
-            self.routes[ti] = table
+    @staticmethod
+    def _estimator(plan: Plan, a) -> ServiceTimeEstimator:
+        """The worker's estimate for a newly loaded variant: seeded from the plan's figures."""
+        by_batch = plan.latency_ms.get(a.task, {}).get(a.variant)
+        return ServiceTimeEstimator.seeded({b: ms / 1000.0 for b, ms in by_batch.items()} if by_batch else None)
 
     # -- events ------------------------------------------------------------------
     def push(self, t: float, kind: int, payload) -> None:
@@ -368,9 +316,8 @@ class _Sim:
         return True
 
     def route(self, ti: int, path: str, r: int, k: int, now: float) -> None:
-        table = self.routes[ti]
-        entry = table.get(path) or table.get(ANY_PATH)
-        if entry is None:     # the plan does not serve this task: the queries fail
+        split = self.stages[ti].split(path, k, self.u)
+        if not split:     # the plan does not serve this task: the queries fail
             self.dropped_q += k
             if not self.fail[r]:
                 self.fail[r] = DROPPED
@@ -378,31 +325,10 @@ class _Sim:
             if self.pend[r] == 0:
                 self.finish(r, now)
             return
-        ws, cum, key = entry
         self.queries += k
         self.task_count[ti] += k
-        self.route_obs[key] = self.route_obs.get(key, 0) + k
-        nw = len(ws)
-        if nw == 1:
-            groups = {ws[0]: k}
-        else:
-            groups = {}
-            for _ in range(k):
-                if self._ui >= len(self._u):
-                    self.u()
-                    self._ui -= 1
-                x = self._u[self._ui]
-                self._ui += 1
-                if nw <= 8:   # few workers per path: a linear scan beats bisect
-                    i = 0
-                    while cum[i] <= x and i < nw - 1:
-                        i += 1
-                else:
-                    i = bisect_right(cum, x)
-                    if i >= nw:
-                        i = nw - 1
-                w = ws[i]
-                groups[w] = groups.get(w, 0) + 1
+        workers = self.workers
+        groups = {workers[wid]: c for wid, c in split.items()}
         deadline = self.deadline[r]
         item = (r, path)
         for w, c in groups.items():
@@ -428,7 +354,7 @@ class _Sim:
             start = x.busy_until if x.busy_until > now else now
             if x.ready_at > start:
                 start = x.ready_at
-            finish[x] = start + -(-waiting // b) * x.var.p50[b]
+            finish[x] = start + -(-waiting // b) * x.est(b)
         if w not in finish:
             finish[w] = w.expected_finish(now, c)
         return reroute_choice(w, finish, deadline, w.reserve, self.reroute_slack)
@@ -437,6 +363,11 @@ class _Sim:
         w, batch, v, size, dur, est = payload
         w.busy = False
         est.observe(size, dur)
+        tm = self.timings.get((v.task, v.name, size))
+        if tm is None:
+            tm = self.timings[(v.task, v.name, size)] = [0, 0.0, 0, 0]
+        tm[0] += 1
+        tm[1] += dur * 1000.0
         ti, a = v.ti, v.acc
         sacc, scnt = self.sacc[ti], self.scnt[ti]
         pend = self.pend
@@ -487,26 +418,21 @@ class _Sim:
         self.acc[r] = total / reached if reached else self.sacc[0][r] / max(1, self.scnt[0][r])
 
     def tick(self, now: float, arrived: int) -> None:
-        period = self.cfg.control_period_s
         self.root_est.observe("frontdoor", arrived + self.root_offset, now)
         self.root_est.update(now)
         for ti, e in enumerate(self.task_est):
             e.observe("router", self.task_count[ti] + self.task_offset[ti], now)
             e.update(now)
-        al = self.cfg.ratio_alpha
-        for key, c in self.route_obs.items():
-            prev = self.route_rate.get(key)
-            x = c / period
-            self.route_rate[key] = x if prev is None else prev + al * (x - prev)
-        for key in self.route_rate:
-            if key not in self.route_obs:
-                self.route_rate[key] *= (1 - al)
-        self.route_obs = {}
+        for st in self.stages:
+            st.advance(now)
+        if self.timings:
+            observe = getattr(self.policy, "observe_timings", None)
+            if observe is not None:   # the heartbeats: what the workers' batches cost
+                observe([Timing(t, v, b, x[0], x[1], x[2], x[3]) for (t, v, b), x in self.timings.items()])
+            self.timings = {}
         d = self.policy.decide(self._observation(now))
         if d is not None:
             self.apply(d, now)
-        else:
-            self.compile_routes()
         self.sample(now)
 
     def sample(self, now: float) -> None:

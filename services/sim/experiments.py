@@ -376,6 +376,11 @@ def main(argv=None) -> None:
     one.add_argument("--duration", type=float, default=60.0)
     one.add_argument("--workers", type=int, default=20)
     one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--profile-error", type=float, default=1.0,
+                     help="the policy plans on the profile's latencies times this (0.5: a profile 2x "
+                          "too optimistic); the simulated workers run the true ones")
+    one.add_argument("--no-calibrate", action="store_true",
+                     help="ours: do not correct the profile from measured batch times")
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
         reproduce(Path(a.out), quick=a.quick)
@@ -383,5 +388,8 @@ def main(argv=None) -> None:
     prof = load_profile(a.profile)
     arr = (poisson_arrivals(a.poisson, a.duration, a.seed) if a.poisson
            else trace_arrivals(a.trace, a.rate_scale, a.seed))
-    r = simulate(prof, arr, make_policy(a.policy, prof, a.workers), SimConfig(n_workers=a.workers, seed=a.seed))
+    policy = make_policy(a.policy, prof, a.workers, profile_error=a.profile_error)
+    if a.no_calibrate and hasattr(policy, "planner"):
+        policy.planner.calibrate = False
+    r = simulate(prof, arr, policy, SimConfig(n_workers=a.workers, seed=a.seed))
     print(json.dumps(r.summary(), indent=1, default=float))

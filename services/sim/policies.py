@@ -5,7 +5,7 @@ root demand, per-task observed query rates, the current plan) and returns a
 :class:`Decision` (a real :class:`services.common.plan.Plan` plus the planned query
 rate per (task, upstream path), which MostAccurateFirst uses as capacities) or None to
 keep the current plan. The simulator is a pool of ``n_workers`` interchangeable
-workers; :func:`pool_workers` decides which worker serves which task (keeping workers
+workers; `services.planner.assign.bind_pool` decides which worker serves which task (keeping workers
 where they are), and ``services.common.plan.assign_workers`` which variant it runs.
 
 What each policy models (docs/simulator.md has the longer story):
@@ -37,13 +37,14 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from services.common.plan import ANY_PATH, Allocation, Plan, RegisteredWorker, assign_workers
-from services.policy.planning import PlannerPolicy
-from services.planner import PlannerContext, plan_from_solution, solve
-from services.planner.assign import _bucket_rates
+from services.planner import PlannerContext, solve
+from services.planner.assign import bind_pool, bucket_rates, latency_table
 from services.planner.profile import PipelineProfile, TaskProfile
 from services.planner.solver import PlanSolution
+from services.policy.calibration import scale_profile
+from services.policy.planning import PlannerPolicy, on_grid
 
-GRID = 1.02    # plans are solved for the demand rounded up to this geometric grid (cacheable)
+GRID = PlannerPolicy.demand_grid   # plans are solved for demands on this geometric grid (cacheable)
 
 
 @dataclass(frozen=True)
@@ -70,55 +71,47 @@ def worker_ids(n: int) -> list[str]:
 _SOLVES: dict[tuple, PlanSolution] = {}
 
 
+def _solve_key(ctx: PlannerContext, previous: Plan | None) -> tuple:
+    # the solver reads only the variant counts of the previous plan (its change cost)
+    prev = tuple(sorted(Counter((a.task, a.variant) for a in previous.workers.values()).items())) \
+        if previous is not None else None
+    caps = tuple(sorted(ctx.task_workers.items())) if ctx.task_workers else None
+    return (ctx.profile.name, id(ctx.profile), round(ctx.demand_qps, 6), ctx.n_workers, ctx.method,
+            ctx.min_accuracy, ctx.slo_ms, caps, prev)
+
+
+def caching_solver(ctx: PlannerContext, previous: Plan | None = None) -> PlanSolution:
+    """``services.planner.solve``, cached (for speed: a run re-plans thousands of times for
+    a few dozen distinct demands). Holds the profiles it saw, so ``id`` stays unique."""
+    key = _solve_key(ctx, previous)
+    hit = _SOLVES.get(key)
+    if hit is None:
+        hit = _SOLVES[key] = solve(ctx, previous)
+        _PROFILES[id(ctx.profile)] = ctx.profile
+    return hit
+
+
+_PROFILES: dict[int, PipelineProfile] = {}
+
+
 def cached_solve(profile: PipelineProfile, demand: float, n_workers: int, method: str = "relaxed",
                  min_accuracy: float | None = None, slo_ms: float | None = None,
                  previous: Plan | None = None) -> PlanSolution:
-    """``services.planner.solve``, cached per (rounded demand, previous plan's variant
-    counts): the solver reads only those counts of the previous plan (its change cost)."""
-    prev = tuple(sorted(Counter((a.task, a.variant) for a in previous.workers.values()).items())) \
-        if previous is not None else None
-    key = (profile.name, id(profile), round(demand, 6), n_workers, method, min_accuracy, slo_ms, prev)
-    sol = _SOLVES.get(key)
-    if sol is None:
-        sol = solve(PlannerContext(profile, demand_qps=demand, n_workers=n_workers, method=method,
-                                   min_accuracy=min_accuracy, slo_ms=slo_ms), previous)
-        _SOLVES[key] = sol
-    return sol
+    """:func:`caching_solver` for the baselines, which plan without the controller's policy."""
+    return caching_solver(PlannerContext(profile, demand_qps=demand, n_workers=n_workers, method=method,
+                                         min_accuracy=min_accuracy, slo_ms=slo_ms), previous)
 
 
 def round_up(q: float) -> float:
-    if q <= 0.5:
-        return 0.5
-    return GRID ** math.ceil(math.log(q) / math.log(GRID) - 1e-9)
+    return on_grid(q, GRID)
 
 
-def pool_workers(allocations: list[Allocation], current: Plan | None, n_workers: int,
-                 task_order: list[str]) -> list[RegisteredWorker]:
-    """Which pool worker serves which task: keep workers on their task (those running a
-    wanted variant first), then fill from idle workers, then from released ones."""
-    need = Counter()
-    wanted: dict[str, set] = defaultdict(set)
-    for a in allocations:
-        need[a.task] += a.replicas
-        wanted[a.task].add(a.variant)
-    cur = dict(current.workers) if current else {}
-    ids = worker_ids(n_workers)
-    taken: dict[str, str] = {}
-    for task in task_order:
-        mine = [w for w in ids if w in cur and cur[w].task == task]
-        mine.sort(key=lambda w: (cur[w].variant not in wanted[task], w))
-        for w in mine[:need[task]]:
-            taken[w] = task
-    free = [w for w in ids if w not in cur] + [w for w in ids if w in cur and w not in taken]
-    for task in task_order:
-        short = need[task] - sum(1 for t in taken.values() if t == task)
-        while short > 0 and free:
-            taken[free.pop(0)] = task
-            short -= 1
-    return [RegisteredWorker(w, f"sim:{w}", t) for w, t in sorted(taken.items())]
+def pool(n: int) -> list[RegisteredWorker]:
+    """The simulator's workers: a pool with no task, bound by each plan."""
+    return [RegisteredWorker(w, f"sim:{w}", "") for w in worker_ids(n)]
 
 
-def _planned_rates(plan: Plan) -> dict[tuple[str, str], float]:
+def planned_rates(plan: Plan) -> dict[tuple[str, str], float]:
     """The plan's planned query rate per (task, upstream path), as MostAccurateFirst reads it."""
     return {(t, p): q for t, paths in plan.planned_qps.items() for p, q in paths.items()}
 
@@ -142,7 +135,7 @@ class Policy:
                           current: Plan | None, now: float, source: str) -> Decision:
         """A plan for per-task policies: ANY_PATH routing by planned bucket rates
         ``rates[(task, variant, batch)]``, split evenly over the bucket's workers."""
-        regs = pool_workers(allocs, current, self.n_workers, self.task_order)
+        regs = bind_pool(allocs, pool(self.n_workers), current, self.task_order)
         assigned = assign_workers(allocs, regs, current)
         members: dict[tuple, list[str]] = defaultdict(list)
         for a in sorted(assigned.values(), key=lambda a: a.worker_id):
@@ -163,19 +156,21 @@ class Policy:
                 planned[(task, ANY_PATH)] = sum(rates.get(k, 0.0) for k in members if k[0] == task)
         self.version += 1
         plan = Plan(self.version, self.profile.name, dict(sorted(assigned.items())), routing,
-                    source=source, created_unix_s=now)
+                    source=source, created_unix_s=now, latency_ms=latency_table(self.profile, assigned.values()))
         return Decision(plan, planned)
 
 
 class OursPolicy(Policy):
-    """The controller's planner mode (see the module docstring)."""
+    """The controller's planner mode (see the module docstring): the controller's own
+    :class:`PlannerPolicy`, with a caching solver and the simulator's pool of workers."""
 
     name = "ours"
 
     def __init__(self, profile: PipelineProfile, n_workers: int, method: str = "relaxed",
                  early_drop: bool = True, reroute: bool = True, admission: bool = True,
                  full_accuracy_only: bool = False, name: str | None = None,
-                 batch_budget: float = 0.5, headroom: float | None = None, cancel_failed: bool = False) -> None:
+                 batch_budget: float = 0.5, headroom: float | None = None, cancel_failed: bool = False,
+                 calibrate: bool = True) -> None:
         super().__init__(profile, n_workers)
         self.cancel_failed = cancel_failed
         # the planner keeps the sum of batch latencies on a path within slo_ms / 2; planning
@@ -186,33 +181,28 @@ class OursPolicy(Policy):
         self.reroute = reroute
         self.admission = admission
         self.name = name or self.name
-        # the controller's own default headroom unless told otherwise
-        kw = {} if headroom is None else {"headroom": headroom}
-        self.planner = PlannerPolicy(profile, self.plan_slo_ms, method=method, **kw)
-        self.members = [RegisteredWorker(w, f"sim:{w}", "") for w in worker_ids(n_workers)]
-        self.min_accuracy = None
+        min_accuracy = None
         if full_accuracy_only:
             best = cached_solve(profile, 1.0, n_workers, method, slo_ms=self.plan_slo_ms).max_accuracy
-            self.min_accuracy = best * (1 - 1e-6)
+            min_accuracy = best * (1 - 1e-6)
+        # the controller's own default headroom unless told otherwise
+        kw = {} if headroom is None else {"headroom": headroom}
+        self.planner = PlannerPolicy(profile, self.plan_slo_ms, method=method, min_accuracy=min_accuracy,
+                                     solver=caching_solver, calibrate=calibrate, verbose=False, **kw)
+        self.members = pool(n_workers)
+
+    def observe_timings(self, timings) -> None:
+        self.planner.observe_timings(timings)
 
     def decide(self, obs: Observation) -> Decision | None:
-        pp = self.planner
-        if obs.current is not None and not pp.should_replan(self.members, obs.root_qps, obs.now):
+        if obs.current is not None and not self.planner.should_replan(self.members, obs.root_qps, obs.now):
             return None
-        target = pp.target_demand(obs.root_qps)
-        sol = cached_solve(self.profile, round_up(target), self.n_workers, self.method, self.min_accuracy,
-                           slo_ms=self.plan_slo_ms, previous=obs.current)
-        pp.planned_members = tuple(sorted((w.worker_id, w.task) for w in self.members))
-        pp.planned_at = obs.now
-        if not sol.ok:
-            pp.planned_demand = None
+        plan = self.planner.decide(self.members, obs.root_qps, obs.current, obs.now, version=self.version + 1)
+        if plan is None:
             return None
-        pp.planned_demand = target
-        regs = pool_workers(list(sol.allocations), obs.current, self.n_workers, self.task_order)
         self.version += 1
-        plan = plan_from_solution(sol, regs, obs.current, version=self.version, now=obs.now)
-        return Decision(plan, _planned_rates(plan),
-                        sol.admission_rate_qps if self.admission else None, sol.expected_accuracy)
+        return Decision(plan, planned_rates(plan), plan.admission_rate_qps if self.admission else None,
+                        plan.expected_accuracy)
 
 
 def single_task_profile(profile: PipelineProfile, task: str, slo_ms: float,
@@ -389,7 +379,7 @@ class ClipperPolicy(Policy):
         sol = cached_solve(self.fixed, 1e6, self.n_workers)   # overload: most it can serve
         reps = {(a.task, a.variant, a.batch_size): a.replicas for a in sol.allocations}
         rates = {(b[0], b[1], b[2]): 0.0 for b in reps}
-        for t, paths in _bucket_rates(sol).items():
+        for t, paths in bucket_rates(sol).items():
             for p, bk in paths.items():
                 for (v, b), q in bk.items():
                     rates[(t, v, b)] = rates.get((t, v, b), 0.0) + q
@@ -405,7 +395,13 @@ POLICIES = ("ours", "ours-exact", "ours-no-drop", "ours-no-reroute", "inferline"
             "clipper-high", "clipper-low")
 
 
-def make_policy(name: str, profile: PipelineProfile, n_workers: int) -> Policy:
+def make_policy(name: str, profile: PipelineProfile, n_workers: int, profile_error: float = 1.0) -> Policy:
+    """The policy ``name`` planning on ``profile`` with every latency multiplied by
+    ``profile_error`` (0.5: a profile 2x too optimistic; the simulator executes the true
+    profile, so only policies that calibrate from measured batch times recover)."""
+    if profile_error != 1.0:
+        profile = scale_profile(profile, {(t.name, v.name): profile_error for t in profile.tasks
+                                          for v in t.variants}, note=f"x{profile_error:g} (profile error)")
     if name == "ours":
         return OursPolicy(profile, n_workers)
     if name == "ours-exact":

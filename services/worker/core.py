@@ -2,32 +2,44 @@
 early dropping, hot swaps. No gRPC here; the servicer adapts it.
 
 Guarantees:
-- Every submitted query resolves exactly once: OK with its outputs, DROPPED_DEADLINE,
-  INVALID (undecodable payload) or INTERNAL (the batch it ran in failed).
+- Every submitted query resolves exactly once: OK with its outputs, DROPPED_DEADLINE
+  (on arrival, before pre-processing, or when its batch is formed), INVALID
+  (undecodable payload) or INTERNAL (the batch it ran in failed); a whole submission
+  beyond the queue bound is refused with :class:`Shed` before anything is queued.
 - ONNX Runtime and pre-processing run in executors, never on the event loop.
+- The batch loop runs supervised (``services.common.tasks``): if it ever dies it is
+  logged and restarted, and the queries of the batch it held are resolved INTERNAL, so
+  nothing hangs.
 - A swap loads the new variant while the old one keeps serving; queries prepared for
-  the old variant are still executed by it (each queue entry holds its model), so a
+  the old variant are still executed by it (each queued group holds its model), so a
   plan change fails no queued request. The old session is freed once drained.
+- The batching rule and the drop test are the policy package's
+  (``services.policy.batching``), the same code the simulator runs; the batch-time
+  estimate starts from the plan's latency figures for the variant when it has them.
 """
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
-from services.policy.batching import EdfQueue, ServiceTimeEstimator
-from services.common.errors import InvalidInput, Unavailable
+from services.common.errors import InvalidInput, Shed, Unavailable
 from services.common.logging import get_logger
 from services.common.onnx import create_session
 from services.common.processing import ItemResult, Prepared, Processor, make_processor
 from services.common.spec import TaskSpec, VariantSpec
+from services.common.tasks import supervise
+from services.policy.batching import EdfQueue, ServiceTimeEstimator, cannot_make_it
 
 log = get_logger(__name__)
+
+DEFAULT_MAX_QUEUE = 1024   # queries; beyond it a submission is shed (RESOURCE_EXHAUSTED)
 
 
 class Status(str, Enum):
@@ -80,38 +92,58 @@ class _Pending:
     host: ModelHost
     prepared: Prepared
     enqueued: float
+    prepare_s: float
     future: asyncio.Future
+
+
+@dataclass
+class BatchTiming:
+    """What batches of one (variant, batch size) cost since the last report: the sum of
+    the batch's model time and its items' pre-processing time (the profile's
+    definition of a batch latency), and the regions its items produced."""
+
+    variant: str
+    batch_size: int
+    count: int = 0
+    total_ms: float = 0.0
+    max_ms: float = 0.0
+    items: int = 0
+    regions: int = 0
 
 
 class WorkerCore:
     def __init__(self, worker_id: str, task: TaskSpec, models_dir: Path, *, prefer_gpu: bool = True,
                  intra_op_threads: int = 1, clock: Callable[[], float] = time.time,
-                 loader: Callable[[VariantSpec], ModelHost] | None = None) -> None:
+                 loader: Callable[[VariantSpec], ModelHost] | None = None,
+                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         self.worker_id = worker_id
         self.task = task
         self.models_dir = Path(models_dir)
         self.clock = clock
+        self.max_queue = max_queue
         self._loader = loader or (lambda v: ModelHost.load(v, self.models_dir, prefer_gpu, intra_op_threads))
         self.state = WorkerState.IDLE
         self.host: ModelHost | None = None
         self.batch_size = 1
         self.plan_version = 0
-        self.queue: EdfQueue[_Pending] = EdfQueue()
+        self.queue: EdfQueue[deque[_Pending]] = EdfQueue()
         self._wake = asyncio.Event()
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{worker_id}-infer")
         self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{worker_id}-prep")
         self._apply_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
-        self.counters = {"arrivals": 0, "completed": 0, "dropped": 0, "errors": 0, "invalid": 0}
-        self._batches = 0
-        self._batched_items = 0
-        self._service_ms_total = 0.0
-        self._regions_total = 0
+        self._holding: list[_Pending] = []     # the batch in flight (resolved INTERNAL if the loop dies)
+        self.counters = {"arrivals": 0, "completed": 0, "dropped": 0, "errors": 0, "invalid": 0, "shed": 0}
+        self._timings: dict[tuple[str, int], BatchTiming] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="batch-loop")
+            self._loop_task = supervise("batch-loop", self._batch_loop)
+
+    @property
+    def loop_restarts(self) -> int:
+        return self._loop_task.supervisor.restarts if self._loop_task else 0   # type: ignore[attr-defined]
 
     async def stop(self) -> None:
         """Resolve everything still queued as INTERNAL (shutdown), stop the loop."""
@@ -121,8 +153,9 @@ class WorkerCore:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
-        for e in self.queue.drain():
-            self._resolve(e.item, Status.INTERNAL, "worker shutting down")
+        for group, n in self.queue.drain():
+            for _ in range(n):
+                self._resolve(group.popleft(), Status.INTERNAL, "worker shutting down")
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -130,8 +163,11 @@ class WorkerCore:
     def ready(self) -> bool:
         return self.host is not None
 
-    async def apply(self, variant_name: str, batch_size: int, plan_version: int) -> bool:
-        """Run ``variant_name`` at ``batch_size``. Returns True if the variant changed."""
+    async def apply(self, variant_name: str, batch_size: int, plan_version: int,
+                    latency_ms: Mapping[int, float] | None = None) -> bool:
+        """Run ``variant_name`` at ``batch_size``. ``latency_ms`` (batch size -> ms, the
+        plan's figures for this variant) seeds the batch-time estimate of a newly loaded
+        variant. Returns True if the variant changed."""
         async with self._apply_lock:
             self.plan_version = max(self.plan_version, plan_version)
             self.batch_size = max(1, int(batch_size))
@@ -149,6 +185,8 @@ class WorkerCore:
                 self.state = WorkerState.SERVING if old else WorkerState.IDLE
                 log.exception("variant_load_failed", worker_id=self.worker_id, variant=variant_name)
                 raise
+            if latency_ms:
+                new.estimator = ServiceTimeEstimator.seeded({b: ms / 1000.0 for b, ms in latency_ms.items()})
             self.host = new
             self.state = WorkerState.SERVING
             log.info("variant_loaded", worker_id=self.worker_id, variant=variant_name,
@@ -162,27 +200,40 @@ class WorkerCore:
         host = self.host
         if host is None:
             raise Unavailable(f"worker {self.worker_id} has no model loaded yet")
-        self.counters["arrivals"] += len(queries)
+        n = len(queries)
+        if self.queue.queued + n > self.max_queue:
+            self.counters["shed"] += n
+            raise Shed(f"worker queue full ({self.queue.queued} queued, bound {self.max_queue})")
+        self.counters["arrivals"] += n
+        now = self.clock()
+        if cannot_make_it(now, host.estimator(1), reserve_s, deadline_s):
+            # dropped on arrival: not even pre-processed
+            self.counters["dropped"] += n
+            return [Outcome(qid, Status.DROPPED_DEADLINE, "cannot make its deadline", host.variant.name)
+                    for qid, _ in queries]
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(*[
-            loop.run_in_executor(self._prep_pool, contextvars.copy_context().run, host.processor.prepare, p)
+            loop.run_in_executor(self._prep_pool, contextvars.copy_context().run, _timed, host.processor.prepare, p)
             for _, p in queries], return_exceptions=True)
-        futures: list[asyncio.Future] = []
         now = self.clock()
+        group: deque[_Pending] = deque()
+        outcomes: list[Outcome | asyncio.Future] = []
         for (qid, _), prep in zip(queries, prepared):
-            fut = loop.create_future()
-            futures.append(fut)
             if isinstance(prep, InvalidInput):
                 self.counters["invalid"] += 1
-                fut.set_result(Outcome(qid, Status.INVALID, str(prep), host.variant.name))
+                outcomes.append(Outcome(qid, Status.INVALID, str(prep), host.variant.name))
             elif isinstance(prep, BaseException):
                 self.counters["errors"] += 1
                 log.error("prepare_failed", worker_id=self.worker_id, query_id=qid, error=repr(prep))
-                fut.set_result(Outcome(qid, Status.INTERNAL, "pre-processing failed", host.variant.name))
+                outcomes.append(Outcome(qid, Status.INTERNAL, "pre-processing failed", host.variant.name))
             else:
-                self.queue.push(_Pending(qid, host, prep, now, fut), deadline_s, reserve_s)
-        self._wake.set()
-        return list(await asyncio.gather(*futures))
+                p = _Pending(qid, host, prep[0], now, prep[1], loop.create_future())
+                group.append(p)
+                outcomes.append(p.future)
+        if group:
+            self.queue.push(group, deadline_s, reserve_s, len(group))
+            self._wake.set()
+        return [o if isinstance(o, Outcome) else await o for o in outcomes]
 
     def _resolve(self, p: _Pending, status: Status, message: str = "", result: ItemResult | None = None,
                  service_ms: float = 0.0, batch_size: int = 0, started: float | None = None) -> None:
@@ -200,25 +251,31 @@ class WorkerCore:
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if not len(self.queue):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            host = self.host
-            assert host is not None
-            now = self.clock()
-            batch, dropped = self.queue.take_batch(now, self.batch_size, host.estimator)
-            for e in dropped:
-                self._resolve(e.item, Status.DROPPED_DEADLINE, "cannot make its deadline")
-            if not batch:
-                continue
-            # Entries queued before a swap run on the model they were prepared for.
-            groups: dict[int, list[_Pending]] = {}
-            for e in batch:
-                groups.setdefault(id(e.item.host), []).append(e.item)
-            for items in groups.values():
-                await self._run_group(loop, items)
+        try:
+            while True:
+                if not self.queue.queued:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                host = self.host
+                assert host is not None
+                batch, dropped = self.queue.take_batch(self.clock(), self.batch_size, host.estimator)
+                for group, n in dropped:
+                    for _ in range(n):
+                        self._resolve(group.popleft(), Status.DROPPED_DEADLINE, "cannot make its deadline")
+                self._holding = [group.popleft() for group, n in batch for _ in range(n)]
+                # Entries queued before a swap run on the model they were prepared for.
+                by_host: dict[int, list[_Pending]] = {}
+                for p in self._holding:
+                    by_host.setdefault(id(p.host), []).append(p)
+                for items in by_host.values():
+                    await self._run_group(loop, items)
+                self._holding = []
+        finally:
+            # the loop is ending (crash or stop): nothing it held may hang
+            for p in self._holding:
+                self._resolve(p, Status.INTERNAL, "batch loop failed")
+            self._holding = []
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
         host = items[0].host
@@ -238,17 +295,44 @@ class WorkerCore:
             return
         elapsed = time.perf_counter() - t0
         host.estimator.observe(len(items), elapsed)
-        self._batches += 1
-        self._batched_items += len(items)
-        self._service_ms_total += elapsed * 1e3
+        regions = sum(len(r.regions) for r in results)
+        self._record(host.variant.name, len(items), elapsed + sum(p.prepare_s for p in items), regions)
         for p, r in zip(items, results):
-            self._regions_total += len(r.regions)
             self._resolve(p, Status.OK, result=r, service_ms=elapsed * 1e3, batch_size=len(items),
                           started=started)
 
     # -- statistics ----------------------------------------------------------------
+    def _record(self, variant: str, size: int, work_s: float, regions: int) -> None:
+        t = self._timings.get((variant, size))
+        if t is None:
+            t = self._timings[(variant, size)] = BatchTiming(variant, size)
+        ms = work_s * 1e3
+        t.count += 1
+        t.total_ms += ms
+        t.max_ms = max(t.max_ms, ms)
+        t.items += size
+        t.regions += regions
+
+    def take_timings(self) -> list[BatchTiming]:
+        """The batch timings since the last call (the heartbeat reports them once)."""
+        out = list(self._timings.values())
+        self._timings = {}
+        return out
+
+    def restore_timings(self, timings: list[BatchTiming]) -> None:
+        """Put back timings whose report failed, so the next heartbeat carries them."""
+        for t in timings:
+            cur = self._timings.get((t.variant, t.batch_size))
+            if cur is None:
+                self._timings[(t.variant, t.batch_size)] = t
+            else:
+                cur.count += t.count
+                cur.total_ms += t.total_ms
+                cur.max_ms = max(cur.max_ms, t.max_ms)
+                cur.items += t.items
+                cur.regions += t.regions
+
     def stats(self) -> dict:
-        done = max(1, self._batched_items)
         return {
             "worker_id": self.worker_id,
             "task": self.task.name,
@@ -260,9 +344,13 @@ class WorkerCore:
             "completed": self.counters["completed"],
             "dropped": self.counters["dropped"],
             "errors": self.counters["errors"] + self.counters["invalid"],
-            "queue_length": len(self.queue),
-            "mean_service_ms": self._service_ms_total / max(1, self._batches),
-            "mean_batch_size": self._batched_items / max(1, self._batches),
-            "mean_fan_out": self._regions_total / done,
+            "shed": self.counters["shed"],
+            "queue_length": self.queue.queued,
             "state": self.state.value,
         }
+
+
+def _timed(fn: Callable[[bytes], Prepared], payload: bytes) -> tuple[Prepared, float]:
+    t0 = time.perf_counter()
+    out = fn(payload)
+    return out, time.perf_counter() - t0

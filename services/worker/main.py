@@ -13,14 +13,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.errors import SpecError
-from services.common.grpc_utils import bind, make_channel, make_server
+from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_channel, make_server,
+                                        tls_from_args, tls_mode)
 from services.common.logging import configure_logging, get_logger
 from services.common.plan import Plan, validate_plan
 from services.common.plan_channel import PlanSubscriber
+from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
-from services.worker.core import WorkerCore
+from services.common.tasks import supervise
+from services.worker.core import DEFAULT_MAX_QUEUE, WorkerCore
 from services.worker.servicer import WorkerServicer, stats_to_proto
 
 log = get_logger(__name__)
@@ -40,7 +43,9 @@ class WorkerConfig:
     device: str
     intra_op_threads: int
     heartbeat_s: float
+    max_queue: int
     json_logs: bool
+    tls: TlsConfig | None = None   # its server and its channel to the controller
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,15 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address routers use to reach this worker (default host:bound-port)")
     p.add_argument("--controller", required=True, help="controller address host:port")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                   help="Redis holding the plan (default: $REDIS_URL)")
+                   help="URL of the Redis holding the plan, e.g. redis://:PASSWORD@host:6379/0 or "
+                        "rediss://... for TLS (default $REDIS_URL, better for a URL with a "
+                        "password: command lines are visible to local users)")
     p.add_argument("--models", default="models", help="directory with the model files (make models)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"],
                    help="auto: CUDA provider first when present; cpu: CPU only")
     p.add_argument("--intra-op-threads", type=int, default=1,
                    help="ONNX Runtime intra-op threads (default 1: workers share the cores)")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat period in seconds")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="queries the worker queues at most; a request beyond it is shed with "
+                        f"RESOURCE_EXHAUSTED (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
+    add_tls_arguments(p)
     return p
 
 
@@ -76,11 +87,12 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     a = p.parse_args(argv)
     if not a.redis_url:
         p.error("--redis-url (or REDIS_URL) is required")
+    tls = tls_from_args(a, p)
     return WorkerConfig(
         spec=Path(a.spec), task=a.task, worker_id=a.worker_id or "", host=a.host, port=a.port,
         advertise=a.advertise or "", controller=a.controller, redis_url=a.redis_url,
         models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
-        heartbeat_s=a.heartbeat_s, json_logs=a.log_json)
+        heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, json_logs=a.log_json, tls=tls)
 
 
 class WorkerApp:
@@ -95,7 +107,8 @@ class WorkerApp:
             raise SystemExit(f"error: {exc.args[0]}; tasks: {self.spec.task_names()}") from None
         self.worker_id = cfg.worker_id
         self.core = WorkerCore(cfg.worker_id or "pending", task, cfg.models,
-                               prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads)
+                               prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads,
+                               max_queue=cfg.max_queue)
         self.server = make_server()
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -104,9 +117,9 @@ class WorkerApp:
         self.subscriber: PlanSubscriber | None = None
 
     async def start(self) -> None:
-        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self.core), self.server)
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self.core, self._newer_plan_seen), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = bind(self.server, self.cfg.host, self.cfg.port)
+        self.port = bind(self.server, self.cfg.host, self.cfg.port, tls=self.cfg.tls)
         self.address = self.cfg.advertise or f"{self.cfg.host}:{self.port}"
         if not self.worker_id:
             self.worker_id = f"{self.cfg.task}-{socket.gethostname()}-{self.port}"
@@ -114,11 +127,16 @@ class WorkerApp:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self.core.start()
-        log.info("worker_started", worker_id=self.worker_id, address=self.address, task=self.cfg.task)
+        log.info("worker_started", worker_id=self.worker_id, address=self.address, task=self.cfg.task,
+                 tls=tls_mode(self.cfg.tls))
         self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
                                          validate=lambda plan: validate_plan(plan, self.spec))
-        self._tasks = [asyncio.create_task(self.subscriber.run(), name="plan-subscriber"),
-                       asyncio.create_task(self._controller_loop(), name="controller-loop")]
+        self._tasks = [supervise("plan-subscriber", self.subscriber.run),
+                       supervise("controller-loop", self._controller_loop)]
+
+    def _newer_plan_seen(self, version: int) -> None:
+        if self.subscriber is not None:
+            self.subscriber.poke()
 
     async def _on_plan(self, plan: Plan) -> None:
         mine = plan.workers.get(self.worker_id)
@@ -127,7 +145,8 @@ class WorkerApp:
             self.core.plan_version = plan.version
             return
         try:
-            await self.core.apply(mine.variant, mine.batch_size, plan.version)
+            await self.core.apply(mine.variant, mine.batch_size, plan.version,
+                                  latency_ms=plan.latency_ms.get(mine.task, {}).get(mine.variant))
         except Exception:
             return  # logged by the core; keep serving the previous variant
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -135,7 +154,7 @@ class WorkerApp:
     async def _controller_loop(self) -> None:
         """Register (idempotent), then heartbeat with statistics; re-register when the
         controller forgets us (restart). Never dies on controller errors."""
-        channel = make_channel(self.cfg.controller)
+        channel = make_channel(self.cfg.controller, tls=self.cfg.tls)
         stub = pb_grpc.ControllerStub(channel)
         registered = False
         backoff = 0.2
@@ -153,8 +172,13 @@ class WorkerApp:
                             await asyncio.sleep(5)
                             continue
                         log.info("registered", worker_id=self.worker_id, controller=self.cfg.controller)
-                    await stub.Heartbeat(pb.HeartbeatRequest(stats=stats_to_proto(self.core.stats())),
-                                         timeout=5)
+                    timings = self.core.take_timings()
+                    try:
+                        await stub.Heartbeat(pb.HeartbeatRequest(
+                            stats=stats_to_proto(self.core.stats(), timings)), timeout=5)
+                    except BaseException:
+                        self.core.restore_timings(timings)   # the next heartbeat carries them
+                        raise
                     backoff = 0.2
                     await asyncio.sleep(self.cfg.heartbeat_s)
                 except grpc.aio.AioRpcError as exc:
@@ -162,6 +186,12 @@ class WorkerApp:
                         registered = False   # controller restarted and forgot us
                     else:
                         log.warning("controller_unreachable", error=exc.code().name, retry_s=backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(5.0, backoff * 2)
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception:   # a bug here must not end heartbeats: log and go on
+                    log.exception("heartbeat_failed", worker_id=self.worker_id, retry_s=backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(5.0, backoff * 2)
         finally:
@@ -178,6 +208,7 @@ class WorkerApp:
 
 
 async def serve(cfg: WorkerConfig) -> None:
+    await check_credentials(cfg.redis_url)   # wrong Redis password: exit at once, not retry forever
     app = WorkerApp(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -197,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except SpecError as exc:
         log.error("invalid_input_file", error=str(exc))
+        return 2
+    except RedisAuthError as exc:
+        log.error("redis_auth_failed", error=str(exc))
         return 2
     return 0
 

@@ -1,11 +1,13 @@
 """gRPC adapter for the worker core: proto -> core call -> proto."""
 from __future__ import annotations
 
+from typing import Callable
+
 from services.common.errors import DeadlineMissed, InvalidInput
 from services.common.grpc_utils import map_errors, remaining_s
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
-from services.worker.core import Outcome, Status, WorkerCore
+from services.worker.core import BatchTiming, Outcome, Status, WorkerCore
 
 _STATUS = {
     Status.OK: pb.OK,
@@ -27,13 +29,21 @@ def outcome_to_proto(o: Outcome, task: str, worker_id: str) -> pb.QueryResult:
     return r
 
 
-def stats_to_proto(s: dict) -> pb.WorkerStats:
-    return pb.WorkerStats(**s)
+def stats_to_proto(s: dict, timings: list[BatchTiming] = ()) -> pb.WorkerStats:
+    msg = pb.WorkerStats(**s)
+    msg.timings.extend(pb.BatchTiming(variant=t.variant, batch_size=t.batch_size, count=t.count,
+                                      total_ms=t.total_ms, max_ms=t.max_ms, items=t.items, regions=t.regions)
+                       for t in timings)
+    return msg
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    def __init__(self, core: WorkerCore) -> None:
+    """``on_newer_plan(version)`` is called when a router sends a request routed with a
+    newer plan than the worker runs (the worker then re-reads the plan at once)."""
+
+    def __init__(self, core: WorkerCore, on_newer_plan: Callable[[int], None] | None = None) -> None:
         self.core = core
+        self.on_newer_plan = on_newer_plan
 
     @map_errors
     async def InferBatch(self, request: pb.InferBatchRequest, context) -> pb.InferBatchResponse:
@@ -44,6 +54,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise InvalidInput("no queries in request")
         if request.deadline_unix_s <= 0:
             raise InvalidInput("deadline_unix_s is required")
+        if request.plan_version > self.core.plan_version and self.on_newer_plan is not None:
+            self.on_newer_plan(request.plan_version)
         if remaining_s(request.deadline_unix_s) <= 0:
             raise DeadlineMissed("deadline already passed on arrival")
         outcomes = await self.core.submit(

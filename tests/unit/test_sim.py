@@ -3,9 +3,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
-from services.policy.batching import EdfQueue, GroupedEdfQueue
 from services.planner import load_profile, parse_profile
 from services.sim import SimConfig, make_policy, poisson_arrivals, simulate, trace_arrivals
 from services.common.plan import Allocation
@@ -35,16 +33,6 @@ def test_same_seed_same_results_other_seed_other_results():
     assert a.queries == b.queries and a.batches == b.batches
     c = run(seed=4)
     assert not np.array_equal(a.latency_s[:100], c.latency_s[:100], equal_nan=True)
-
-
-def test_reference_queue_gives_identical_results():
-    """The fast grouped queue and EdfQueue.take_batch itself: the same simulation, early
-    drops included (hardware scaling only past its capacity, so there are drops)."""
-    a = run(policy="inferline", rate=250.0, duration=10.0, queue="fast")
-    b = run(policy="inferline", rate=250.0, duration=10.0, queue="reference")
-    assert np.array_equal(a.status, b.status)
-    assert np.array_equal(a.latency_s, b.latency_s, equal_nan=True)
-    assert a.queries_dropped == b.queries_dropped > 0
 
 
 def test_every_request_gets_exactly_one_outcome():
@@ -96,41 +84,6 @@ def test_trace_replay_uses_the_brief_recipe():
     arr = trace_arrivals("traces/twitter_medium_normal.txt", 4.5, 1)
     assert arr.size == 36046     # brief section 5
     assert np.all(np.diff(arr) >= 0)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 6), st.sampled_from([0.0, 0.005, 0.02])),
-                min_size=1, max_size=25),
-       st.integers(1, 8), st.floats(0.0, 0.03), st.sampled_from([0.001, 0.004, 0.01]))
-def test_grouped_queue_equals_edf_queue(groups, max_batch, now, per_item):
-    """Pushing a group of n is pushing n entries: same batches, same drops, in order."""
-    ref, fast = EdfQueue(), GroupedEdfQueue()
-    for i, (dl_ms, n, reserve) in enumerate(groups):
-        for _ in range(n):
-            ref.push(i, dl_ms / 1000.0, reserve)
-        fast.push(i, dl_ms / 1000.0, reserve, n)
-
-    def exec_time(size):
-        return per_item * size if size % 3 else per_item * size * 1.5   # not monotone per item
-
-    def fold(entries):
-        out = []
-        for x in entries:
-            if out and out[-1][0] == x:
-                out[-1] = (x, out[-1][1] + 1)
-            else:
-                out.append((x, 1))
-        return out
-
-    t = now
-    while len(ref):
-        b1, d1 = ref.take_batch(t, max_batch, exec_time)
-        b2, d2 = fast.take_batch(t, max_batch, exec_time)
-        assert fold([e.item for e in b1]) == fold([x for x, n in b2 for _ in range(n)])
-        assert fold([e.item for e in d1]) == fold([x for x, n in d2 for _ in range(n)])
-        assert len(ref) == len(fast)
-        t += 0.004
-    assert fast.queued == 0
 
 
 def test_effective_capacity_needs_every_lower_demand_within_the_limit():

@@ -22,6 +22,7 @@ class FakeProcessor(Processor):
         self.threads = set()
 
     def prepare(self, payload):
+        self.prepared = getattr(self, "prepared", 0) + 1
         if payload == b"bad":
             raise InvalidInput("not an image")
         return Prepared(payload)
@@ -61,7 +62,11 @@ def test_batches_up_to_the_plan_batch_size_off_the_event_loop():
     assert max(proc.batches) == 4 and sum(proc.batches) == 10
     assert all(name.startswith("w-infer") for name in proc.threads)
     s = core.stats()
-    assert s["completed"] == 10 and s["providers"] == ["FakeProvider"] and s["mean_fan_out"] == 2.0
+    assert s["completed"] == 10 and s["providers"] == ["FakeProvider"]
+    timings = core.take_timings()
+    assert sum(t.count for t in timings) == len(proc.batches)
+    assert sum(t.items for t in timings) == 10 and sum(t.regions for t in timings) == 20   # fan-out 2
+    assert core.take_timings() == []          # reported once
 
 
 def test_invalid_payload_and_no_model():
@@ -117,3 +122,101 @@ def test_swap_serves_queued_queries_on_the_old_model_and_new_ones_on_the_new():
     assert all(o.status is Status.OK and o.variant == "v1" for o in outs)
     assert during[0].status is Status.OK and during[0].variant == "v1"
     assert after[0].variant == "v2" and core.stats()["variant"] == "v2" and core.plan_version == 2
+
+
+def test_a_full_queue_sheds_the_whole_submission_before_queueing_anything():
+    from services.common.errors import Shed
+
+    async def scenario():
+        core, procs = make_core(delay_s=0.05)
+        core.max_queue = 4
+        core.start()
+        await core.apply("v1", 1, 1)
+        first = asyncio.create_task(core.submit([(f"a{i}", b"x") for i in range(4)], time.time() + 10))
+        await asyncio.sleep(0.02)   # the first batch runs, three stay queued
+        with pytest.raises(Shed, match="queue full"):
+            await core.submit([("b0", b"x"), ("b1", b"x")], time.time() + 10)   # 3 + 2 > 4
+        ok = await core.submit([("c0", b"x")], time.time() + 10)               # 3 + 1 fits
+        outs = await first
+        await core.stop()
+        return core, outs, ok
+
+    core, outs, ok = asyncio.run(scenario())
+    assert all(o.status is Status.OK for o in outs + ok)
+    assert core.stats()["shed"] == 2
+
+
+def test_a_query_that_cannot_make_it_is_dropped_before_preprocessing():
+    async def scenario():
+        core, procs = make_core(delay_s=0.05)
+        core.start()
+        await core.apply("v1", 1, 1, latency_ms={1: 50.0})   # the plan says 50 ms per query
+        outs = await core.submit([("late", b"x")], time.time() + 0.03)        # 30 ms left
+        await core.stop()
+        return outs, procs["v1"]
+
+    outs, proc = asyncio.run(scenario())
+    assert outs[0].status is Status.DROPPED_DEADLINE
+    assert getattr(proc, "prepared", 0) == 0 and proc.batches == []
+
+
+def test_the_plan_figures_seed_the_batch_time_estimate():
+    async def scenario():
+        core, _ = make_core()
+        await core.apply("v1", 4, 1, latency_ms={1: 20.0, 4: 60.0})
+        return core.host.estimator
+
+    est = asyncio.run(scenario())
+    assert est(1) == pytest.approx(0.020) and est(2) == pytest.approx(0.060) and est(4) == pytest.approx(0.060)
+
+
+def test_a_dead_batch_loop_is_restarted_and_nothing_it_held_hangs():
+    async def scenario():
+        core, procs = make_core()
+        core.start()
+        await core.apply("v1", 2, 1)
+        real = core.queue.take_batch
+        calls = {"n": 0}
+
+        def flaky(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected bug in the batching step")
+            return real(*a, **kw)
+
+        core.queue.take_batch = flaky
+        first = await asyncio.wait_for(core.submit([("a", b"x")], time.time() + 10), 5)
+        second = await asyncio.wait_for(core.submit([("b", b"x")], time.time() + 10), 5)
+        restarts = core.loop_restarts
+        await core.stop()
+        return first, second, restarts
+
+    first, second, restarts = asyncio.run(scenario())
+    assert restarts == 1
+    assert first[0].status is Status.OK      # still queued when the loop died: served after the restart
+    assert second[0].status is Status.OK
+
+
+def test_queries_held_by_a_crashing_batch_loop_get_internal_not_a_hang():
+    async def scenario():
+        core, procs = make_core()
+        core.start()
+        await core.apply("v1", 2, 1)
+        real = core._run_group
+        calls = {"n": 0}
+
+        async def crash_once(loop, items):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected bug after the batch was taken")
+            return await real(loop, items)
+
+        core._run_group = crash_once
+        held = await asyncio.wait_for(core.submit([("a", b"x"), ("b", b"x")], time.time() + 10), 5)
+        after = await asyncio.wait_for(core.submit([("c", b"x")], time.time() + 10), 5)
+        await core.stop()
+        return held, after, core.loop_restarts
+
+    held, after, restarts = asyncio.run(scenario())
+    assert [o.status for o in held] == [Status.INTERNAL, Status.INTERNAL] and restarts == 1
+    assert after[0].status is Status.OK
