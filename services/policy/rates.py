@@ -23,6 +23,7 @@ class RateMeter:
         self._counts: dict = {}
         self._rates: dict = {}
         self._last = start_s
+        self._alpha = 1.0 - math.exp(-tick_s / tau_s)
 
     def count(self, key, n: int = 1) -> None:
         self._counts[key] = self._counts.get(key, 0) + n
@@ -32,17 +33,24 @@ class RateMeter:
         return self._rates.get(key)
 
     def advance(self, now: float) -> bool:
-        """Fold the counts since the last tick into the rates if at least ``tick_s``
-        passed (keys with no count decay towards 0). Returns True when it folded."""
-        dt = now - self._last
-        if dt < self.tick_s:
+        """Fold whole ticks up to ``now``: the counts since the last fold become the
+        rate of the first elapsed tick, each further elapsed tick folds a count of 0
+        (the rate decays). Folding on a fixed grid makes a router that advances at
+        arbitrary request times agree with the simulator that advances once per tick.
+        Returns True when it folded."""
+        n = int((now - self._last) // self.tick_s)
+        if n <= 0:
             return False
-        alpha = 1.0 - math.exp(-dt / self.tau_s)
+        alpha = self._alpha
         counts = self._counts
         for key in counts.keys() | self._rates.keys():
-            inst = counts.get(key, 0) / dt
+            inst = counts.get(key, 0) / self.tick_s
             prev = self._rates.get(key)
             self._rates[key] = inst if prev is None else prev + alpha * (inst - prev)
+        if n > 1:
+            decay = (1.0 - alpha) ** min(n - 1, 1000)
+            for key in self._rates:
+                self._rates[key] *= decay
         self._counts = {}
-        self._last = now
+        self._last += n * self.tick_s
         return True

@@ -135,3 +135,88 @@ def test_demand_estimate_rises_faster_than_it_falls():
     assert down == pytest.approx(20 * (1 - math.exp(-2 / 3.0)), rel=0.02)
     sym = DemandEstimator(tau_s=3.0, tau_up_s=None)
     assert sym.tau_up_s == sym.tau_s == 3.0
+
+
+def test_an_operator_plan_set_during_a_solve_is_not_overwritten():
+    """Regression: SetPlan ran its own control step while the loop's step was still
+    solving; the planner's result was then published over the operator's plan."""
+    import threading
+
+    pub = Publisher()
+    release = threading.Event()
+    entered = threading.Event()
+    pol = policy()
+    real = pol.solver
+
+    def slow_solver(ctx, previous):
+        entered.set()
+        release.wait(10)             # the solve takes "seconds"
+        return real(ctx, previous)
+
+    pol.solver = slow_solver
+    core = ControllerCore(SPEC, WorkerRegistry(), pub, planner=pol)
+    for w in WORKERS:
+        core.registry.register(w.worker_id, w.address, w.task, [])
+    core.demand_qps = 1.0
+    operator = ("pipeline: ocr\nallocations:\n  - {task: det, variant: det_v6tiny_320}\n"
+                "  - {task: rec, variant: rec_v6tiny}\n")
+
+    async def scenario():
+        loop_step = asyncio.create_task(core.reconcile())
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        set_plan = asyncio.create_task(core.set_operator_plan(operator))
+        await asyncio.sleep(0.05)
+        assert not set_plan.done()   # waits for the step in progress
+        release.set()
+        await loop_step
+        return await set_plan
+
+    result = asyncio.run(scenario())
+    assert [p.source.split(":")[0] for p in pub.plans] == ["planner", "operator"]
+    assert result.published is pub.plans[-1] and core.current is pub.plans[-1]
+    assert core.current.workers["det-0"].variant == "det_v6tiny_320"
+    asyncio.run(core.reconcile())               # the loop goes on: the operator's plan stays
+    assert len(pub.plans) == 2
+
+
+def test_a_restarted_controller_keeps_the_adopted_plan_until_its_workers_are_back():
+    pub = Publisher()
+    clock = [0.0]
+    pol = policy()
+    first = pol.decide(WORKERS, 1.0, None, now=0.0).with_version(7)
+    core = ControllerCore(SPEC, WorkerRegistry(clock=lambda: clock[0]), pub, planner=policy(),
+                          clock=lambda: clock[0])
+    core.adopt(first, grace_s=10.0)
+    core.demand_qps = 1.0
+    core.registry.register("det-0", "h:1", "det", [])
+    asyncio.run(core.reconcile())
+    assert pub.plans == [] and core.current is first       # rec-0 has not re-registered yet
+    core.registry.register("rec-0", "h:2", "rec", [])
+    core.demand_ready = False
+    asyncio.run(core.reconcile())
+    assert pub.plans == []                                 # no demand measured yet either
+    core.demand_ready = True
+    asyncio.run(core.reconcile())
+    # planned with the adopted plan as the previous one: the same workers, the same variants
+    # (an identical plan is not even published again)
+    assert core.adopted is None
+    assert all(core.current.workers[w].variant == first.workers[w].variant for w in first.workers)
+
+
+def test_measured_batch_times_recalibrate_the_profile_and_replan():
+    from services.policy.calibration import Timing
+
+    pol = policy()
+    plan = pol.decide(WORKERS, 1.0, None, now=0.0)
+    assert not pol.should_replan(WORKERS, 1.0, now=1.0)
+    det = plan.workers["det-0"]
+    base = pol.profile.task("det").variant(det.variant).latency_ms[det.batch_size].p50_ms
+    pol.observe_timings([Timing("det", det.variant, det.batch_size, 20, 20 * 2.0 * base)])   # 2x slower
+    assert pol.should_replan(WORKERS, 1.0, now=2.0)
+    again = pol.decide(WORKERS, 1.0, plan, now=2.0)
+    assert again.calibration[f"det/{det.variant}"] == pytest.approx(2.0, rel=0.01)
+    # the host factor applies to what has not run yet: rec is assumed 2x slower too
+    assert again.calibration["rec/rec_v6tiny"] == pytest.approx(2.0, rel=0.01)
+    assert again.latency_ms["det"][again.workers["det-0"].variant]
+    assert not pol.should_replan(WORKERS, 1.0, now=3.0)

@@ -1,9 +1,10 @@
 import asyncio
+import json
 
 import pytest
 
 from services.common.errors import SpecError
-from services.common.plan import (ANY_PATH, Plan, RegisteredWorker, WorkerAssignment, assign_workers,
+from services.common.plan import (ANY_PATH, Allocation, Plan, RegisteredWorker, WorkerAssignment, assign_workers,
                                   parse_plan_file, uniform_routing, validate_plan)
 from services.common.plan_channel import PlanSubscriber
 from services.common.spec import parse_spec
@@ -124,3 +125,87 @@ async def _subscriber_scenario():
     assert [p.version for p in seen] == [2] and sub.current.version == 2
     await sub._apply_raw(make_plan(4).to_json().encode())
     assert [p.version for p in seen] == [2, 4]
+
+
+def _plan_dict(**change):
+    d = json.loads(make_plan(5).to_json())
+    for path, value in change.items():
+        node = d
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"workers__det-0__batch_size": "2"}, "workers.det-0.batch_size"),   # the issue's example
+    ({"workers__det-0__batch_size": 0}, "workers.det-0.batch_size"),
+    ({"workers__det-0__batch_size": True}, "workers.det-0.batch_size"),
+    ({"version": "5"}, "version"),
+    ({"routing__det__*__det-0": "1"}, "routing.det.*.det-0"),
+    ({"routing__det__*__det-0": float("nan")}, "routing.det.*.det-0"),
+    ({"admission_rate_qps": "fast"}, "admission_rate_qps"),
+    ({"workers__det-0": ["not", "a", "mapping"]}, "workers.det-0"),
+    ({"routing": []}, "routing"),
+    ({"latency_ms": {"det": {"d1": {"one": 3.0}}}}, "latency_ms.det.d1"),
+])
+def test_malformed_plans_are_refused_with_the_field_named(change, field):
+    with pytest.raises(SpecError) as err:
+        Plan.from_dict(_plan_dict(**change), source="redis")
+    assert err.value.field == field
+
+
+def test_a_malformed_plan_in_the_channel_is_skipped_and_the_last_good_one_stays():
+    """Regression: ``"batch_size": "2"`` used to raise a TypeError inside validation that
+    killed the subscriber task in every router and worker."""
+    async def scenario():
+        seen = []
+        sub = PlanSubscriber("redis://unused", "ocr", seen.append, validate=lambda p: validate_plan(p, SPEC))
+        await sub._apply_raw(make_plan(2).to_json().encode())
+        bad = _plan_dict(**{"workers__det-0__batch_size": "2"})
+        bad["version"] = 3
+        await sub._apply_raw(json.dumps(bad).encode())        # logged and skipped, no exception
+        await sub._apply_raw(json.dumps([1, 2, 3]).encode())  # not even a mapping
+        assert sub.current.version == 2
+        await sub._apply_raw(make_plan(4).to_json().encode())
+        return seen, sub
+
+    seen, sub = asyncio.run(scenario())
+    assert [p.version for p in seen] == [2, 4]
+
+
+def test_a_failing_plan_callback_does_not_stop_later_plans():
+    calls = []
+
+    def on_plan(p):
+        calls.append(p.version)
+        if p.version == 2:
+            raise RuntimeError("bug in a callback")
+
+    async def scenario():
+        sub = PlanSubscriber("redis://unused", "ocr", on_plan)
+        await sub._apply_raw(make_plan(2).to_json().encode())
+        await sub._apply_raw(make_plan(3).to_json().encode())
+        return sub
+
+    sub = asyncio.run(scenario())
+    assert calls == [2, 3] and sub.current.version == 3
+
+
+def test_share_zero_on_every_variant_of_a_task_is_a_clear_error():
+    """Regression: this crashed the operator path with a ZeroDivisionError."""
+    text = ("pipeline: ocr\nallocations:\n"
+            "  - {task: det, variant: d1, batch_size: 1, replicas: 1, share: 0}\n"
+            "  - {task: rec, variant: r1, batch_size: 4, replicas: 1}\n")
+    with pytest.raises(SpecError, match="share 0"):
+        parse_plan_file(text, SPEC)
+
+
+def test_operator_routing_survives_when_only_share_zero_variants_have_workers():
+    allocs = [Allocation("det", "d1", 1, 1, share=0.0), Allocation("det", "d2", 1, 1, share=1.0),
+              Allocation("rec", "r1", 4, 1)]
+    workers = [RegisteredWorker("det-0", "h:1", "det"), RegisteredWorker("rec-0", "h:2", "rec")]
+    assigned = assign_workers(allocs, workers, None)       # d2's worker is not there
+    routing = uniform_routing(assigned, allocs)
+    assert routing["det"][ANY_PATH] == {"det-0": 1.0}

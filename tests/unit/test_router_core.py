@@ -202,3 +202,175 @@ def test_a_child_stage_reroutes_a_group_its_worker_would_finish_too_late():
     assert route_via("rec-slow", 10.0) == ["s:1"]       # on time: the plan's choice
     core.reroute = False
     assert route_via("rec-slow", 1.0) == ["s:1"]        # switched off: the plan's choice, dropped late
+
+
+class ChildrenThatFailAtOnce(FakeChildren):
+    """A child router that answers DROPPED_DEADLINE immediately (the deadline passed)."""
+
+    def __init__(self, delay_s=0.0, fail=False):
+        super().__init__()
+        self.delay_s, self.fail = delay_s, fail
+
+    async def route(self, task, request, timeout_s):
+        await asyncio.sleep(self.delay_s)
+        resp = await super().route(task, request, timeout_s)
+        if self.fail:
+            for r in resp.results:
+                r.status = pb.DROPPED_DEADLINE
+        return resp
+
+
+def test_failed_child_calls_do_not_collapse_the_downstream_reserve():
+    """Regression: the reserve was the fastest of the last 200 child round trips, failures
+    included, so one late request took it from ~120 ms to ~0.1 ms for the next 199."""
+    children = ChildrenThatFailAtOnce(delay_s=0.12)
+    core = make(FakeWorkers(regions=2), children)
+    run(core)
+    assert 110 <= core.reserve_ms <= 500
+    children.delay_s, children.fail = 0.0, True      # now every child call fails at once
+    for _ in range(5):
+        run(core)
+    assert 110 <= core.reserve_ms <= 500, core.reserve_ms
+
+
+def test_the_reserve_follows_the_plan_figures_with_the_simulators_rule():
+    from dataclasses import replace
+
+    from services.policy.reserve import downstream_reserves
+
+    core = make(FakeWorkers(regions=0), FakeChildren())
+    base = core.plan
+    core.set_plan(replace(base, latency_ms={"det": {"d1": {1: 40.0}, "d2": {1: 20.0}},
+                                            "rec": {"r1": {1: 3.0, 8: 12.0}}}))
+    assert core.reserve_ms == pytest.approx(3.0)     # rec's fastest single query; rec is a leaf
+    assert downstream_reserves({"det": ("rec",), "rec": ()}, {"rec": 0.003})["det"] == pytest.approx(0.003)
+    rec = RouterCore(SPEC, "rec", FakeWorkers(), FakeChildren())
+    rec.set_plan(core.plan)
+    assert rec.reserve_ms == 0.0
+
+
+TWO_CHILDREN = parse_spec({
+    "name": "tree", "slo_ms": 1000,
+    "tasks": [
+        {"name": "det", "children": ["rec", "cls"], "variants": [{"name": "d1", "model": "d", "processor": "k"}]},
+        {"name": "rec", "variants": [{"name": "r1", "model": "r", "processor": "k"}]},
+        {"name": "cls", "variants": [{"name": "c1", "model": "c", "processor": "k"}]},
+    ],
+})
+
+
+def test_a_router_with_two_child_stages_sends_every_region_to_both_and_joins_them():
+    workers, children = FakeWorkers(regions=2), FakeChildren(drop_index=None)
+    core = RouterCore(TWO_CHILDREN, "det", workers, children, rng=random.Random(0))
+    assigned = {"det-a": WorkerAssignment("det-a", "a:1", "det", "d1", 2),
+                "rec-0": WorkerAssignment("rec-0", "r:1", "rec", "r1", 8),
+                "cls-0": WorkerAssignment("cls-0", "c:1", "cls", "c1", 8)}
+    core.set_plan(Plan(1, "tree", assigned, {"det": {ANY_PATH: {"det-a": 1.0}}, "rec": {ANY_PATH: {"rec-0": 1.0}},
+                                             "cls": {ANY_PATH: {"cls-0": 1.0}}}))
+    [r] = run(core)
+    assert sorted(c[0] for c in children.calls) == ["cls", "rec"]
+    for task, path, ids in children.calls:
+        assert path == "d1" and ids == ["q0.0", "q0.1"]
+    # children[j * n_regions + i]: child task j (spec order: rec, cls) for region i
+    assert [c.task for c in r.children] == ["rec", "rec", "cls", "cls"]
+    assert [c.regions[0].text for c in r.children] == ["crop0", "crop1", "crop0", "crop1"]
+
+
+def test_a_newer_plan_version_in_a_reply_makes_the_router_re_read_the_plan():
+    pokes = []
+    workers = FakeWorkers(regions=0)
+    core = RouterCore(SPEC, "det", workers, FakeChildren(), rng=random.Random(0), on_newer_plan=lambda: pokes.append(1))
+    core.set_plan(plan({"det-a": 1.0}))           # v5; FakeWorkers answer plan_version=5
+    run(core)
+    assert pokes == []
+    core.set_plan(replace_version(plan({"det-a": 1.0}), 4))
+    run(core)
+    assert pokes == [1]
+
+
+def replace_version(p, v):
+    from dataclasses import replace
+
+    return replace(p, version=v)
+
+
+class SequenceRng:
+    def __init__(self, us):
+        self.us = list(us)
+        self.i = 0
+
+    def random(self):
+        self.i += 1
+        return self.us[self.i - 1]
+
+
+def test_the_simulator_and_a_router_route_the_same_queries_to_the_same_workers():
+    """Same plan (made by the planner for the traffic-analysis profile), same arrivals,
+    same uniform numbers: the router's choices are the simulator's, while the measured
+    rates move MostAccurateFirst between its regimes."""
+    import numpy as np
+
+    from services.planner import load_profile
+    from services.sim.engine import SimConfig, _Sim
+    from services.sim.policies import make_policy
+
+    profile = load_profile("profiles/traffic_analysis.json")
+    policy = make_policy("ours", profile, 20)
+    sim = _Sim(profile, np.zeros(0), policy, SimConfig(n_workers=20, seed=0))
+    sim.root_est.observe("frontdoor", 0.0, -1.0)
+    sim.root_est.observe("frontdoor", 300.0, 0.0)
+    sim.root_est.update(0.0)
+    decision = policy.decide(sim._observation(0.0))
+    sim.apply(decision, 0.0, initial=True)
+    plan = decision.plan
+    task = "car_classification"
+    spec = parse_spec({"name": profile.name, "slo_ms": profile.slo_ms, "tasks": [
+        {"name": t.name, "children": list(t.children),
+         "variants": [{"name": v.name, "model": "m", "processor": "k"} for v in t.variants]}
+        for t in profile.tasks]})
+    ti = sim.tasks.index(task)
+    path = max((p for p in plan.routing[task] if p != ANY_PATH), key=lambda p: len(plan.routing[task][p]))
+    rng = np.random.default_rng(5)
+    # bursts of k queries at times spread over 6 s, the rate first low, then high
+    events = [(t, int(k)) for t, k in zip(np.sort(rng.uniform(0, 6, 120)), rng.integers(1, 40, 120))]
+    us = rng.random(sum(k for _, k in events)).tolist()
+    now = [0.0]
+    router = RouterCore(spec, task, RecordingWorkers(plan), FakeChildren(), rng=SequenceRng(us),
+                        clock=lambda: now[0])
+    router.reroute = False
+    router.set_plan(plan)
+    u_iter = iter(us)
+    tick = 0
+    chosen_before, chosen_after = set(), set()
+    for t, k in events:
+        while tick + 1 <= t:                 # the simulator's control ticks
+            tick += 1
+            sim.stages[ti].advance(float(tick))
+        want = sim.stages[ti].split(path, k, lambda: next(u_iter))
+        now[0] = t
+        router.workers.calls.clear()
+        asyncio.run(router.route("r", t + 10, [pb.Query(query_id=f"q{i}", payload=b"x") for i in range(k)], path))
+        assert router.workers.counts() == want, (t, k)
+        (chosen_before if t < 1.0 else chosen_after).update(want)
+    # before the first rate tick: the plan's own split over b0 and b3 workers; after it, the
+    # measured rate is a few % of the planned one and MostAccurateFirst keeps to the b3 ones
+    variant = {w: a.variant for w, a in plan.workers.items()}
+    assert {variant[w] for w in chosen_before} == {"efficientnet-b0", "efficientnet-b3"}
+    assert {variant[w] for w in chosen_after} == {"efficientnet-b3"}
+
+
+class RecordingWorkers:
+    def __init__(self, plan):
+        self.by_address = {w.address: w.worker_id for w in plan.workers.values()}
+        self.calls = []
+
+    async def infer(self, address, request, timeout_s):
+        self.calls.append((self.by_address[address], len(request.queries)))
+        return pb.InferBatchResponse(results=[pb.QueryResult(query_id=q.query_id, status=pb.OK)
+                                              for q in request.queries])
+
+    def counts(self):
+        out = {}
+        for w, n in self.calls:
+            out[w] = out.get(w, 0) + n
+        return out

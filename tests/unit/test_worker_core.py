@@ -220,3 +220,28 @@ def test_queries_held_by_a_crashing_batch_loop_get_internal_not_a_hang():
     held, after, restarts = asyncio.run(scenario())
     assert [o.status for o in held] == [Status.INTERNAL, Status.INTERNAL] and restarts == 1
     assert after[0].status is Status.OK
+
+
+def test_a_request_routed_with_a_newer_plan_makes_the_worker_re_read_it():
+    from services.gen import pipeserve_pb2 as pb
+    from services.worker.servicer import WorkerServicer
+
+    class Ctx:
+        async def abort(self, code, details):
+            raise AssertionError(details)
+
+    seen = []
+
+    async def scenario():
+        core, _ = make_core()
+        core.start()
+        await core.apply("v1", 2, plan_version=3)
+        servicer = WorkerServicer(core, seen.append)
+        for version in (3, 2, 5):
+            await servicer.InferBatch(pb.InferBatchRequest(
+                task="t", deadline_unix_s=time.time() + 5, plan_version=version,
+                queries=[pb.Query(query_id="q", payload=b"x")]), Ctx())
+        await core.stop()
+
+    asyncio.run(scenario())
+    assert seen == [5]
