@@ -6,10 +6,13 @@ query at arrival) and runs a batch of prepared items through the session
 (``run_batch``, called off the event loop). It never touches gRPC or Redis.
 
 Processors register themselves by kind (the ``processor`` field of a variant in the
-pipeline spec) with :func:`register_processor`; ``make_processor`` builds one.
+pipeline spec) with :func:`register_processor`, in modules the spec names as its
+``plugins`` (the OCR pipeline: ``services.ocr.processors``); ``make_processor`` imports
+those and builds one. This generic layer imports no application code itself.
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +84,21 @@ def register_processor(kind: str) -> Callable[[type[Processor]], type[Processor]
     return deco
 
 
-def make_processor(variant: VariantSpec, model_dir: Path) -> Processor:
-    # Importing the packages that define processors registers them.
-    import services.ocr.processors  # noqa: F401
+def load_plugins(modules: tuple[str, ...] | list[str]) -> None:
+    """Import the modules that register processors (a spec's ``plugins``)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise KeyError(f"cannot import processor plugin {name!r}: {exc}") from None
 
+
+def make_processor(variant: VariantSpec, model_dir: Path, plugins: tuple[str, ...] | list[str] = ()) -> Processor:
+    load_plugins(plugins)
     try:
         factory = _REGISTRY[variant.processor]
     except KeyError:
         raise KeyError(f"variant {variant.name!r}: unknown processor kind {variant.processor!r}; "
-                       f"known: {sorted(_REGISTRY)}") from None
+                       f"known: {sorted(_REGISTRY)} (is the module that registers it in the "
+                       f"spec's plugins?)") from None
     return factory(variant, model_dir)

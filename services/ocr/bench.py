@@ -60,7 +60,7 @@ class Stage:
 
 
 def load_stage(spec, name: str, models: Path, threads: int) -> Stage:
-    proc = make_processor(spec.variant(name), models)
+    proc = make_processor(spec.variant(name), models, spec.plugins)
     session, _ = create_session(proc.model_path, prefer_gpu=False, intra_op_threads=threads)
     return Stage(proc, TimedSession(session))
 

@@ -166,7 +166,7 @@ class Host:
 
     def get(self, name: str) -> tuple[Any, Any, list[str]]:
         if name not in self._loaded:
-            proc = make_processor(self.spec.variant(name), self.cfg.models)
+            proc = make_processor(self.spec.variant(name), self.cfg.models, self.spec.plugins)
             sess, providers = create_session(proc.model_path, prefer_gpu=self.cfg.device == "auto",
                                              intra_op_threads=self.cfg.threads)
             self._loaded[name] = (proc, sess, providers)

@@ -79,8 +79,9 @@ class ModelHost:
     estimator: ServiceTimeEstimator = field(default_factory=ServiceTimeEstimator)
 
     @staticmethod
-    def load(variant: VariantSpec, models_dir: Path, prefer_gpu: bool, threads: int) -> "ModelHost":
-        processor = make_processor(variant, models_dir)
+    def load(variant: VariantSpec, models_dir: Path, prefer_gpu: bool, threads: int,
+             plugins: tuple[str, ...] = ()) -> "ModelHost":
+        processor = make_processor(variant, models_dir, plugins)
         session, providers = create_session(processor.model_path, prefer_gpu=prefer_gpu,
                                             intra_op_threads=threads)
         return ModelHost(variant, processor, session, providers)
@@ -115,13 +116,14 @@ class WorkerCore:
     def __init__(self, worker_id: str, task: TaskSpec, models_dir: Path, *, prefer_gpu: bool = True,
                  intra_op_threads: int = 1, clock: Callable[[], float] = time.time,
                  loader: Callable[[VariantSpec], ModelHost] | None = None,
-                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, plugins: tuple[str, ...] = ()) -> None:
         self.worker_id = worker_id
         self.task = task
         self.models_dir = Path(models_dir)
         self.clock = clock
         self.max_queue = max_queue
-        self._loader = loader or (lambda v: ModelHost.load(v, self.models_dir, prefer_gpu, intra_op_threads))
+        self._loader = loader or (lambda v: ModelHost.load(v, self.models_dir, prefer_gpu, intra_op_threads,
+                                                          plugins))
         self.state = WorkerState.IDLE
         self.host: ModelHost | None = None
         self.batch_size = 1

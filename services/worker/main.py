@@ -108,7 +108,7 @@ class WorkerApp:
         self.worker_id = cfg.worker_id
         self.core = WorkerCore(cfg.worker_id or "pending", task, cfg.models,
                                prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads,
-                               max_queue=cfg.max_queue)
+                               max_queue=cfg.max_queue, plugins=self.spec.plugins)
         self.server = make_server()
         self.health = health.aio.HealthServicer()
         self.port = 0

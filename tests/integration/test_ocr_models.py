@@ -38,7 +38,7 @@ def stages(spec):
 
     def get(name):
         if name not in cache:
-            proc = make_processor(spec.variant(name), MODELS)
+            proc = make_processor(spec.variant(name), MODELS, spec.plugins)
             session, providers = create_session(proc.model_path, prefer_gpu=False, intra_op_threads=1)
             assert providers == ["CPUExecutionProvider"]
             cache[name] = (proc, session)

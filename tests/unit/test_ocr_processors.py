@@ -19,13 +19,15 @@ def _png(w=200, h=100, color=(255, 255, 255)):
 
 @pytest.fixture
 def det(tmp_path):
-    return make_processor(VariantSpec("d", "det", "det.onnx", "ppocr_det", settings={"side": 320}), tmp_path)
+    return make_processor(VariantSpec("d", "det", "det.onnx", "ppocr_det", settings={"side": 320}), tmp_path,
+                          ["services.ocr.processors"])
 
 
 @pytest.fixture
 def rec(tmp_path):
     (tmp_path / "dict.txt").write_text("a\nb\n")
-    return make_processor(VariantSpec("r", "rec", "rec.onnx", "ppocr_rec", settings={"dict": "dict.txt"}), tmp_path)
+    return make_processor(VariantSpec("r", "rec", "rec.onnx", "ppocr_rec", settings={"dict": "dict.txt"}), tmp_path,
+                          ["services.ocr.processors"])
 
 
 @pytest.mark.parametrize("payload", [b"", b"not an image", _png()[:60]])
