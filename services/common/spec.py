@@ -6,6 +6,8 @@ field and raises :class:`SpecError` naming the offending field, e.g.
 """
 from __future__ import annotations
 
+import re
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from services.common.errors import SpecError
 
 DEFAULT_MAX_INPUT_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_INPUT_SIDE = 4096
+DEFAULT_MAX_INPUT_PIXELS = DEFAULT_MAX_INPUT_SIDE * DEFAULT_MAX_INPUT_SIDE
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class InputSpec:
     kind: str = "image"             # encoded image bytes (PNG/JPEG) or an HxWx3 UINT8 tensor
     max_bytes: int = DEFAULT_MAX_INPUT_BYTES
     max_side: int = DEFAULT_MAX_INPUT_SIDE
+    max_pixels: int = DEFAULT_MAX_INPUT_PIXELS   # width x height, from the header: bounds decoding
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class PipelineSpec:
     input: InputSpec = InputSpec()
     output: str = "regions"         # how the front door formats results: "ocr_lines" | "regions"
     source: str = "<memory>"
+    plugins: tuple[str, ...] = ()   # modules that register the variants' processors
 
     @property
     def root(self) -> TaskSpec:
@@ -127,7 +132,7 @@ def _str_list(value: Any, field_name: str, source: str) -> tuple[str, ...]:
 def parse_spec(data: Any, source: str = "<memory>") -> PipelineSpec:
     if not isinstance(data, dict):
         raise SpecError(source, "<root>", "must be a mapping")
-    known = {"name", "slo_ms", "tasks", "input", "output", "description"}
+    known = {"name", "slo_ms", "tasks", "input", "output", "description", "plugins"}
     for key in data:
         if key not in known:
             raise SpecError(source, str(key), f"unknown field (expected one of {sorted(known)})")
@@ -146,11 +151,12 @@ def parse_spec(data: Any, source: str = "<memory>") -> PipelineSpec:
         kind=str(inp.get("kind", "image")),
         max_bytes=int(inp.get("max_bytes", DEFAULT_MAX_INPUT_BYTES)),
         max_side=int(inp.get("max_side", DEFAULT_MAX_INPUT_SIDE)),
+        max_pixels=int(inp.get("max_pixels", DEFAULT_MAX_INPUT_PIXELS)),
     )
     if input_spec.kind != "image":
         raise SpecError(source, "input.kind", f"only 'image' is supported, got {input_spec.kind!r}")
-    if input_spec.max_bytes <= 0 or input_spec.max_side <= 0:
-        raise SpecError(source, "input", "max_bytes and max_side must be positive")
+    if input_spec.max_bytes <= 0 or input_spec.max_side <= 0 or input_spec.max_pixels <= 0:
+        raise SpecError(source, "input", "max_bytes, max_side and max_pixels must be positive")
 
     raw_tasks = _req(data, "tasks", "", source)
     if not isinstance(raw_tasks, list) or not raw_tasks:
@@ -225,5 +231,10 @@ def parse_spec(data: Any, source: str = "<memory>") -> PipelineSpec:
         stack.extend(next(t for t in tasks if t.name == n).children)
     if reach != set(names):
         raise SpecError(source, "tasks", f"tasks not reachable from the root: {sorted(set(names) - reach)}")
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(
+            isinstance(m, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", m)
+            for m in plugins):
+        raise SpecError(source, "plugins", f"must be a list of Python module names, got {plugins!r}")
     return PipelineSpec(name=name, slo_ms=float(slo), tasks=tuple(tasks), input=input_spec,
-                        output=output, source=source)
+                        output=output, source=source, plugins=tuple(plugins))
