@@ -96,6 +96,29 @@ class PlanPublisher:
         return stamped
 
 
+    async def ensure(self, plan: Plan) -> bool:
+        """Make sure Redis holds ``plan`` (or a newer one): after Redis lost its data (a
+        restart without persistence) store it again under its own version and notify.
+        Subscribers that run it ignore the repeat; new ones find it. Returns True when it
+        had to restore the plan."""
+        raw = await self.client.get(plan_key(self.pipeline))
+        if raw is not None:
+            try:
+                if Plan.from_json(raw, source="redis").version >= plan.version:
+                    return False
+            except Exception:   # a malformed stored plan: overwrite it with ours
+                pass
+            await self.client.delete(plan_key(self.pipeline))
+        counter = await self.client.get(version_key(self.pipeline))
+        if counter is None or int(counter) < plan.version:
+            await self.client.set(version_key(self.pipeline), plan.version)
+        applied = await self.client.eval(_PUBLISH_IF_NEWER, 2, plan_key(self.pipeline),
+                                         channel(self.pipeline), plan.to_json(), str(plan.version))
+        if applied:
+            log.info("plan_restored", pipeline=self.pipeline, plan_version=plan.version)
+        return bool(applied)
+
+
 PlanCallback = Callable[[Plan], "Awaitable[None] | None"]
 
 

@@ -105,8 +105,21 @@ class ControllerCore:
             "shed": sum(int(r.stats.get("shed", 0)) for r in self.registry.records.values()),
             "errors": sum(int(r.stats.get("errors", 0)) for r in self.registry.records.values()),
             "demand_qps": round(self.demand_qps, 2),
-            "calibration": dict(self.current.calibration) if self.current else {},
+            **self.calibration_status(),
         }
+
+    def calibration_status(self) -> dict:
+        """The profile in use, and how far the measured batch times are from it."""
+        if self.planner is None:
+            return {}
+        cal = self.planner.calibrator
+        used = {(w.task, w.variant) for w in self.current.workers.values()} if self.current else set()
+        host = cal.host_factor()
+        return {"profile": self.planner.profile.source,
+                "measured_over_profile": {f"{t}/{v}": round(f, 3) for (t, v), f in sorted(cal.factors().items())
+                                          if (t, v) in used},
+                "host_factor": None if host is None else round(host, 3),
+                "drift_vs_plan": round(cal.drift(), 3)}
 
     def set_allocations(self, allocations: list[Allocation]) -> None:
         """An operator allocation (plan file or SetPlan) takes over from the planner."""

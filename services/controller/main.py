@@ -217,7 +217,8 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
-    demand_failing = False
+    demand_failing = store_failing = False
+    next_ensure = time.monotonic()
     next_status = time.monotonic() + cfg.status_s
     try:
         while not stop.is_set():
@@ -233,6 +234,17 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
                     if not demand_failing:
                         log.warning("demand_read_failed", error=str(exc))
                     demand_failing = True
+            if core.current is not None and time.monotonic() >= next_ensure:
+                next_ensure = time.monotonic() + 2.0
+                try:   # Redis restarted empty: put the plan in force back for new subscribers
+                    await publisher.ensure(core.current)
+                    if store_failing:
+                        log.info("plan_store_reachable")
+                    store_failing = False
+                except Exception as exc:
+                    if not store_failing:
+                        log.warning("plan_store_unreachable", error=str(exc))
+                    store_failing = True
             result = await core.reconcile()
             if result.duration_ms > 200:
                 log.warning("slow_reconcile", duration_ms=round(result.duration_ms, 1))

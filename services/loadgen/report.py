@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -47,6 +47,8 @@ class RequestResult:
     cer: float | None = None
     plan_version: int | None = None
     variant_path: str | None = None
+    t_s: float | None = None        # its scheduled send time, seconds from the run's start
+    message: str = ""               # the status details of a failure, as the client saw them
 
     @property
     def ok(self) -> bool:
@@ -82,6 +84,7 @@ class LoadReport:
     offered_rps: float
     max_send_lag_ms: float
     config: dict = field(default_factory=dict)
+    results: tuple[RequestResult, ...] = field(default=(), repr=False)   # one per request, in order
 
     @property
     def total_errors(self) -> int:
@@ -92,7 +95,9 @@ class LoadReport:
         return self.late + self.dropped + self.shed + self.invalid + self.total_errors
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The summary (per-request results are left out: see ``results``)."""
+        d = asdict(replace(self, results=()))
+        del d["results"]
         d["total_errors"] = self.total_errors
         d["violations"] = self.violations
         return d
@@ -149,6 +154,7 @@ def summarize(results: Iterable[RequestResult], *, elapsed_s: float, window_s: f
         window_s=window_s,
         max_send_lag_ms=max_send_lag_s * 1000.0,
         config=dict(config or {}),
+        results=tuple(sorted(results, key=lambda r: r.index)),
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -180,7 +180,7 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
             config.pipeline, pages[page_no].image, request_id=f"lg-{config.seed}-{index}",
             timeout_ms=int(round(timeout_s * 1000)) if config.send_timeout_param else None)
         sent = time.perf_counter()
-        code, latency, params = rep.CLIENT_ERROR, None, {}
+        code, latency, params, message = rep.CLIENT_ERROR, None, {}, ""
         try:
             response = await stub.ModelInfer(request, timeout=timeout_s)
             latency = time.perf_counter() - sent
@@ -193,6 +193,7 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
         except grpc.aio.AioRpcError as exc:
             latency = time.perf_counter() - sent
             code = exc.code().name
+            message = exc.details() or ""
         except asyncio.CancelledError:
             code = rep.NOT_FINISHED
         except Exception:
@@ -204,7 +205,7 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
             finish(rep.RequestResult(
                 index, code, latency, slo_s,
                 plan_version=int(version) if isinstance(version, int) else None,
-                variant_path=str(path) if path is not None else None))
+                variant_path=str(path) if path is not None else None, t_s=arrival.t_s, message=message))
 
     tasks: set[asyncio.Task] = set()
     start = loop.time()
@@ -217,7 +218,7 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
             max_lag = max(max_lag, loop.time() - (start + arrival.t_s))
             slo_ms, timeout_ms = request_budget_ms(config, arrival)
             if in_flight >= config.max_in_flight:
-                finish(rep.RequestResult(index, rep.IN_FLIGHT_CAP, None, slo_ms / 1000.0))
+                finish(rep.RequestResult(index, rep.IN_FLIGHT_CAP, None, slo_ms / 1000.0, t_s=arrival.t_s))
                 continue
             in_flight += 1
             task = asyncio.create_task(one(index, arrival, index % len(pages), slo_ms / 1000.0,
@@ -262,8 +263,7 @@ def _with_cer(results: dict[int, rep.RequestResult], pendings: dict[int, _Pendin
             key = (p.page, tuple(pred))
             if key not in cache:
                 cache[key] = float(cer_fn(pred, pages[p.page].truth))
-            r = rep.RequestResult(r.index, r.code, r.latency_s, r.slo_s, cache[key],
-                                  r.plan_version, r.variant_path)
+            r = replace(r, cer=cache[key])
         out.append(r)
     return out
 

@@ -24,6 +24,8 @@ cluster size, floors, objective weights, bounds and the previous allocation are
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -33,6 +35,31 @@ import scipy.sparse as sp
 
 from services.planner.profile import PipelineProfile, VariantProfile
 
+
+
+def _quiet_highs_banner() -> None:
+    """HiGHS prints a copyright banner to the process's stdout (fd 1, from C++) the first
+    time a solver object is made, whatever its output options; a service's stdout is its
+    log and a CLI's stdout its answer. Make that first object with fd 1 on /dev/null."""
+    try:
+        import highspy
+    except ImportError:   # cvxpy without HiGHS: nothing to quiet
+        return
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+_quiet_highs_banner()
 
 @dataclass(frozen=True)
 class Bucket:

@@ -52,6 +52,8 @@ class Proc:
     popen: subprocess.Popen
     log_path: Path
     address: str = ""
+    module: str = ""
+    args: tuple[str, ...] = ()
 
 
 class LocalCluster:
@@ -71,6 +73,7 @@ class LocalCluster:
         log_path = self.cfg.log_dir / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPESERVE_TLS")}
         env.update(REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")   # the URL stays off argv
+        given = tuple(args)
         if self.cfg.tls is not None:
             args = [*args, *self.cfg.tls.to_args()]
         if self.cfg.json_logs:
@@ -78,9 +81,40 @@ class LocalCluster:
         with open(log_path, "ab") as log:
             popen = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        proc = Proc(name, popen, log_path, address)
+        proc = Proc(name, popen, log_path, address, module, given)
         self.procs[name] = proc
         return proc
+
+    # -- faults (the fault-injection tests and docs/reliability.md use these) ------
+    def kill(self, name: str) -> Proc:
+        """SIGKILL one process (no graceful shutdown) and wait for it; it stays listed
+        (dead) so :meth:`restart` can start it again with the same arguments and port."""
+        p = self.procs[name]
+        p.popen.kill()
+        p.popen.wait()
+        return p
+
+    def restart(self, name: str) -> Proc:
+        """Start a killed (or exited) process again: same module, arguments and port."""
+        p = self.procs[name]
+        if p.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        with open(p.log_path, "ab") as log:
+            log.write(b"\n--- restarted by the cluster launcher ---\n")
+        return self._spawn(name, p.module, list(p.args), p.address)
+
+    def kill_redis(self) -> None:
+        """SIGKILL the embedded Redis (its data is gone: it keeps nothing on disk)."""
+        if self.redis is None or self.redis.proc is None:
+            raise RuntimeError("the cluster did not start its own Redis")
+        self.redis.proc.kill()
+        self.redis.proc.wait()
+
+    def restart_redis(self) -> None:
+        """Start the embedded Redis again on the same port, empty."""
+        if self.redis is None:
+            raise RuntimeError("the cluster did not start its own Redis")
+        self.redis = RedisServer(port=self.redis.port, password=self.cfg.redis_password).start()
 
     def start_worker(self, task: str, index: int) -> Proc:
         port = free_port()
@@ -151,11 +185,29 @@ class LocalCluster:
                 time.sleep(0.2)
         raise TimeoutError(f"cluster not ready within {timeout_s}s; logs in {self.cfg.log_dir}")
 
+    def planned_worker_ids(self) -> set[str] | None:
+        """The workers the controller's current plan uses (None: no plan yet)."""
+        import json
+
+        from services.gen import pipeserve_pb2 as pb
+        from services.gen import pipeserve_pb2_grpc as pb_grpc
+
+        with self.channel(self.controller_address) as ch:
+            try:
+                raw = pb_grpc.ControllerStub(ch).GetPlan(pb.GetPlanRequest(), timeout=1).plan_json
+            except grpc.RpcError:
+                return None
+        return set(json.loads(raw)["workers"])
+
     def all_workers_serving(self) -> bool:
+        """Every worker the plan uses serves (workers the plan leaves idle load nothing)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        planned = self.planned_worker_ids()
+        if planned is None:
+            return False
         for p in self.procs.values():
-            if not p.name.startswith("worker-"):
+            if not p.name.startswith("worker-") or p.name.removeprefix("worker-") not in planned:
                 continue
             with self.channel(p.address) as ch:
                 try:
