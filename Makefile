@@ -36,7 +36,7 @@ data: venv
 setup: venv proto models data
 
 demo: setup
-	$(PY) -m services.tools.demo --rate $${RATE:-5} --duration $${DURATION:-30}
+	$(PY) -m services.tools.demo $${RATE:+--rate $$RATE} --duration $${DURATION:-30} $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

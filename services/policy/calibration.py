@@ -123,8 +123,10 @@ class LatencyCalibrator:
         trusted measured fan-outs; marks these factors as the ones in use."""
         factors = self.factors()
         self.in_use = dict(factors)
-        return scale_profile(self.base, factors, self._measured_fan_out(),
-                             note=summary(factors))
+        fan = self._measured_fan_out()
+        if not fan and all(f == 1.0 for f in factors.values()):
+            return self.base          # nothing measured yet: the profile itself (caches key on it)
+        return scale_profile(self.base, factors, fan, note=summary(factors))
 
     def _measured_fan_out(self) -> dict[tuple[str, str], float]:
         out = {}

@@ -237,7 +237,9 @@ class StageRouting:
         if len(ids) == 1:
             return {ids[0]: k}
         out: dict[str, int] = {}
-        for _ in range(k):
-            w = t.choose(u())
+        cum, last = t.cum, len(ids) - 1
+        for _ in range(k):          # RouteTable.choose, inlined: the simulator's inner loop
+            i = bisect_right(cum, u())
+            w = ids[i if i <= last else last]
             out[w] = out.get(w, 0) + 1
         return out

@@ -346,7 +346,8 @@ class _Sim:
         for x in self.by_task[ti]:
             if not x.active:
                 continue
-            # _Worker.expected_finish inlined, same formula (this loop is most of a 1,000-worker run)
+            # _Worker.expected_finish inlined, same formula (this loop is most of a 1,000-worker
+            # run); tests/unit/test_sim.py checks it against expected_finish
             b = x.maxb
             waiting = x.queue.queued + c
             if x.draining:
@@ -354,7 +355,9 @@ class _Sim:
             start = x.busy_until if x.busy_until > now else now
             if x.ready_at > start:
                 start = x.ready_at
-            finish[x] = start + -(-waiting // b) * x.est(b)
+            by_size = x.est.by_size      # ServiceTimeEstimator.__call__, inlined
+            lat = by_size[b] if b in by_size else x.est.per_item_s * b
+            finish[x] = start + -(-waiting // b) * lat
         if w not in finish:
             finish[w] = w.expected_finish(now, c)
         return reroute_choice(w, finish, deadline, w.reserve, self.reroute_slack)

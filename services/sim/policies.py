@@ -76,22 +76,30 @@ def _solve_key(ctx: PlannerContext, previous: Plan | None) -> tuple:
     prev = tuple(sorted(Counter((a.task, a.variant) for a in previous.workers.values()).items())) \
         if previous is not None else None
     caps = tuple(sorted(ctx.task_workers.items())) if ctx.task_workers else None
-    return (ctx.profile.name, id(ctx.profile), round(ctx.demand_qps, 6), ctx.n_workers, ctx.method,
+    return (profile_key(ctx.profile), round(ctx.demand_qps, 6), ctx.n_workers, ctx.method,
             ctx.min_accuracy, ctx.slo_ms, caps, prev)
+
+
+_PROFILE_KEYS: dict[int, tuple[PipelineProfile, str]] = {}
+
+
+def profile_key(profile: PipelineProfile) -> str:
+    """The profile's content as a cache key, computed once per profile object (two
+    policies planning on equal profiles share their solves)."""
+    held = _PROFILE_KEYS.get(id(profile))
+    if held is None or held[0] is not profile:
+        held = _PROFILE_KEYS[id(profile)] = (profile, profile.key())
+    return held[1]
 
 
 def caching_solver(ctx: PlannerContext, previous: Plan | None = None) -> PlanSolution:
     """``services.planner.solve``, cached (for speed: a run re-plans thousands of times for
-    a few dozen distinct demands). Holds the profiles it saw, so ``id`` stays unique."""
+    a few dozen distinct demands), keyed by everything the solver reads."""
     key = _solve_key(ctx, previous)
     hit = _SOLVES.get(key)
     if hit is None:
         hit = _SOLVES[key] = solve(ctx, previous)
-        _PROFILES[id(ctx.profile)] = ctx.profile
     return hit
-
-
-_PROFILES: dict[int, PipelineProfile] = {}
 
 
 def cached_solve(profile: PipelineProfile, demand: float, n_workers: int, method: str = "relaxed",

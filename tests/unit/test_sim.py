@@ -130,3 +130,26 @@ def test_a_swap_within_a_task_keeps_serving_with_the_old_variant():
     before_ready = arr < 7.0 - 1e-9                      # plan at t=2 s + 5 s load
     assert np.all(r.accuracy[before_ready] == 0.5)
     assert np.all(r.accuracy[arr > 7.1] == 0.9)
+
+
+def test_the_inlined_rerouting_estimate_decides_like_expected_finish(monkeypatch):
+    """``_Sim._reroute`` inlines ``_Worker.expected_finish`` for speed; a run with the
+    plain formula gives the same outcome for every request."""
+    from services.policy.routing import reroute_choice
+    from services.sim import engine
+
+    fast = run(policy="ours", rate=250.0, duration=8.0)
+
+    calls = []
+
+    def plain(self, ti, w, c, now, deadline):
+        calls.append(1)
+        finish = {x: x.expected_finish(now, c) for x in self.by_task[ti] if x.active}
+        finish.setdefault(w, w.expected_finish(now, c))
+        return reroute_choice(w, finish, deadline, w.reserve, self.reroute_slack)
+
+    monkeypatch.setattr(engine._Sim, "_reroute", plain)
+    slow = run(policy="ours", rate=250.0, duration=8.0)
+    assert len(calls) > 100                  # the run does consider moving groups
+    assert np.array_equal(fast.status, slow.status)
+    assert np.array_equal(fast.latency_s, slow.latency_s, equal_nan=True)
