@@ -26,8 +26,8 @@ from typing import Iterable, Mapping
 from services.planner.profile import LatencyPoint, PipelineProfile, TaskProfile
 
 DEFAULT_MIN_BATCHES = 10     # batches before a variant's own factor is trusted
-DEFAULT_ALPHA = 0.1          # weight of one report's mean (per batch) in the smoothed ratio
-DEFAULT_MARGIN = 0.25        # re-plan when a factor moves by more than 25 %
+DEFAULT_ALPHA = 0.03         # weight of one batch in the smoothed ratio (a report of n: 1 - 0.97^n)
+DEFAULT_MARGIN = 0.3         # re-plan when a factor moves by more than 30 % (noise on a busy host: ~25 %)
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,9 @@ class LatencyCalibrator:
                 expected *= t.batch_size / size
             ratio = (t.total_ms / t.count) / expected
             tr = self._tracks.setdefault((t.task, t.variant), _Track())
-            # one report of n batches weighs like n single observations
-            w = 1.0 - (1.0 - self.alpha) ** t.count
+            # one report of n batches weighs like n single observations; until the
+            # smoothing has seen ~1/alpha batches it is a plain mean (no bias to the first)
+            w = max(t.count / (tr.batches + t.count), 1.0 - (1.0 - self.alpha) ** t.count)
             tr.ratio = ratio if tr.ratio is None else tr.ratio + w * (ratio - tr.ratio)
             tr.batches += t.count
             tr.items += t.items

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: probe this host's speed against the profile once (cached in "
                         "runs/profiles/) and plan on a calibrated copy when it does not match; "
                         "refresh: probe again; off: plan on --profile as it is")
+    p.add_argument("--calibration-cache", default="runs/profiles",
+                   help="where probe results and calibrated profiles are cached per host (default %(default)s)")
     p.add_argument("--profile-error", type=float, default=1.0,
                    help="hand the controller the profile with every latency times this (0.5: a "
                         "profile 2x too optimistic), to watch its online calibration correct it")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = Path(a.profile)
         if a.calibrate != "off":
             profile, _ = profile_for_host(Path(a.spec), profile, Path(a.models), Path(a.pages),
-                                          refresh=a.calibrate == "refresh")
+                                          cache_dir=Path(a.calibration_cache), refresh=a.calibrate == "refresh")
         full, scaled = host_capacity(profile, workers, spec.slo_ms)
         print(f"capacity on this host ({' + '.join(f'{n} {t}' for t, n in workers.items())} workers, "
               f"by the profile): {full:.1f} req/s at full accuracy, {scaled:.1f} req/s with accuracy scaling",

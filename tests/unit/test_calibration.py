@@ -1,0 +1,74 @@
+"""The profile calibration from measured batch times (services/policy/calibration.py)."""
+import pytest
+
+from services.planner import parse_profile
+from services.policy.calibration import LatencyCalibrator, Timing, scale_profile
+
+PROFILE = parse_profile({"name": "p", "slo_ms": 1000, "tasks": [
+    {"name": "det", "children": ["rec"], "fan_out": {"d1": {"rec": 10.0}, "d2": {"rec": 10.0}}, "variants": [
+        {"name": "d1", "accuracy": 1.0, "latency_ms": {"1": {"p50_ms": 100, "p95_ms": 120},
+                                                       "4": {"p50_ms": 400, "p95_ms": 480}}},
+        {"name": "d2", "accuracy": 0.9, "latency_ms": {"1": {"p50_ms": 20, "p95_ms": 25}}}]},
+    {"name": "rec", "variants": [
+        {"name": "r1", "accuracy": 1.0, "latency_ms": {"1": {"p50_ms": 5, "p95_ms": 6},
+                                                       "8": {"p50_ms": 40, "p95_ms": 48}}}]}]})
+
+
+def test_nothing_is_trusted_before_the_batch_floor():
+    cal = LatencyCalibrator(PROFILE, min_batches=10)
+    cal.observe([Timing("det", "d1", 1, 9, 9 * 200.0)])
+    assert cal.host_factor() is None and cal.factors()[("det", "d1")] == 1.0
+    assert cal.calibrated() is PROFILE            # nothing measured: the profile itself
+    cal.observe([Timing("det", "d1", 1, 1, 200.0)])
+    assert cal.factors()[("det", "d1")] == pytest.approx(2.0)
+
+
+def test_measured_variants_get_their_factor_and_the_others_the_host_factor():
+    cal = LatencyCalibrator(PROFILE, min_batches=10)
+    cal.observe([Timing("det", "d1", 4, 10, 10 * 800.0),      # 2x the profile at batch 4
+                 Timing("rec", "r1", 8, 30, 30 * 40.0 * 3)])   # 3x at batch 8
+    f = cal.factors()
+    assert f[("det", "d1")] == pytest.approx(2.0) and f[("rec", "r1")] == pytest.approx(3.0)
+    host = (2.0 ** 10 * 3.0 ** 30) ** (1 / 40)                 # batch-weighted geometric mean
+    assert f[("det", "d2")] == pytest.approx(host)
+    p = cal.calibrated()
+    assert p.task("det").variant("d1").latency_ms[1].p50_ms == pytest.approx(200.0)
+    assert p.task("det").variant("d2").latency_ms[1].p95_ms == pytest.approx(25 * host)
+
+
+def test_partial_batches_scale_the_next_profiled_size():
+    cal = LatencyCalibrator(PROFILE, min_batches=1)
+    cal.observe([Timing("rec", "r1", 4, 5, 5 * 20.0)])   # 4 of the 8-batch's 40 ms = 20 ms: as profiled
+    assert cal.factors()[("rec", "r1")] == pytest.approx(1.0)
+
+
+def test_drift_and_replan_need_a_move_past_the_margin():
+    cal = LatencyCalibrator(PROFILE, min_batches=1, margin=0.3)
+    cal.observe([Timing("det", "d1", 1, 20, 20 * 100.0)])
+    cal.calibrated()
+    assert not cal.needs_replan()
+    cal.observe([Timing("det", "d1", 1, 1000, 1000 * 125.0)])   # +25 %: within the margin
+    assert not cal.needs_replan()
+    cal.observe([Timing("det", "d1", 1, 1000, 1000 * 200.0)])   # 2x: past it
+    assert cal.needs_replan() and cal.drift() == pytest.approx(1.0, rel=0.05)
+
+
+def test_the_first_batches_are_a_plain_mean_not_the_first_report():
+    cal = LatencyCalibrator(PROFILE, min_batches=10, alpha=0.03)
+    cal.observe([Timing("det", "d1", 1, 2, 2 * 400.0)])    # two slow warm-up batches (4x)
+    cal.observe([Timing("det", "d1", 1, 18, 18 * 200.0)])  # then 2x
+    assert cal.factors()[("det", "d1")] == pytest.approx((2 * 4 + 18 * 2) / 20)
+
+
+def test_a_detectors_measured_fan_out_replaces_the_profiles():
+    cal = LatencyCalibrator(PROFILE, min_batches=5)
+    cal.observe([Timing("det", "d1", 1, 5, 5 * 100.0, items=5, regions=60)])
+    assert cal.calibrated().task("det").fan_out["d1"] == {"rec": 12.0}
+
+
+def test_scale_profile_keeps_everything_but_latencies():
+    p = scale_profile(PROFILE, {("det", "d1"): 2.0}, note="x")
+    assert p.task("det").variant("d1").latency_ms[4].p95_ms == 960
+    assert p.task("det").variant("d2").latency_ms[1].p50_ms == 20
+    assert p.task("det").variant("d1").accuracy == 1.0 and p.task("det").fan_out == PROFILE.task("det").fan_out
+    assert "Calibrated: x." in p.provenance
