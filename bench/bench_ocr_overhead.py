@@ -1,0 +1,117 @@
+"""What the cluster adds to one OCR request at low load, measured side by side.
+
+    .venv/bin/python bench/bench_ocr_overhead.py              # 20 pages, ~1 minute
+    .venv/bin/python bench/bench_ocr_overhead.py --pages 8    # quicker
+
+1. **Alone**: in this process, for each page, the detector's ``prepare`` + ``run_batch``,
+   then the recogniser's ``prepare`` of every crop + ``run_batch`` on all of them (one
+   batch), with ONNX Runtime on one thread as the workers run it: the sum of the request's
+   model and pre/post-processing time.
+2. **Cluster**: the same pages through the front door of a local cluster (Redis,
+   controller, one detection and one recognition worker, two routers) running the same two
+   variants, one request at a time.
+
+Prints JSON: p50/p90 of both, and the cluster's p50 as a ratio to the alone p50 (machines
+differ up to ~4x in speed: the ratio is the figure that carries over). Both halves run in
+the same script on the same pages, alternating rounds so background load hits both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from services.common import oip  # noqa: E402
+from services.common.onnx import create_session  # noqa: E402
+from services.common.processing import make_processor  # noqa: E402
+from services.common.spec import load_spec  # noqa: E402
+from services.gen import inference_pb2_grpc as ipb_grpc  # noqa: E402
+from services.ocr.pages import load_pages  # noqa: E402
+from services.tools.cluster import ClusterConfig, LocalCluster  # noqa: E402
+
+PLAN = """
+pipeline: ocr
+allocations:
+  - {{task: det, variant: {det}, batch_size: 1, replicas: 1}}
+  - {{task: rec, variant: {rec}, batch_size: 32, replicas: 1}}
+"""
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def alone(spec, models: Path, det: str, rec: str, pages: list[bytes]) -> list[float]:
+    dp = make_processor(spec.variant(det), models, spec.plugins)
+    ds, _ = create_session(dp.model_path, prefer_gpu=False, intra_op_threads=1)
+    rp = make_processor(spec.variant(rec), models, spec.plugins)
+    rs, _ = create_session(rp.model_path, prefer_gpu=False, intra_op_threads=1)
+    out = []
+    for png in [pages[0]] + pages:      # the first page warms the sessions up, untimed
+        t = time.perf_counter()
+        [d] = dp.run_batch(ds, [dp.prepare(png)])
+        if d.child_payloads:
+            rp.run_batch(rs, [rp.prepare(c) for c in d.child_payloads])
+        out.append((time.perf_counter() - t) * 1000)
+    return out[1:]
+
+
+def through_cluster(stub, pages: list[bytes]) -> list[float]:
+    out = []
+    for png in [pages[0]] + pages:
+        t = time.perf_counter()
+        stub.ModelInfer(oip.build_image_request("ocr", png), timeout=30)
+        out.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.05)
+    return out[1:]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pages", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--det", default="det_v6small_480")
+    ap.add_argument("--rec", default="rec_v6tiny")
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "eval")
+    a = ap.parse_args(argv)
+    spec_path = ROOT / "pipelines" / "ocr.yaml"
+    spec = load_spec(spec_path)
+    pages = [p.png for p in load_pages(a.data)[: a.pages]]
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = Path(tmp) / "plan.yaml"
+        plan.write_text(PLAN.format(det=a.det, rec=a.rec))
+        cluster = LocalCluster(ClusterConfig(spec=spec_path, plan_file=plan, models=a.models,
+                                             log_dir=Path(tmp) / "logs"))
+        cluster.start()
+        try:
+            a_ms, c_ms = [], []
+            with grpc.insecure_channel(cluster.front_door, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+                stub = ipb_grpc.GRPCInferenceServiceStub(ch)
+                for _ in range(a.rounds):
+                    a_ms += alone(spec, a.models, a.det, a.rec, pages)
+                    c_ms += through_cluster(stub, pages)
+        finally:
+            cluster.stop()
+    p50a, p50c = statistics.median(a_ms), statistics.median(c_ms)
+    print(json.dumps({
+        "variants": f"{a.det}/{a.rec}", "pages": len(pages), "rounds": a.rounds,
+        "alone_p50_ms": round(p50a, 1), "alone_p90_ms": round(pct(a_ms, 0.9), 1),
+        "cluster_p50_ms": round(p50c, 1), "cluster_p90_ms": round(pct(c_ms, 0.9), 1),
+        "added_p50_ms": round(p50c - p50a, 1), "cluster_over_alone_p50": round(p50c / p50a, 3),
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
