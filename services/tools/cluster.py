@@ -125,6 +125,15 @@ class LocalCluster:
             "--models", str(self.cfg.models)], address=f"127.0.0.1:{port}")
 
     def start(self, ready_timeout_s: float = 120.0) -> "LocalCluster":
+        """Start every process and wait until the cluster serves. A cluster that does not
+        come up (a process exits, the wait times out, Ctrl-C) leaves no process behind."""
+        try:
+            return self._start(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, ready_timeout_s: float) -> "LocalCluster":
         if not self.redis_url:
             self.redis = RedisServer(password=self.cfg.redis_password).start()
             self.redis_url = self.redis.url
