@@ -10,6 +10,12 @@ Request: one input ``image``, either
   ``contents.bytes_contents``; or
 * datatype ``UINT8``, shape ``[H, W, 3]``: raw row-major pixels, re-encoded to PNG here.
 
+Encoded images are checked from their header only (PNG: the IHDR chunk and the chunk
+layout up to the first IDAT; JPEG: the markers up to the first scan), parsed here by hand:
+nothing is decompressed, so a decompression bomb (a 20,000 x 20,000 PNG of ~50 KB) is
+refused from its declared size before any decoder runs. The worker decodes with Pillow,
+which reads the same header fields, so the size checked here is the size it decodes.
+
 Optional request parameter ``timeout`` (int64, or a decimal string): the client's
 timeout in **milliseconds** (note: Triton itself reads this parameter as microseconds;
 pipeserve uses milliseconds throughout).
@@ -23,8 +29,8 @@ meant for the client.
 """
 from __future__ import annotations
 
-import io
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -97,12 +103,17 @@ def build_image_request(model_name: str, image: bytes, request_id: str = "",
     return req
 
 
-def extract_image(request: pb.ModelInferRequest, *, max_bytes: int, max_side: int) -> bytes:
+def extract_image(request: pb.ModelInferRequest, *, max_bytes: int, max_side: int,
+                  max_pixels: int | None = None) -> bytes:
     """Validate the request's ``image`` input and return it as an encoded PNG/JPEG.
 
-    Encoded images are only checked (magic bytes, size, header dimensions), never fully
+    Encoded images are only checked (magic bytes, size, header dimensions), never
     decoded: the detector worker decodes them. ``max_bytes`` bounds the received payload
-    in either form; ``max_side`` bounds the image's width and height.
+    in either form; ``max_side`` bounds the image's width and height and ``max_pixels``
+    (optional) their product, so what the worker decodes is bounded too.
+
+    CPU cost: a copy of the payload for BYTES inputs; a PNG encode for UINT8 inputs
+    (tens of ms for a page): callers on an event loop run this in a thread.
     """
     if len(request.inputs) == 0:
         raise InvalidInput(f"request has no inputs; expected one input '{IMAGE_INPUT}'")
@@ -142,7 +153,7 @@ def extract_image(request: pb.ModelInferRequest, *, max_bytes: int, max_side: in
             raise InvalidInput(
                 f"input '{IMAGE_INPUT}': shape [1] but the data holds {len(elements)} elements")
         image = elements[0]
-        _check_encoded_image(image, max_bytes=max_bytes, max_side=max_side)
+        _check_encoded_image(image, max_bytes=max_bytes, max_side=max_side, max_pixels=max_pixels)
         return image
 
     if tensor.datatype == "UINT8":
@@ -152,11 +163,12 @@ def extract_image(request: pb.ModelInferRequest, *, max_bytes: int, max_side: in
         h, w, _ = shape
         if h == 0 or w == 0:
             raise InvalidInput(f"input '{IMAGE_INPUT}': empty image, shape {shape}")
-        if max(h, w) > max_side:
-            raise InvalidInput(
-                f"input '{IMAGE_INPUT}': image is {w}x{h}, larger than the limit of "
-                f"{max_side} pixels per side")
+        _check_size(w, h, max_side=max_side, max_pixels=max_pixels)
         expected = h * w * 3
+        if expected > max_bytes:   # from the shape alone, before touching the data
+            raise InvalidInput(
+                f"input '{IMAGE_INPUT}': shape {shape} = {expected} bytes exceeds the limit of "
+                f"{max_bytes} bytes")
         if raw is not None:
             if tensor.HasField("contents"):
                 raise InvalidInput(
@@ -168,18 +180,16 @@ def extract_image(request: pb.ModelInferRequest, *, max_bytes: int, max_side: in
                 raise InvalidInput(
                     f"input '{IMAGE_INPUT}': shape {shape} needs {expected} values, "
                     f"contents.uint_contents has {len(values)}")
-            if any(v > 255 for v in values):
-                raise InvalidInput(f"input '{IMAGE_INPUT}': UINT8 value out of range")
-            data = np.fromiter(values, dtype=np.uint8, count=expected).tobytes()
+            wide = np.fromiter(values, dtype=np.uint32, count=expected)
+            if int(wide.max()) > 255:
+                raise InvalidInput(f"input '{IMAGE_INPUT}': UINT8 value out of range (over 255)")
+            data = wide.astype(np.uint8).tobytes()
         if len(data) == 0:
             raise InvalidInput(f"input '{IMAGE_INPUT}': empty image data")
         if len(data) != expected:
             raise InvalidInput(
                 f"input '{IMAGE_INPUT}': shape {shape} x 1 byte = {expected} bytes, "
                 f"but {len(data)} bytes were sent")
-        if len(data) > max_bytes:
-            raise InvalidInput(
-                f"input '{IMAGE_INPUT}': {len(data)} bytes exceeds the limit of {max_bytes} bytes")
         return _encode_png(np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3))
 
     raise InvalidInput(
@@ -187,29 +197,119 @@ def extract_image(request: pb.ModelInferRequest, *, max_bytes: int, max_side: in
         "(an encoded PNG/JPEG, shape [1]) or UINT8 (shape [H, W, 3])")
 
 
-def _check_encoded_image(image: bytes, *, max_bytes: int, max_side: int) -> None:
+def _check_encoded_image(image: bytes, *, max_bytes: int, max_side: int,
+                         max_pixels: int | None = None) -> None:
     if len(image) == 0:
         raise InvalidInput(f"input '{IMAGE_INPUT}': empty image")
     if len(image) > max_bytes:
         raise InvalidInput(
             f"input '{IMAGE_INPUT}': {len(image)} bytes exceeds the limit of {max_bytes} bytes")
-    if not (image.startswith(_PNG_MAGIC) or image.startswith(_JPEG_MAGIC)):
-        raise InvalidInput(f"input '{IMAGE_INPUT}': not a PNG or JPEG image (bad magic bytes)")
-    from PIL import Image  # deferred: only the front door and tests validate images
-
-    try:
-        # Image.open reads the header only; pixels are decoded lazily (never, here).
-        with Image.open(io.BytesIO(image)) as im:
-            w, h = im.size
-    except Exception as exc:  # PIL raises several types for corrupt headers
-        raise InvalidInput(
-            f"input '{IMAGE_INPUT}': cannot read the image header ({type(exc).__name__})") from None
+    w, h = image_size(image)
     if w <= 0 or h <= 0:
         raise InvalidInput(f"input '{IMAGE_INPUT}': empty image ({w}x{h})")
+    _check_size(w, h, max_side=max_side, max_pixels=max_pixels)
+
+
+def _check_size(w: int, h: int, *, max_side: int, max_pixels: int | None) -> None:
     if max(w, h) > max_side:
         raise InvalidInput(
             f"input '{IMAGE_INPUT}': image is {w}x{h}, larger than the limit of "
             f"{max_side} pixels per side")
+    if max_pixels is not None and w * h > max_pixels:
+        raise InvalidInput(
+            f"input '{IMAGE_INPUT}': image is {w}x{h} = {w * h} pixels, more than the limit of "
+            f"{max_pixels} pixels")
+
+
+class _BadHeader(Exception):
+    pass
+
+
+def image_size(image: bytes) -> tuple[int, int]:
+    """``(width, height)`` declared by a PNG or JPEG header, read by hand: nothing is
+    decompressed and no decoder runs, whatever the header claims. InvalidInput when the
+    bytes are neither, or the header is malformed, truncated or ambiguous (two IHDR chunks,
+    two JPEG frame headers: a decoder could pick the other one)."""
+    try:
+        if image.startswith(_PNG_MAGIC):
+            return _png_size(image)
+        if image.startswith(_JPEG_MAGIC):
+            return _jpeg_size(image)
+    except _BadHeader as exc:
+        raise InvalidInput(f"input '{IMAGE_INPUT}': cannot read the image header ({exc})") from None
+    raise InvalidInput(f"input '{IMAGE_INPUT}': not a PNG or JPEG image (bad magic bytes)")
+
+
+_PNG_COLOR_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """IHDR must come first (PNG spec); every chunk up to the first IDAT must be whole."""
+    pos, size, n = len(_PNG_MAGIC), None, len(data)
+    while True:
+        if pos + 8 > n:
+            raise _BadHeader("truncated before the image data" if size else "no IHDR chunk")
+        length, ctype = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if length > 0x7FFFFFFF or end + 4 > n:
+            if ctype == b"IDAT" and size is not None:
+                raise _BadHeader("the image data is truncated: the first IDAT chunk runs past the end")
+            raise _BadHeader(f"chunk {ctype!r} runs past the end of the data")
+        if size is None:
+            if ctype != b"IHDR" or length != 13:
+                raise _BadHeader("the first chunk is not a 13-byte IHDR")
+            (crc,) = struct.unpack_from(">I", data, end)
+            if zlib.crc32(data[pos + 4:end]) != crc:
+                raise _BadHeader("IHDR checksum mismatch")
+            w, h, depth, color, comp, filt, interlace = struct.unpack_from(">IIBBBBB", data, pos + 8)
+            if depth not in _PNG_COLOR_DEPTHS.get(color, ()) or comp or filt or interlace > 1:
+                raise _BadHeader("invalid IHDR fields")
+            size = (w, h)
+        elif ctype == b"IHDR":
+            raise _BadHeader("more than one IHDR chunk")
+        elif ctype == b"IDAT":
+            return size
+        elif ctype == b"IEND":
+            raise _BadHeader("no image data")
+        pos = end + 4
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """Markers from after SOI to the first scan (SOS); exactly one frame header (SOFn)."""
+    pos, size, n = 2, None, len(data)
+    while True:
+        if pos >= n or data[pos] != 0xFF:
+            raise _BadHeader("truncated before the image data" if pos >= n else "no JPEG marker found")
+        while pos < n and data[pos] == 0xFF:   # fill bytes
+            pos += 1
+        if pos >= n:
+            raise _BadHeader("truncated before the image data")
+        marker = data[pos]
+        pos += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:   # TEM, RSTn: no length
+            continue
+        if marker in (0xD8, 0xD9):
+            raise _BadHeader("no image data")
+        if pos + 2 > n:
+            raise _BadHeader("truncated before the image data")
+        (length,) = struct.unpack_from(">H", data, pos)
+        if length < 2 or pos + length > n:
+            raise _BadHeader(f"marker 0x{marker:02X} runs past the end of the data")
+        if marker in _JPEG_SOF:
+            if size is not None:
+                raise _BadHeader("more than one frame header")
+            if length < 8:
+                raise _BadHeader("short frame header")
+            h, w = struct.unpack_from(">HH", data, pos + 3)
+            size = (w, h)
+        elif marker == 0xDA:
+            if size is None:
+                raise _BadHeader("no frame header before the image data")
+            return size
+        pos += length
 
 
 def _encode_png(pixels: np.ndarray) -> bytes:

@@ -23,12 +23,12 @@ from services.common.plan import Plan, validate_plan
 from services.common.plan_channel import PlanSubscriber, connect, frontdoor_key
 from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
-from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.tasks import supervise
 from services.router.clients import ChildRouterClient, WorkerClient
 from services.router.core import RouterCore
-from services.router.servicer import FrontDoorServicer, RouterServicer, receive_limit_bytes
+from services.router.servicer import (FrontDoorServicer, RouterServicer, add_front_door_to_server,
+                                      receive_limit_bytes)
 
 log = get_logger(__name__)
 
@@ -128,7 +128,7 @@ class RouterApp:
         pb_grpc.add_RouterServicer_to_server(RouterServicer(self.core), self.server)
         if self.is_root:
             self.front_door = FrontDoorServicer(self.core, self.admission)
-            ipb_grpc.add_GRPCInferenceServiceServicer_to_server(self.front_door, self.server)
+            add_front_door_to_server(self.front_door, self.server)   # ModelInfer: shed before reading
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = bind(self.server, self.cfg.host, self.cfg.port, tls=self.cfg.tls)

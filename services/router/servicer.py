@@ -2,10 +2,16 @@
 Open Inference Protocol v2 front door (model name = pipeline name)."""
 from __future__ import annotations
 
+import asyncio
+import functools
+import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from services.common import oip
 from services.policy.admission import TokenBucket
@@ -50,14 +56,6 @@ def _failure_of(result: pb.QueryResult) -> tuple[int, str] | None:
     return None
 
 
-_FAILURE_ERRORS = {
-    pb.DROPPED_DEADLINE: DeadlineMissed,
-    pb.SHED: Shed,
-    pb.INVALID: InvalidInput,
-    pb.UNAVAILABLE: Unavailable,
-}
-
-
 def _variant_path(result: pb.QueryResult) -> str:
     parts = [result.variant]
     if result.children:
@@ -75,19 +73,154 @@ def format_ocr_lines(result: pb.QueryResult) -> list[oip.OcrLine]:
     return lines
 
 
+# -- the front door --------------------------------------------------------------------
+#
+# Messages leave the system here only. What a client reads is written here (or is a
+# validation message of services/common/oip.py about its own request); failure messages
+# from inside the cluster (they name worker and router addresses) go to the log only.
+
+DEFAULT_MIN_BUDGET_MS = 20.0
+"""A request whose deadline leaves less than this is dropped on arrival, before its
+payload is looked at: no pipeline we serve answers faster (one detector run alone takes
+longer), so admitting it would only spend work on an answer nobody gets."""
+
+INFLIGHT_FACTOR = 3
+"""Default cap on the bytes of requests in flight at the front door: this many times the
+spec's ``input.max_bytes`` (24 MiB for pipelines/ocr.yaml)."""
+
+MAX_RECEIVING = 8
+"""At most this many request bodies are read at the same time; more arrivals at once are
+shed before their bodies are read."""
+
+VALIDATION_THREADS = 2
+"""Threads that run the request validation and the PNG re-encoding of raw pixels, off the
+event loop."""
+
+INTERNAL_MESSAGE = "internal error while serving the request (details in the server log)"
+_GENERIC = {
+    "DEADLINE_EXCEEDED": "the pipeline could not answer within the request's deadline; dropped",
+    "RESOURCE_EXHAUSTED": "the pipeline is over capacity; request shed, retry later",
+    "UNAVAILABLE": "a pipeline stage is unavailable; retry later",
+    "INVALID_ARGUMENT": "input 'image': the image could not be decoded (corrupt or truncated data)",
+    "NOT_FOUND": "unknown model",
+}
+# what a message that must not reach a client looks like: an address or a traceback
+_LEAK = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b|\[[0-9a-fA-F:.]*:[0-9a-fA-F:.]*\]|"
+                   r"\b[A-Za-z][\w.-]*:\d{2,5}\b|Traceback|File \"")
+_STATUS_CODE = {pb.DROPPED_DEADLINE: "DEADLINE_EXCEEDED", pb.SHED: "RESOURCE_EXHAUSTED",
+                pb.INVALID: "INVALID_ARGUMENT", pb.UNAVAILABLE: "UNAVAILABLE"}
+_ERROR_OF_CODE = {"DEADLINE_EXCEEDED": DeadlineMissed, "RESOURCE_EXHAUSTED": Shed,
+                  "INVALID_ARGUMENT": InvalidInput, "UNAVAILABLE": Unavailable, "NOT_FOUND": NotFound}
+_COUNTER_OF_CODE = {"DEADLINE_EXCEEDED": "dropped", "RESOURCE_EXHAUSTED": "shed",
+                    "INVALID_ARGUMENT": "invalid", "NOT_FOUND": "not_found"}
+
+
+def _client_error(code: str) -> ServingError:
+    """The generic error a client gets for an internal failure of status ``code``."""
+    cls = _ERROR_OF_CODE.get(code)
+    return ServingError(INTERNAL_MESSAGE) if cls is None or code not in _GENERIC else cls(_GENERIC[code])
+
+
+def receive_limit_bytes(spec) -> int:
+    """gRPC's receive limit for the front door's server: twice the spec's ``max_bytes`` plus
+    64 KiB of message overhead. Up to it an oversize image gets INVALID_ARGUMENT naming the
+    limit; past it gRPC itself refuses the message (RESOURCE_EXHAUSTED)."""
+    return 2 * spec.input.max_bytes + 64 * 1024
+
+
+class RawInferRequest:
+    """A ModelInfer request as it came off the wire. The servicer parses it only after the
+    checks that need no parsing; random bytes then get INVALID_ARGUMENT, not gRPC's UNKNOWN
+    with a parser exception."""
+
+    __slots__ = ("data", "size")
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+        self.size = len(data)
+
+    def parse(self) -> ipb.ModelInferRequest:
+        try:
+            return ipb.ModelInferRequest.FromString(self.data)
+        except DecodeError:
+            raise InvalidInput("the request body is not a valid ModelInferRequest protobuf "
+                               "message") from None
+
+    def release(self) -> None:
+        self.data = None
+
+
+def add_front_door_to_server(servicer: "FrontDoorServicer", server) -> None:
+    """Register the OIP service as the generated ``add_..._to_server`` does, except
+    ModelInfer: it is served by :meth:`FrontDoorServicer.ModelInferStream`, a
+    stream-unary handler (the same bytes on the wire as a unary call, for any client),
+    so that a request can be shed before its body is read."""
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, _handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+            self.service, self.handlers = service, dict(handlers)
+
+    capture = _Capture()
+    ipb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+        servicer.ModelInferStream, request_deserializer=RawInferRequest,
+        response_serializer=ipb.ModelInferResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
 class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
     """OIP v2. A request's absolute deadline = the earliest of its gRPC deadline, its
-    ``timeout`` parameter (ms) and the pipeline SLO. Every accepted request ends in one
-    answer: the result, or DEADLINE_EXCEEDED (dropped), RESOURCE_EXHAUSTED (shed),
-    INVALID_ARGUMENT, UNAVAILABLE or INTERNAL."""
+    ``timeout`` parameter (ms) and the pipeline SLO. Every request ends in one answer: the
+    result, or DEADLINE_EXCEEDED (dropped), RESOURCE_EXHAUSTED (shed), INVALID_ARGUMENT,
+    NOT_FOUND, UNAVAILABLE or INTERNAL.
 
-    def __init__(self, core: RouterCore, admission: TokenBucket) -> None:
+    The checks, cheapest first, so that a request that cannot be served costs little:
+
+    1. before the body is read: an expired gRPC deadline (DEADLINE_EXCEEDED); no room in
+       flight for one more request of the largest allowed size (the requests in flight
+       hold more than ``max_inflight_bytes - max_bytes``), or ``max_receiving`` bodies
+       are being read already (RESOURCE_EXHAUSTED);
+    2. once read: its size would take the bytes in flight past ``max_inflight_bytes``
+       (RESOURCE_EXHAUSTED); not a ModelInferRequest (INVALID_ARGUMENT); unknown model
+       (NOT_FOUND); the deadline leaves less than ``min_budget_ms`` (DEADLINE_EXCEEDED,
+       before the payload is validated);
+    3. payload validation and UINT8 re-encoding, in a thread (INVALID_ARGUMENT);
+       readiness (UNAVAILABLE); the admission rate (RESOURCE_EXHAUSTED);
+    4. routing; a failure inside becomes a generic message of its status.
+
+    A request arriving when nothing is in flight is always read, whatever its size.
+
+    ``counts``: ``received`` (valid requests, admitted or shed by admission control: the
+    demand the controller plans for) and ``accepted`` (routed) count progress; exactly one
+    of ``ok``, ``dropped``, ``shed``, ``invalid``, ``not_found``, ``failed``, ``cancelled``
+    counts each request's outcome."""
+
+    def __init__(self, core: RouterCore, admission: TokenBucket, *,
+                 min_budget_ms: float = DEFAULT_MIN_BUDGET_MS,
+                 max_inflight_bytes: int | None = None,
+                 max_receiving: int = MAX_RECEIVING,
+                 validation_threads: int = VALIDATION_THREADS) -> None:
         self.core = core
         self.spec = core.spec
         self.admission = admission
-        # "received": valid requests, admitted or shed: the demand the controller plans for
+        self.min_budget_s = min_budget_ms / 1e3
+        self.max_inflight_bytes = (max_inflight_bytes if max_inflight_bytes is not None
+                                   else INFLIGHT_FACTOR * self.spec.input.max_bytes)
+        self.max_receiving = max_receiving
+        self.inflight_bytes = 0   # requests read and not answered yet
+        self.receiving = 0        # request bodies being read
+        self._pool = ThreadPoolExecutor(max_workers=validation_threads,
+                                        thread_name_prefix="frontdoor-validate")
         self.counts = {"received": 0, "accepted": 0, "ok": 0, "dropped": 0, "shed": 0, "invalid": 0,
-                       "failed": 0}
+                       "not_found": 0, "failed": 0, "cancelled": 0}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _check_model(self, name: str) -> None:
         if name != self.spec.name:
@@ -113,51 +246,127 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         return oip.model_metadata(self.spec.name, versions=["1"])
 
     @map_errors
-    async def ModelInfer(self, request: ipb.ModelInferRequest, context) -> ipb.ModelInferResponse:
-        self._check_model(request.model_name)
-        request_id = request.id or uuid.uuid4().hex[:16]
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+    async def ModelInfer(self, request, context) -> ipb.ModelInferResponse:
+        """Unary form: ``request`` is a parsed ModelInferRequest or a RawInferRequest."""
+        async def read():
+            return request
+        return await self._answer(read, context)
+
+    @map_errors
+    async def ModelInferStream(self, request_iterator, context) -> ipb.ModelInferResponse:
+        """What :func:`add_front_door_to_server` serves ModelInfer with: the body is read
+        (``context.read()``) only once the checks before reading have passed."""
+        async def read():
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                raise InvalidInput("the call carried no request message")
+            return message
+        return await self._answer(read, context)
+
+    async def _answer(self, read, context) -> ipb.ModelInferResponse:
+        """One request to its one answer, counted once; messages to the client scrubbed."""
         try:
-            return await self._infer(request, request_id, context)
+            response = await self._model_infer(read, context)
+            self.counts["ok"] += 1
+            return response
         except ServingError as exc:
-            key = {"DEADLINE_EXCEEDED": "dropped", "RESOURCE_EXHAUSTED": "shed",
-                   "INVALID_ARGUMENT": "invalid"}.get(exc.code, "failed")
-            self.counts[key] += 1
-            log.info("request_failed", code=exc.code, reason=str(exc))
+            self.counts[_COUNTER_OF_CODE.get(exc.code, "failed")] += 1
+            message = str(exc)
+            if _LEAK.search(message):   # never an address or a traceback to a client
+                log.error("request_error_message_scrubbed", code=exc.code, message=message)
+                raise _client_error(exc.code) from None
+            log.info("request_failed", code=exc.code, reason=message)
             raise
+        except asyncio.CancelledError:
+            self.counts["cancelled"] += 1
+            raise
+        except Exception:
+            self.counts["failed"] += 1
+            log.exception("request_internal_error")
+            raise ServingError(INTERNAL_MESSAGE) from None
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
 
-    async def _infer(self, request, request_id: str, context) -> ipb.ModelInferResponse:
+    def _check_budget(self, budget_s: float, when: str) -> None:
+        if budget_s < self.min_budget_s:
+            left = ("has already passed" if budget_s <= 0 else
+                    f"leaves {budget_s * 1e3:.0f} ms, less than the {self.min_budget_s * 1e3:.0f} ms "
+                    "the pipeline needs at least")
+            raise DeadlineMissed(f"the request's deadline {left}; dropped {when}")
+
+    def _busy(self, what: str) -> Shed:
+        return Shed(f"server busy: {what} (limit {self.max_inflight_bytes / 2**20:.1f} MiB of "
+                    "requests in flight); retry later")
+
+    async def _model_infer(self, read, context) -> ipb.ModelInferResponse:
         now = time.time()
-        image = oip.extract_image(request, max_bytes=self.spec.input.max_bytes,
-                                  max_side=self.spec.input.max_side)
-        self.counts["received"] += 1
-        budget_s = self.spec.slo_ms / 1e3
-        timeout_ms = oip.request_timeout_ms(request)
-        if timeout_ms is not None:
-            budget_s = min(budget_s, timeout_ms / 1e3)
         grpc_left = context.time_remaining()
-        if grpc_left is not None:
-            budget_s = min(budget_s, grpc_left)
-        deadline = now + budget_s
+        if grpc_left is not None and grpc_left <= 0:   # expired: not even read
+            self._check_budget(grpc_left, "on arrival")
+        room = self.max_inflight_bytes - self.spec.input.max_bytes
+        if self.receiving >= self.max_receiving or (self.inflight_bytes > 0 and self.inflight_bytes > room):
+            raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight and "
+                             f"{self.receiving} being received")
+        self.receiving += 1
+        try:
+            request = await read()
+        finally:
+            self.receiving -= 1
+        raw = request if isinstance(request, RawInferRequest) else None
+        size = raw.size if raw is not None else request.ByteSize()
+        if self.inflight_bytes > 0 and self.inflight_bytes + size > self.max_inflight_bytes:
+            raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight, this "
+                             f"one ({size / 2**20:.1f} MiB) would pass the limit")
+        self.inflight_bytes += size
+        try:
+            message = raw.parse() if raw is not None else request
+            request_id = message.id or uuid.uuid4().hex[:16]
+            structlog.contextvars.bind_contextvars(request_id=request_id)
+            self._check_model(message.model_name)
+            budget_s = self.spec.slo_ms / 1e3
+            timeout_ms = oip.request_timeout_ms(message)
+            if timeout_ms is not None:
+                budget_s = min(budget_s, timeout_ms / 1e3)
+            if grpc_left is not None:
+                budget_s = min(budget_s, grpc_left)   # both relative to arrival (now)
+            self._check_budget(budget_s, "on arrival")
+            held = [message]   # _serve lets go of it once validated: only the image stays
+            del message
+            return await self._serve(held, raw, request_id, now, now + budget_s)
+        finally:
+            self.inflight_bytes -= size
+
+    async def _serve(self, held: list, raw: "RawInferRequest | None", request_id: str, now: float,
+                     deadline: float) -> ipb.ModelInferResponse:
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self._pool, functools.partial(
+            oip.extract_image, held.pop(), max_bytes=self.spec.input.max_bytes,
+            max_side=self.spec.input.max_side, max_pixels=self.spec.input.max_pixels))
+        if raw is not None:
+            raw.release()   # the request's bytes are let go (and stay counted in flight)
+        queries = [pb.Query(query_id=request_id, payload=image)]
+        del image           # from here on only the query holds the page
+        self.counts["received"] += 1
         if not self.core.ready():
-            raise Unavailable("no plan with workers for every stage yet")
+            raise Unavailable("no plan with workers for every stage yet; retry later")
         if not self.admission.admit(now):
-            raise Shed(f"over the admission rate of {self.admission.rate:.1f} requests/s")
+            raise Shed(f"over the admission rate of {self.admission.rate:.1f} requests/s; retry later")
+        self._check_budget(deadline - time.time(), "before routing")
         self.counts["accepted"] += 1
-        [result] = await self.core.route(request_id, deadline, [pb.Query(query_id=request_id, payload=image)], "")
+        try:
+            [result] = await self.core.route(request_id, deadline, queries, "")
+        except ServingError as exc:
+            log.warning("route_failed", code=exc.code, detail=str(exc))
+            raise _client_error(exc.code if exc.code != "INVALID_ARGUMENT" else "INTERNAL") from None
         failure = _failure_of(result)
         if failure is not None:
             status, message = failure
-            err = _FAILURE_ERRORS.get(status)
-            if err is InvalidInput and result.status == pb.OK:
-                err = None   # a crop we made was rejected: our fault, not the client's
-            if err is None:
-                log.error("request_internal_error", message=message)
-                raise ServingError("internal error while serving the request")
-            raise err(message)
-        self.counts["ok"] += 1
+            code = _STATUS_CODE.get(status, "INTERNAL")
+            if code == "INVALID_ARGUMENT" and result.status == pb.OK:
+                code = "INTERNAL"   # a crop we made was rejected: our fault, not the client's
+            (log.error if code == "INTERNAL" else log.info)(
+                "request_failed_inside", status=pb.QueryStatus.Name(status), detail=message)
+            raise _client_error(code)
         latency_ms = (time.time() - now) * 1e3
         plan_version = self.core.plan.version if self.core.plan else 0
         path = _variant_path(result)

@@ -146,7 +146,7 @@ def _set_plan(cluster, text: str) -> int:
 def test_new_plan_swaps_variant_under_load_without_losing_requests(cluster, eval_pages):
     pages_dir, pages = eval_pages
     load_pages = [LoadPage(f"p{i}", p.png, p.lines) for i, p in enumerate(pages)]
-    config = LoadConfig(target=cluster.front_door, rate=2.0, duration_s=8.0, seed=3, slo_ms=4000,
+    config = LoadConfig(target=cluster.front_door, rate=2.0, duration_s=8.0, seed=3, slo_ms=1500,
                         progress=False)
 
     async def scenario():

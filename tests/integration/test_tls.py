@@ -104,7 +104,7 @@ def test_an_ocr_page_goes_through_the_front_door_over_mutual_tls(cluster, client
 def test_the_load_generator_speaks_mutual_tls(cluster, client_tls, eval_pages):
     _, pages = eval_pages
     load_pages = [LoadPage(f"p{i}", p.png, p.lines) for i, p in enumerate(pages[:3])]
-    config = LoadConfig(target=cluster.front_door, rate=1.0, duration_s=1.0, slo_ms=10_000,
+    config = LoadConfig(target=cluster.front_door, rate=1.0, duration_s=1.0, slo_ms=1500,
                         progress=False, tls=client_tls)
     report = asyncio.run(run_load(config, load_pages, schedule=[Arrival(0.0), Arrival(0.05), Arrival(0.1)],
                                   cer_fn=page_cer)).to_dict()
