@@ -45,9 +45,10 @@ class DemandEstimator:
 
     @property
     def ready(self) -> bool:
-        """True once a rate is known: some front door reported twice (a single counter
-        value says nothing about demand yet)."""
-        return any(len(h) >= 2 for h in self.samples.values())
+        """True once a front door's counters span the whole window (a rate over one or
+        two seconds of Poisson arrivals is too noisy to plan on; a restarted controller
+        waits for this before it re-plans)."""
+        return any(h[-1][0] - h[0][0] >= self.window_s - 1e-9 for h in self.samples.values() if len(h) >= 2)
 
     def rate(self, source: str) -> float:
         hist = self.samples[source]

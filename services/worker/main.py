@@ -183,11 +183,12 @@ class WorkerApp:
                     await asyncio.sleep(self.cfg.heartbeat_s)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.NOT_FOUND:
-                        registered = False   # controller restarted and forgot us
-                    else:
-                        log.warning("controller_unreachable", error=exc.code().name, retry_s=backoff)
+                        registered = False   # controller restarted and forgot us: register now
+                        backoff = 0.2
+                        continue
+                    log.warning("controller_unreachable", error=exc.code().name, retry_s=backoff)
                     await asyncio.sleep(backoff)
-                    backoff = min(5.0, backoff * 2)
+                    backoff = min(2.0, backoff * 2)   # a restarted controller is found within 2 s
                 except (asyncio.CancelledError, GeneratorExit):
                     raise
                 except Exception:   # a bug here must not end heartbeats: log and go on

@@ -217,8 +217,11 @@ def test_a_restarted_controller_adopts_the_plan_with_no_data_plane_change(tmp_pa
                 versions=[before["version"], adopted["version"], after["version"]])
     assert adopted["version"] == before["version"]          # took up the plan in Redis
     assert after["version"] >= before["version"]
-    assert {w: a["variant"] for w, a in after["workers"].items()} == \
-        {w: a["variant"] for w, a in before["workers"].items()}, "the restart moved workers"
+    # the workers that served before still run the variants they ran (the planner may add
+    # or release a worker as the demand estimate moves, but the restart swaps nothing)
+    kept = set(before["workers"]) & set(after["workers"])
+    assert kept and all(after["workers"][w]["variant"] == before["workers"][w]["variant"] for w in kept), \
+        (before["workers"], after["workers"])
     assert report.ok == report.sent, f                       # no data-plane outage
 
 

@@ -220,3 +220,13 @@ def test_measured_batch_times_recalibrate_the_profile_and_replan():
     assert again.calibration["rec/rec_v6tiny"] == pytest.approx(2.0, rel=0.01)
     assert again.latency_ms["det"][again.workers["det-0"].variant]
     assert not pol.should_replan(WORKERS, 1.0, now=3.0)
+
+
+def test_the_demand_estimate_is_ready_once_a_front_door_spans_the_window():
+    est = DemandEstimator(window_s=5.0)
+    assert not est.ready
+    for t in range(5):
+        est.observe("fd", 2.0 * t, float(t))
+    assert not est.ready                       # 0..4 s: a 4 s span
+    est.observe("fd", 10.0, 5.0)
+    assert est.ready                           # 0..5 s
