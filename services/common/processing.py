@@ -68,6 +68,11 @@ class Processor(ABC):
     def prepare(self, payload: bytes) -> Prepared:
         """Decode and preprocess one payload. Raise ``InvalidInput`` for bad bytes."""
 
+    def warmup_payload(self) -> bytes | None:
+        """A representative input to run once when the model loads (a fresh ONNX Runtime
+        session's first runs are several times slower), or None for no warm-up."""
+        return None
+
     @abstractmethod
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
         """Run ``items`` through the ONNX ``session`` as one or more batched calls and

@@ -112,6 +112,13 @@ class DetProcessor(Processor):
         data[:, :rh, :rw] = norm.transpose(2, 0, 1)
         return Prepared(data=data, meta={"image": image, "scale": scale, "valid": (rh, rw)})
 
+    def warmup_payload(self) -> bytes:
+        """A white page with a few dark bars (boxes for the DB post-processing to find)."""
+        page = np.full((480, 640, 3), 255, np.uint8)
+        for i in range(4):
+            page[60 + 90 * i: 84 + 90 * i, 40:560] = 20
+        return encode_image(page, "png")
+
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
         if not items:
             return []
@@ -169,6 +176,12 @@ class RecProcessor(Processor):
         resized = cv2.resize(image, (width, self.height), interpolation=cv2.INTER_LINEAR)
         data = (resized.astype(np.float32) / 255.0 - 0.5) / 0.5
         return Prepared(data=np.ascontiguousarray(data.transpose(2, 0, 1)), meta={"width": width})
+
+    def warmup_payload(self) -> bytes:
+        """A crop of one dark bar on white."""
+        crop = np.full((48, 320, 3), 255, np.uint8)
+        crop[12:36, 10:300] = 20
+        return encode_image(crop, "jpeg")
 
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
         if not items:

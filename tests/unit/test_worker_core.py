@@ -53,19 +53,22 @@ def test_batches_up_to_the_plan_batch_size_off_the_event_loop():
         await core.apply("v1", 4, plan_version=1)
         queries = [(f"q{i}", b"xx") for i in range(10)]
         outs = await core.submit(queries, time.time() + 10)
+        more = await core.submit([(f"m{i}", b"xx") for i in range(8)], time.time() + 10)
         await core.stop()
-        return core, procs["v1"], outs
+        return core, procs["v1"], outs + more
 
-    core, proc, outs = asyncio.run(scenario())
+    core, proc, all_outs = asyncio.run(scenario())
+    outs = all_outs[:10]
     assert [o.query_id for o in outs] == [f"q{i}" for i in range(10)]
     assert all(o.status is Status.OK and len(o.result.regions) == 2 for o in outs)
-    assert max(proc.batches) == 4 and sum(proc.batches) == 10
+    assert proc.batches == [4, 4, 2, 4, 4]
     assert all(name.startswith("w-infer") for name in proc.threads)
     s = core.stats()
-    assert s["completed"] == 10 and s["providers"] == ["FakeProvider"]
+    assert s["completed"] == 18 and s["providers"] == ["FakeProvider"]
     timings = core.take_timings()
-    assert sum(t.count for t in timings) == len(proc.batches)
-    assert sum(t.items for t in timings) == 10 and sum(t.regions for t in timings) == 20   # fan-out 2
+    # the first REPORT_AFTER_BATCHES (3) batches of a new variant are not reported
+    assert sum(t.count for t in timings) == 2 and {t.batch_size for t in timings} == {4}
+    assert sum(t.items for t in timings) == 8 and sum(t.regions for t in timings) == 16   # fan-out 2
     assert core.take_timings() == []          # reported once
 
 
@@ -245,3 +248,16 @@ def test_a_request_routed_with_a_newer_plan_makes_the_worker_re_read_it():
 
     asyncio.run(scenario())
     assert seen == [5]
+
+
+def test_a_loaded_model_is_warmed_up_before_it_serves():
+    class Warm(FakeProcessor):
+        def warmup_payload(self):
+            return b"warm"
+
+    proc = Warm(SPEC.task("t").variant("v1"))
+    ModelHost(SPEC.task("t").variant("v1"), proc, session=None, providers=[]).warm_up()
+    assert proc.batches == [1, 1]
+    cold = FakeProcessor(SPEC.task("t").variant("v1"))
+    ModelHost(SPEC.task("t").variant("v1"), cold, session=None, providers=[]).warm_up()
+    assert cold.batches == []                 # no warm-up input: nothing run
