@@ -44,6 +44,7 @@ class RouterConfig:
     reserve_ms: float | None
     json_logs: bool
     tls: TlsConfig | None = None   # its server (front door included) and its channels
+    max_inflight_mib: float | None = None   # front door: bytes of requests in flight (None: 3 x max_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--child", action="append", default=[], metavar="TASK=HOST:PORT",
                    help="address of a child stage's router; once per child task")
     p.add_argument("--downstream-reserve-ms", type=float, default=None,
-                   help="time the later stages need, used by workers to drop early "
-                        "(default: the fastest recent child round trip)")
+                   help="time the later stages need, used by workers to drop early (default: the "
+                        "plan's latency figures, else the fastest recent successful child round trip)")
+    p.add_argument("--max-inflight-mib", type=float, default=None,
+                   help="front door: requests read and not answered yet may hold at most this many "
+                        "MiB; beyond it new ones are shed with RESOURCE_EXHAUSTED before their body "
+                        "is read (default: 3 x the spec's input.max_bytes, 24 MiB for the OCR spec)")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
     add_tls_arguments(p)
@@ -87,7 +92,7 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
     tls = tls_from_args(a, p)
     return RouterConfig(spec=Path(a.spec), task=a.task, host=a.host, port=a.port, redis_url=a.redis_url,
                         children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json,
-                        tls=tls)
+                        tls=tls, max_inflight_mib=a.max_inflight_mib)
 
 
 class RouterApp:
@@ -127,7 +132,10 @@ class RouterApp:
     async def start(self) -> None:
         pb_grpc.add_RouterServicer_to_server(RouterServicer(self.core), self.server)
         if self.is_root:
-            self.front_door = FrontDoorServicer(self.core, self.admission)
+            self.front_door = FrontDoorServicer(
+                self.core, self.admission,
+                max_inflight_bytes=None if self.cfg.max_inflight_mib is None
+                else int(self.cfg.max_inflight_mib * 2**20))
             add_front_door_to_server(self.front_door, self.server)   # ModelInfer: shed before reading
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
