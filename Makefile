@@ -29,6 +29,7 @@ proto: venv
 
 models: venv
 	$(PY) -m services.ocr.models --dest models
+	$(PY) -m services.echo.model --out models/echo/identity.onnx --skip-without-onnx
 
 data: venv
 	$(PY) -m services.ocr.pages --out data/eval --count 40 --seed 0

@@ -18,7 +18,7 @@ SERVICES = ROOT / "services"
 
 LAYER_OF = {
     "common": "common", "gen": "common", "planner": "planner", "policy": "policy",
-    "controller": "control", "worker": "worker", "router": "router", "ocr": "app",
+    "controller": "control", "worker": "worker", "router": "router", "ocr": "app", "echo": "app",
     "sim": "tools", "loadgen": "tools", "tools": "tools",
 }
 ALLOWED = {

@@ -1,0 +1,106 @@
+"""The no-op echo pipeline (pipelines/echo.yaml) end to end as real processes: Redis, the
+controller on an operator plan, one worker per stage running the ONNX Identity model in
+ONNX Runtime, and two routers, the root one the OIP v2 front door."""
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.common import oip
+from services.echo.model import write_identity_model
+from services.echo.processors import digest
+from services.gen import inference_pb2_grpc as ipb_grpc
+from services.gen import pipeserve_pb2 as pb
+from services.gen import pipeserve_pb2_grpc as pb_grpc
+from services.tools.cluster import ClusterConfig, LocalCluster
+
+SPEC = Path(__file__).resolve().parents[2] / "pipelines" / "echo.yaml"
+PLAN = """
+pipeline: echo
+allocations:
+  - {task: a, variant: echo_a, batch_size: 8, replicas: 1}
+  - {task: b, variant: echo_b, batch_size: 8, replicas: 1}
+"""
+
+
+def png(side: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("echo")
+    models = tmp / "models"
+    write_identity_model(models / "echo" / "identity.onnx")
+    plan = tmp / "plan.yaml"
+    plan.write_text(PLAN)
+    c = LocalCluster(ClusterConfig(spec=SPEC, plan_file=plan, models=models, log_dir=tmp / "logs"))
+    t0 = time.monotonic()
+    c.start(ready_timeout_s=60)
+    c.ready_s = time.monotonic() - t0
+    yield c
+    codes = c.stop()
+    assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
+
+
+def test_a_request_goes_through_both_stages_and_its_bytes_come_back(cluster):
+    image = png(40, seed=1)
+    with grpc.insecure_channel(cluster.front_door) as ch:
+        resp = ipb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
+            oip.build_image_request("echo", image, request_id="e1"), timeout=10)
+    [line] = oip.parse_ocr_response(resp)
+    assert line.text == digest(image)                   # stage a's model gave back the bytes
+    params = oip.read_parameters(resp.parameters)
+    assert params["variant_path"] == "echo_a/echo_b"    # and stage b ran on them
+
+
+def test_the_root_router_returns_both_stages_results(cluster):
+    """The internal Route RPC shows the whole result tree: stage b got exactly one query per
+    request, carrying the request's bytes."""
+    image = png(24, seed=2)
+    with grpc.insecure_channel(cluster.front_door) as ch:
+        resp = pb_grpc.RouterStub(ch).Route(pb.RouteRequest(
+            request_id="e2", deadline_unix_s=time.time() + 5,
+            queries=[pb.Query(query_id="e2", payload=image)]), timeout=10)
+    [root] = resp.results
+    assert root.status == pb.OK and root.variant == "echo_a" and root.task == "a"
+    assert [r.text for r in root.regions] == [digest(image)]
+    [child] = root.children
+    assert child.status == pb.OK and child.task == "b" and child.variant == "echo_b"
+    assert child.query_id == "e2.0"
+    assert [r.text for r in child.regions] == [digest(image)]
+    assert not root.child_payloads                      # the router consumed them
+
+
+def test_concurrent_requests_of_different_sizes_each_get_their_own_bytes(cluster):
+    """Concurrent requests are batched together (one ONNX Runtime call per batch): each must
+    still get back its own bytes."""
+    images = [png(8 + 9 * i, seed=10 + i) for i in range(12)]
+
+    def one(i_image):
+        i, image = i_image
+        with grpc.insecure_channel(cluster.front_door) as ch:
+            resp = ipb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
+                oip.build_image_request("echo", image, request_id=f"c{i}"), timeout=10)
+        return oip.parse_ocr_response(resp)[0].text, oip.read_parameters(resp.parameters)["variant_path"]
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        got = list(pool.map(one, enumerate(images)))
+    assert got == [(digest(im), "echo_a/echo_b") for im in images]
+
+
+def test_the_cluster_starts_quickly(cluster):
+    # cold start (spawn to serving) of Redis, controller, 2 workers, 2 routers; the issue's
+    # target is < 3 s on a quiet machine, bench/bench_noop_chain.py measures it; this is a
+    # loose bound so a busy CI machine does not fail it
+    assert cluster.ready_s < 30
