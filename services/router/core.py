@@ -136,10 +136,13 @@ class RouterCore:
             groups.setdefault(wid, []).extend(range(i, i + n))
             i += n
         results: list[pb.QueryResult | None] = [None] * len(queries)
-        await asyncio.gather(*[
-            self._run_worker_group(plan, wid, [queries[i] for i in idx], idx, results, request_id,
-                                   deadline_s, weights)
-            for wid, idx in groups.items()])
+        calls = [self._run_worker_group(plan, wid, queries if len(groups) == 1 else [queries[i] for i in idx],
+                                        idx, results, request_id, deadline_s, weights)
+                 for wid, idx in groups.items()]
+        if len(calls) == 1:
+            await calls[0]            # the common case: no gather, no extra task
+        else:
+            await asyncio.gather(*calls)
         final = [r if r is not None else _fail(q.query_id, pb.INTERNAL, "no result", self.task.name)
                  for q, r in zip(queries, results)]
         if self.task.children:
@@ -235,7 +238,7 @@ class RouterCore:
                 calls.append(self._call_child(child, path, members, request_id, deadline_s))
                 keys.append((child, members))
         t0 = time.perf_counter()
-        outputs = await asyncio.gather(*calls)
+        outputs = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         # only successful round trips bound the reserve: a call that failed at once (its
         # deadline had passed) says nothing about what the stages below need
         self._child_rtt.observe(time.perf_counter() - t0,

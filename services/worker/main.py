@@ -44,6 +44,7 @@ class WorkerConfig:
     intra_op_threads: int
     heartbeat_s: float
     max_queue: int
+    prep_threads: int = 2
     json_logs: bool
     tls: TlsConfig | None = None   # its server and its channel to the controller
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intra-op-threads", type=int, default=1,
                    help="ONNX Runtime intra-op threads (default 1: workers share the cores)")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat period in seconds")
+    p.add_argument("--prep-threads", type=int, default=2,
+                   help="threads that decode and pre-process queries beside the model's thread "
+                        "(default 2)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="queries the worker queues at most; a request beyond it is shed with "
                         f"RESOURCE_EXHAUSTED (default {DEFAULT_MAX_QUEUE})")
@@ -92,7 +96,7 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         spec=Path(a.spec), task=a.task, worker_id=a.worker_id or "", host=a.host, port=a.port,
         advertise=a.advertise or "", controller=a.controller, redis_url=a.redis_url,
         models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
-        heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, json_logs=a.log_json, tls=tls)
+        heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, prep_threads=a.prep_threads, json_logs=a.log_json, tls=tls)
 
 
 class WorkerApp:
@@ -108,7 +112,8 @@ class WorkerApp:
         self.worker_id = cfg.worker_id
         self.core = WorkerCore(cfg.worker_id or "pending", task, cfg.models,
                                prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads,
-                               max_queue=cfg.max_queue, plugins=self.spec.plugins)
+                               max_queue=cfg.max_queue, plugins=self.spec.plugins,
+                               prep_threads=cfg.prep_threads)
         self.server = make_server()
         self.health = health.aio.HealthServicer()
         self.port = 0

@@ -256,16 +256,21 @@ def test_no_room_for_one_more_request_sheds_before_the_body_is_read(make_service
 
 def test_bodies_read_at_once_are_limited_and_checked_against_the_cap_once_read(make_servicer):
     body = request(PNG + b"\0" * 300_000).SerializeToString()   # trailing bytes: still a PNG
-    s = make_servicer(max_inflight_bytes=int(2.5 * len(body)), max_receiving=3)
+    core = FakeCore()
+    s = make_servicer(core=core, max_inflight_bytes=int(2.5 * len(body)), max_receiving=3)
 
     async def scenario():
         gate = asyncio.Event()
+        core.gate = asyncio.Event()          # admitted requests stay in flight until released
         ctxs = [FakeContext(body=body, gate=gate) for _ in range(4)]
         tasks = [asyncio.create_task(_stream(s, c)) for c in ctxs[:3]]
         while s.receiving < 3:               # three bodies being read, none in flight yet
             await asyncio.sleep(0.001)
         await asyncio.wait_for(_stream(s, ctxs[3]), 10)   # a fourth: not even read
         gate.set()                           # the three arrive; 3 x size > 2.5 x size
+        while len(core.calls) < 2:
+            await asyncio.sleep(0.001)
+        core.gate.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         return ctxs
 

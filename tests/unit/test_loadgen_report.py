@@ -171,3 +171,18 @@ def test_config_validate():
         LoadConfig(target="x").validate()
     with pytest.raises(ValueError, match="needs a duration"):
         LoadConfig(target="x", rate=1.0).validate()
+
+
+def test_a_request_id_appended_to_a_serialised_request_is_its_id():
+    from services.common import oip
+    from services.gen import inference_pb2
+    from services.loadgen.runner import _string_field
+
+    template = oip.build_image_request("ocr", b"\x89PNG\r\n\x1a\n" + b"x" * 300, timeout_ms=1500)
+    for rid in ("lg-0-1", "lg-7-" + "9" * 200):          # a one- and a two-byte length
+        wire = template.SerializeToString() + _string_field(3, rid)
+        parsed = inference_pb2.ModelInferRequest.FromString(wire)
+        expected = inference_pb2.ModelInferRequest()
+        expected.CopyFrom(template)
+        expected.id = rid
+        assert parsed == expected
