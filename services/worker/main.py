@@ -44,7 +44,7 @@ class WorkerConfig:
     intra_op_threads: int
     heartbeat_s: float
     max_queue: int
-    prep_threads: int = 2
+    prep_threads: int
     json_logs: bool
     tls: TlsConfig | None = None   # its server and its channel to the controller
 
