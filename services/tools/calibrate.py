@@ -56,15 +56,9 @@ class ProbeResult:
 def host_description(threads: int = 1, device: str = "cpu") -> str:
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__}, {threads} thread(s), device {device}"
+    from services.tools.profiler import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__}, {threads} thread(s), device {device}"
 
 
 def host_key(profile: PipelineProfile, threads: int = 1, device: str = "cpu") -> str:

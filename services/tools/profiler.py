@@ -205,21 +205,24 @@ def _is_ocr(spec: PipelineSpec) -> bool:
             and all(v.processor == "ppocr_rec" for v in spec.tasks[1].variants))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(providers: Iterable[str], threads: int) -> str:
     import onnxruntime as ort
 
     provs = set(providers)
     if "CUDAExecutionProvider" in provs:
         return f"CUDA GPU (ONNX Runtime {ort.__version__}, CUDAExecutionProvider)"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"CPU {cpu}, {os.cpu_count()} cores (ONNX Runtime {ort.__version__} CPUExecutionProvider, "
+    return (f"CPU {cpu_model()}, {os.cpu_count()} cores (ONNX Runtime {ort.__version__} CPUExecutionProvider, "
             f"{threads} intra-op thread{'s' if threads != 1 else ''})")
 
 
