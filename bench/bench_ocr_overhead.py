@@ -38,17 +38,14 @@ from services.gen import inference_pb2_grpc as ipb_grpc  # noqa: E402
 from services.ocr.pages import load_pages  # noqa: E402
 from services.tools.cluster import ClusterConfig, LocalCluster  # noqa: E402
 
+from benchlib import pct  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 PLAN = """
 pipeline: ocr
 allocations:
   - {{task: det, variant: {det}, batch_size: 1, replicas: 1}}
   - {{task: rec, variant: {rec}, batch_size: 32, replicas: 1}}
 """
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def alone(spec, models: Path, det: str, rec: str, pages: list[bytes]) -> list[float]:

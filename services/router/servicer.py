@@ -93,8 +93,8 @@ MAX_RECEIVING = 8
 shed before their bodies are read."""
 
 VALIDATION_THREADS = 2
-"""Threads that run the request validation and the PNG re-encoding of raw pixels, off the
-event loop."""
+"""Threads that validate raw UINT8 pixels and re-encode them as PNG, off the event loop
+(an encoded image's header check is cheaper than a hand-off and runs inline)."""
 
 INTERNAL_MESSAGE = "internal error while serving the request (details in the server log)"
 _GENERIC = {

@@ -1,10 +1,12 @@
 """``pipeserve-demo``: the whole system on this machine, then a load test and a report.
 
-Starts an embedded Redis (or uses ``REDIS_URL``), the controller (planning with the CVXPY
-planner on the pipeline's profile, or from an operator plan file with ``--plan-file``), one
-worker per task (``--workers``), one router per stage (the root one is the
-OIP front door), waits until every worker serves, runs the open-loop load generator,
-prints its report and shuts everything down.
+First fits the profile to this host (``pipeserve-calibrate``: a short speed probe, cached
+per host) and picks the rate from the capacity it implies, unless ``--rate`` is given. Then
+starts an embedded Redis (or uses ``REDIS_URL``), the controller (planning with the CVXPY
+planner on that profile, or from an operator plan file with ``--plan-file``), one worker per
+task (``--workers``), one router per stage (the root one is the OIP front door), waits until
+every worker of the plan serves, runs the open-loop load generator, prints its report (with
+the final plan and the latency factors the controller measured) and shuts everything down.
 """
 from __future__ import annotations
 
