@@ -134,6 +134,9 @@ class PlannerPolicy:
             self.planned_demand = None
             return None
         self.planned_demand = target
+        # version 0: the controller's publisher stamps version and creation time (its clock
+        # here is monotonic, not a Unix time); a caller that versions plans itself (the
+        # simulator) gets its own clock's time as the creation time
         plan = plan_from_solution(solution, workers, previous, version=version, now=now if version else None,
                                   profile=profile)
         if self.calibrate and self.calibrator.host_factor() is not None:
