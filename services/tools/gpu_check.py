@@ -1,0 +1,243 @@
+"""``make gpu-check``: is this host's GPU path ready? One command, one summary.
+
+On a host with an NVIDIA GPU (``scripts/gpu_check.sh`` first installs the ``[gpu]`` extra
+into its own venv, ``.venv-gpu``, and runs this module there):
+
+1. the GPU and its driver (``nvidia-smi``);
+2. ONNX Runtime: the package (``onnxruntime-gpu``, never beside ``onnxruntime``), and the
+   CUDA execution provider for every model of the spec: each session must get
+   ``CUDAExecutionProvider`` first and run a batch (a page for detectors, the same page as
+   a crop for recognisers);
+3. a GPU profile with the profiler (``pipeserve-profile --device auto``);
+4. the demo on that profile (its workers take the CUDA provider first), and which providers
+   the workers' sessions got (from their logs);
+5. one summary, also written as JSON.
+
+Exit status: 0 when every step passed; 2 when there is no NVIDIA GPU (nothing else is
+tried); 3 when ONNX Runtime cannot use it (the CUDA provider is missing, or a model's
+session fell back to the CPU); 4 when the profile or the demo failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CUDA = "CUDAExecutionProvider"
+NO_GPU, NO_CUDA, RUN_FAILED = 2, 3, 4
+
+
+class CheckFailed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def find_gpu(nvidia_smi: str | None = None) -> list[str]:
+    """``name, driver, memory`` of every NVIDIA GPU; CheckFailed(NO_GPU) without one."""
+    exe = nvidia_smi or shutil.which("nvidia-smi")
+    if exe is None:
+        raise CheckFailed(NO_GPU, "no NVIDIA GPU on this host: nvidia-smi (the NVIDIA driver's tool) "
+                                  "is not installed. Run `make gpu-check` on a host with an NVIDIA GPU "
+                                  "and its driver.")
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CheckFailed(NO_GPU, f"nvidia-smi did not answer: {exc}") from None
+    gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not gpus:
+        detail = (out.stderr or out.stdout).strip().splitlines()
+        raise CheckFailed(NO_GPU, "nvidia-smi finds no usable GPU"
+                          + (f": {detail[0]}" if detail else "") + " (is the driver loaded?)")
+    return gpus
+
+
+def onnxruntime_package() -> tuple[str, list[str]]:
+    """``(version, installed ONNX Runtime distributions)``; CheckFailed(NO_CUDA) when the
+    CUDA provider is not there."""
+    from importlib import metadata
+
+    dists = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            dists.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise CheckFailed(NO_CUDA, f"onnxruntime does not import: {exc}") from None
+    if CUDA not in ort.get_available_providers():
+        hint = ("both onnxruntime and onnxruntime-gpu are installed and overwrite each other's files: "
+                "use a venv with the [gpu] extra only (scripts/gpu_check.sh makes .venv-gpu)"
+                if len(dists) > 1 else
+                "this is the CPU build: install the [gpu] extra (make setup EXTRA=gpu VENV=.venv-gpu)"
+                if not any(d.startswith("onnxruntime-gpu") for d in dists) else
+                "the CUDA/cuDNN libraries did not load (onnxruntime-gpu 1.20-1.26 need CUDA 12.x and "
+                "cuDNN 9.x; see docs/gpu.md)")
+        raise CheckFailed(NO_CUDA, f"ONNX Runtime {ort.__version__} ({', '.join(dists) or '?'}) has no "
+                                   f"{CUDA}; available: {ort.get_available_providers()}; {hint}")
+    return ort.__version__, dists
+
+
+@dataclass
+class ModelCheck:
+    variant: str
+    model: str
+    providers: list[str]
+    ok: bool
+    run_ms: float | None
+    error: str = ""
+
+
+def check_models(spec_path: Path, models: Path, page_png: bytes) -> list[ModelCheck]:
+    """Every variant's model in a session with the CUDA provider first: it must get it and
+    run one batch of one item."""
+    from services.common.onnx import create_session
+    from services.common.processing import make_processor
+    from services.common.spec import load_spec
+
+    spec = load_spec(spec_path)
+    out = []
+    for task in spec.tasks:
+        for v in task.variants:
+            try:
+                proc = make_processor(v, models, spec.plugins)
+                session, providers = create_session(proc.model_path, prefer_gpu=True)
+                if not providers or providers[0] != CUDA:
+                    out.append(ModelCheck(v.name, v.model, providers, False, None,
+                                          f"the session got {providers}, not {CUDA} first"))
+                    continue
+                proc.run_batch(session, [proc.prepare(page_png)])          # warm-up (kernels, arena)
+                t = time.perf_counter()
+                proc.run_batch(session, [proc.prepare(page_png)])
+                out.append(ModelCheck(v.name, v.model, providers, True, (time.perf_counter() - t) * 1e3))
+            except Exception as exc:   # reported per model, the others still checked
+                out.append(ModelCheck(v.name, v.model, [], False, None, f"{type(exc).__name__}: {exc}"[:300]))
+    return out
+
+
+def worker_providers(log_dir: Path) -> dict[str, list[str]]:
+    """``variant -> providers`` of the sessions the demo's workers loaded (their
+    ``variant_loaded`` log lines, key=value or JSON)."""
+    out: dict[str, list[str]] = {}
+    for log in sorted(log_dir.glob("worker-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "variant_loaded" not in line:
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue
+                out[str(d.get("variant"))] = [str(x) for x in d.get("providers", [])]
+                continue
+            variant = re.search(r"\bvariant=(\S+)", line)
+            provs = re.search(r"\bproviders=\[([^\]]*)\]", line)
+            if variant and provs:
+                out[variant.group(1)] = re.findall(r"\w+ExecutionProvider", provs.group(1))
+    return out
+
+
+def _run(cmd: list[str], what: str, log: Path) -> None:
+    print(f"--- {what}: {' '.join(cmd)}", flush=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    print(log.read_text()[-2500:], flush=True)
+    if rc != 0:
+        raise CheckFailed(RUN_FAILED, f"{what} failed with exit status {rc} (log: {log})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--spec", type=Path, default=Path("pipelines/ocr.yaml"))
+    p.add_argument("--models", type=Path, default=Path("models"))
+    p.add_argument("--pages", type=Path, default=Path("data/eval"))
+    p.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="profile, demo report, logs, summary")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of demo load (default 20)")
+    p.add_argument("--repeats", type=int, default=5, help="profiler: timed batches per batch size (default 5)")
+    p.add_argument("--skip-demo", action="store_true", help="stop after the profile")
+    a = p.parse_args(argv)
+    summary: dict = {"ok": False, "steps": {}}
+    a.out.mkdir(parents=True, exist_ok=True)
+    try:
+        gpus = find_gpu()
+        summary["steps"]["gpu"] = gpus
+        print("GPU: " + "; ".join(gpus), flush=True)
+        version, dists = onnxruntime_package()
+        summary["steps"]["onnxruntime"] = {"version": version, "packages": dists}
+        print(f"ONNX Runtime {version} ({', '.join(dists)}): {CUDA} available", flush=True)
+        page = sorted(a.pages.glob("p*.png"))
+        if not page:
+            raise CheckFailed(RUN_FAILED, f"no pages in {a.pages}: run `make data` first")
+        checks = check_models(a.spec, a.models, page[0].read_bytes())
+        summary["steps"]["models"] = [asdict(c) for c in checks]
+        for c in checks:
+            print(f"  {'ok  ' if c.ok else 'FAIL'} {c.variant:<22} {c.model:<30} "
+                  + (f"{c.run_ms:7.1f} ms  {c.providers}" if c.ok else c.error), flush=True)
+        bad = [c.variant for c in checks if not c.ok]
+        if bad:
+            raise CheckFailed(NO_CUDA, f"{len(bad)} of {len(checks)} models do not run on {CUDA}: {bad}")
+        profile = a.out / "ocr_gpu.json"
+        _run([sys.executable, "-m", "services.tools.profiler", "--spec", str(a.spec), "--models", str(a.models),
+              "--eval", str(a.pages), "--device", "auto", "--repeats", str(a.repeats), "--out", str(profile)],
+             "profile", a.out / "profile.log")
+        prof = json.loads(profile.read_text())
+        summary["steps"]["profile"] = {"path": str(profile), "device": prof.get("device")}
+        if CUDA not in str(prof.get("device")):
+            raise CheckFailed(NO_CUDA, f"the profile was measured on {prof.get('device')!r}, not the GPU")
+        if not a.skip_demo:
+            report = a.out / "demo.json"
+            _run([sys.executable, "-m", "services.tools.demo", "--spec", str(a.spec), "--profile", str(profile),
+                  "--calibrate", "off", "--models", str(a.models), "--pages", str(a.pages),
+                  "--duration", f"{a.duration:g}", "--json", str(report), "--log-dir", str(a.out / "demo-logs"),
+                  "--quiet"], "demo", a.out / "demo.log")
+            r = json.loads(report.read_text())
+            used = worker_providers(a.out / "demo-logs")
+            summary["steps"]["demo"] = {k: r.get(k) for k in ("sent", "ok", "slo_violation_ratio", "latency_p50_ms",
+                                                               "latency_p99_ms", "throughput_rps", "mean_cer")}
+            summary["steps"]["demo"]["worker_providers"] = used
+            on_cpu = [v for v, provs in used.items() if not provs or provs[0] != CUDA]
+            if not used or on_cpu:
+                raise CheckFailed(NO_CUDA, f"the demo's workers did not run on {CUDA}: {used or 'no variant_loaded lines'}")
+        summary["ok"] = True
+    except CheckFailed as exc:
+        summary["error"] = str(exc)
+        summary["exit_status"] = exc.code
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    print(format_summary(summary), flush=True)
+    return 0 if summary["ok"] else summary["exit_status"]
+
+
+def format_summary(s: dict) -> str:
+    st = s["steps"]
+    lines = ["== gpu-check: " + ("PASSED" if s["ok"] else "FAILED") + " =="]
+    if "gpu" in st:
+        lines.append("GPU            " + "; ".join(st["gpu"]))
+    if "onnxruntime" in st:
+        lines.append(f"ONNX Runtime   {st['onnxruntime']['version']} ({', '.join(st['onnxruntime']['packages'])})")
+    if "models" in st:
+        ok = sum(m["ok"] for m in st["models"])
+        lines.append(f"models on CUDA {ok}/{len(st['models'])}")
+    if "profile" in st:
+        lines.append(f"profile        {st['profile']['path']} ({st['profile']['device']})")
+    if "demo" in st:
+        d = st["demo"]
+        lines.append(f"demo           {d['ok']}/{d['sent']} OK, SLO violations {d['slo_violation_ratio']:.4f}, "
+                     f"p50 {d['latency_p50_ms'] or 0:.1f} ms, p99 {d['latency_p99_ms'] or 0:.1f} ms, "
+                     f"{d['throughput_rps']:.1f} req/s, CER {d['mean_cer'] or 0:.4f}")
+        lines.append(f"workers        {d['worker_providers']}")
+    if not s["ok"]:
+        lines.append(f"error          {s['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

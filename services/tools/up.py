@@ -1,0 +1,157 @@
+"""``pipeserve up``: the whole cluster on this machine, in the foreground, in one command.
+
+Starts Redis (embedded, unless ``--redis-url``/``$REDIS_URL`` names one), the controller,
+the workers (one per task unless ``--workers``) and one router per stage, the root one
+the OIP v2 front door on a fixed port (8001), waits until every worker of the plan serves,
+prints the addresses (front door, controller, ``REDIS_URL``) and stays up until Ctrl-C or
+SIGTERM, then stops every process it started (gracefully: SIGTERM, drain, then kill).
+
+A process that exits while the cluster runs ends the command with exit status 1 and the
+tail of that process's log; a cluster that does not come up leaves no process behind.
+Logs go to ``<log-dir>/<process>.log``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from services.common.grpc_utils import TlsError, add_tls_arguments, tls_from_args
+
+DEFAULT_FRONT_DOOR_PORT = 8001
+DEFAULT_CONTROLLER_PORT = 50050
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", default="pipelines/ocr.yaml", help="pipeline spec (default %(default)s)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--profile", default=None,
+                     help="plan with the planner on this profile (default profiles/ocr_cpu.json for "
+                          "the OCR spec)")
+    src.add_argument("--plan-file", default=None, help="plan from this operator plan file instead")
+    p.add_argument("--workers", action="append", default=[], metavar="TASK=N",
+                   help="workers per task (default 1 each), e.g. --workers rec=2")
+    p.add_argument("--models", default="models", help="model directory (make models)")
+    p.add_argument("--port", type=int, default=DEFAULT_FRONT_DOOR_PORT,
+                   help="the front door's port (default %(default)s)")
+    p.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT,
+                   help="the controller's port (default %(default)s)")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="use this Redis (default $REDIS_URL; unset: an embedded one on a free port)")
+    p.add_argument("--log-dir", default=None, help="where process logs go (default runs/up-<time>)")
+    p.add_argument("--ready-timeout", type=float, default=180.0, metavar="S",
+                   help="give up when the cluster does not serve within S seconds (default 180)")
+    add_tls_arguments(p)
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers bind: a port with only closed connections (TIME_WAIT) is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def parse_workers(items: list[str], tasks: list[str]) -> dict[str, int]:
+    workers = {t: 1 for t in tasks}
+    for item in items:
+        task, _, n = item.partition("=")
+        if task not in workers or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--workers expects TASK=N with a task of {tasks} and N >= 1, got {item!r}")
+        workers[task] = int(n)
+    return workers
+
+
+def run(a: argparse.Namespace) -> int:
+    from services.common.errors import SpecError
+    from services.common.spec import load_spec
+    from services.tools.cluster import ClusterConfig, LocalCluster
+
+    def fail(msg: str) -> int:
+        print(f"pipeserve up: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        spec = load_spec(a.spec)
+    except (SpecError, OSError) as exc:
+        return fail(str(exc))
+    try:
+        workers = parse_workers(a.workers, [t.name for t in spec.tasks])
+    except ValueError as exc:
+        return fail(str(exc))
+    profile = a.profile
+    if a.plan_file is None and profile is None:
+        if spec.name != "ocr":
+            return fail(f"give --profile or --plan-file for pipeline {spec.name!r}")
+        profile = "profiles/ocr_cpu.json"
+    for path, hint in ((Path(a.models), "make models"), (Path(profile or a.plan_file), "")):
+        if not path.exists():
+            return fail(f"{path} does not exist" + (f"; run `{hint}` first" if hint else ""))
+    if a.port == a.controller_port:
+        return fail("--port and --controller-port must differ")
+    for name, port in (("--port", a.port), ("--controller-port", a.controller_port)):
+        if not 0 < port < 65536:
+            return fail(f"{name} must be a port number, got {port}")
+        if port_in_use(port):
+            return fail(f"port {port} ({name}) is in use, by another cluster perhaps; "
+                        f"stop it or choose another with {name}")
+    try:
+        tls = tls_from_args(a)
+    except TlsError as exc:
+        return fail(str(exc))
+    log_dir = Path(a.log_dir or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = ClusterConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
+                        profile=Path(profile) if profile else None, models=Path(a.models), workers=workers,
+                        log_dir=log_dir, redis_url=a.redis_url or None, tls=tls,
+                        controller_port=a.controller_port, front_door_port=a.port)
+    cluster = LocalCluster(cfg)
+
+    def interrupt(signum, _frame) -> None:   # SIGTERM as Ctrl-C: the same clean stop
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    print(f"starting {'' if a.redis_url else 'redis, '}the controller, {sum(workers.values())} workers "
+          f"({', '.join(f'{n} {t}' for t, n in workers.items())}) and {len(spec.tasks)} routers "
+          f"(logs: {log_dir}) ...", flush=True)
+    t0 = time.monotonic()
+    rc = 0
+    codes: dict = {}
+    try:
+        try:
+            cluster.start(ready_timeout_s=a.ready_timeout)   # stops what it started if it fails
+        except KeyboardInterrupt:
+            print("interrupted while starting; stopped", file=sys.stderr)
+            return 130
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            print(f"pipeserve up: the cluster did not come up: {exc}", file=sys.stderr)
+            return 1
+        print(f"ready in {time.monotonic() - t0:.1f} s\n"
+              f"  front door (OIP v2 gRPC)  {cluster.front_door}\n"
+              f"  controller                {cluster.controller_address}\n"
+              f"  REDIS_URL={cluster.redis_url}\n"
+              f"Ctrl-C stops it. In another terminal: pipeserve status", flush=True)
+        try:
+            while True:
+                time.sleep(0.5)
+                cluster.check_alive()
+        except KeyboardInterrupt:
+            print("stopping ...", flush=True)
+        except RuntimeError as exc:   # a process exited
+            print(f"pipeserve up: {exc}", file=sys.stderr)
+            rc = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # let the stop finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        codes = cluster.stop()   # nothing left after a failed start: it cleaned up itself
+        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    bad = {k: v for k, v in codes.items() if v not in (0, None)}
+    print(f"stopped {len(codes)} processes" + (f"; non-zero exits: {bad}" if bad else " cleanly"), flush=True)
+    return rc
