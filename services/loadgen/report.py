@@ -9,11 +9,15 @@ client-side codes below. :func:`summarize` turns the results into a :class:`Load
   errors = every other code (client-side ones included);
 * ``sent == ok + dropped + shed + invalid + sum(errors)`` always holds;
 * SLO violation ratio = (late + dropped + shed + invalid + errors) / sent
-  = (sent - on_time) / sent, counted per request end to end (design brief, section 5).
+  = (sent - on_time) / sent, counted per request end to end (design brief, section 5);
+* ``failure_reasons`` says why requests failed: every request not answered OK counted
+  under ``"<status>: <message>"``, messages that differ only in their numbers grouped
+  together (one of them shown), most frequent first.
 """
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
@@ -26,6 +30,15 @@ BAD_RESPONSE = "CLIENT_BAD_RESPONSE"        # status OK but the tensors did not 
 CLIENT_ERROR = "CLIENT_ERROR"               # an exception in the client itself
 NOT_FINISHED = "CLIENT_NOT_FINISHED"        # still pending at the run's hard stop
 
+# What a client-side outcome means, for the failure reasons (it has no server message).
+CLIENT_MESSAGES = {
+    IN_FLIGHT_CAP: "not sent: --max-in-flight requests were outstanding",
+    BAD_RESPONSE: "status OK but the answer's tensors did not parse",
+    CLIENT_ERROR: "the load generator's client failed",
+    NOT_FINISHED: "no answer by the run's hard stop (cancelled)",
+}
+FAILURE_GROUPS_SHOWN = 8
+
 OK = "OK"
 DROPPED = "DEADLINE_EXCEEDED"
 SHED = "RESOURCE_EXHAUSTED"
@@ -36,9 +49,13 @@ INVALID = "INVALID_ARGUMENT"
 class RequestResult:
     """The one terminal outcome of one scheduled request.
 
-    ``latency_s`` is measured from the moment the request was handed to gRPC; None when
-    it never was (refused by the in-flight cap). ``cer`` is the page's character error
-    rate against ground truth (OK answers only, when truth is known)."""
+    ``latency_s`` is measured from the request's *scheduled* send time (``t_s``), so a
+    send the generator made late counts its lag against the SLO (``send_lag_s`` says how
+    late it went out); None when it never got an answer or status (refused by the
+    in-flight cap, cancelled at the hard stop). ``cer`` is the page's character error
+    rate against ground truth (OK answers only, when truth is known); ``orientation_acc``
+    the share of its ground-truth lines whose orientation the answer reads right (OK answers
+    of a pipeline with a line orientation classifier, pipelines/ocr_tree.yaml, only)."""
 
     index: int
     code: str
@@ -49,6 +66,8 @@ class RequestResult:
     variant_path: str | None = None
     t_s: float | None = None        # its scheduled send time, seconds from the run's start
     message: str = ""               # the status details of a failure, as the client saw them
+    send_lag_s: float | None = None  # actual send time - scheduled time (None: never sent)
+    orientation_acc: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,6 +104,13 @@ class LoadReport:
     max_send_lag_ms: float
     config: dict = field(default_factory=dict)
     results: tuple[RequestResult, ...] = field(default=(), repr=False)   # one per request, in order
+    failure_reasons: dict[str, int] = field(default_factory=dict)   # "<status>: <message>" -> count
+    # samples of the plan in force during the run (services/loadgen/plan_history.py), in order
+    plan_history: tuple[dict, ...] = field(default=(), repr=False)
+    send_lag_p50_ms: float | None = None   # how late requests went out vs their schedule
+    send_lag_p99_ms: float | None = None
+    mean_orientation_acc: float | None = None   # mean over answered pages (OCR tree only)
+    orientation_pages: int = 0
 
     @property
     def total_errors(self) -> int:
@@ -95,12 +121,41 @@ class LoadReport:
         return self.late + self.dropped + self.shed + self.invalid + self.total_errors
 
     def to_dict(self) -> dict:
-        """The summary (per-request results are left out: see ``results``)."""
+        """The summary and the plan history (per-request results are left out: see
+        ``records``)."""
         d = asdict(replace(self, results=()))
         del d["results"]
+        d["plan_history"] = list(self.plan_history)
         d["total_errors"] = self.total_errors
         d["violations"] = self.violations
         return d
+
+    @property
+    def records(self) -> list[dict]:
+        """One flat record per request (see :func:`request_record`), in schedule order."""
+        return [request_record(r) for r in self.results]
+
+
+RECORD_FIELDS = ("index", "scheduled_s", "sent_s", "send_lag_ms", "outcome", "ok", "on_time",
+                 "latency_ms", "slo_ms", "plan_version", "variant_path", "cer", "message")
+
+
+def request_record(r: RequestResult) -> dict:
+    """A request as a flat, JSON-able record (the ``--records`` file's lines):
+    ``scheduled_s`` / ``sent_s`` seconds from the run's start (``sent_s`` None when never
+    sent), ``outcome`` the status code, ``latency_ms`` from the scheduled time,
+    ``cer`` the answer's error rate against ground truth (None: unknown)."""
+    def ms(x: float | None) -> float | None:
+        return None if x is None else round(x * 1000.0, 3)
+
+    sent = None if r.t_s is None or r.send_lag_s is None else round(r.t_s + r.send_lag_s, 6)
+    return {
+        "index": r.index, "scheduled_s": None if r.t_s is None else round(r.t_s, 6),
+        "sent_s": sent, "send_lag_ms": ms(r.send_lag_s), "outcome": r.code, "ok": r.ok,
+        "on_time": r.on_time, "latency_ms": ms(r.latency_s), "slo_ms": ms(r.slo_s),
+        "plan_version": r.plan_version, "variant_path": r.variant_path, "cer": r.cer,
+        "message": r.message,
+    }
 
 
 def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
@@ -110,8 +165,28 @@ def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(latencies_s, dtype=float), q)) * 1000.0
 
 
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def failure_reasons(results: Iterable[RequestResult]) -> dict[str, int]:
+    """Why requests failed: ``"<status>: <message>" -> count`` over the requests not
+    answered OK, most frequent first. Messages equal but for their numbers ("... 12 ms
+    ...", "... 15 ms ...") form one group, shown with the first message seen."""
+    counts: Counter = Counter()
+    shown: dict[tuple[str, str], str] = {}
+    for r in results:
+        if r.ok:
+            continue
+        message = r.message or CLIENT_MESSAGES.get(r.code, "")
+        key = (r.code, _NUMBER.sub("#", message))
+        shown.setdefault(key, f"{r.code}: {message}" if message else r.code)
+        counts[key] += 1
+    return {shown[k]: n for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
 def summarize(results: Iterable[RequestResult], *, elapsed_s: float, window_s: float = 0.0,
-              max_send_lag_s: float = 0.0, config: dict | None = None) -> LoadReport:
+              max_send_lag_s: float = 0.0, config: dict | None = None,
+              plan_history: Sequence[dict] = ()) -> LoadReport:
     """Count outcomes.
 
     Rates (offered load, throughput, goodput) are per second of the *arrival window*
@@ -127,9 +202,11 @@ def summarize(results: Iterable[RequestResult], *, elapsed_s: float, window_s: f
     sent = len(results)
     errors = {c: n for c, n in sorted(codes.items()) if c not in (OK, DROPPED, SHED, INVALID)}
     cers = [r.cer for r in ok_results if r.cer is not None]
+    orient = [r.orientation_acc for r in ok_results if r.orientation_acc is not None]
     paths = Counter(r.variant_path for r in ok_results if r.variant_path is not None)
     versions = Counter(str(r.plan_version) for r in ok_results if r.plan_version is not None)
     per_s = window_s if window_s > 0 else elapsed_s
+    lags = [r.send_lag_s for r in results if r.send_lag_s is not None]
     return LoadReport(
         sent=sent,
         ok=len(ok_results),
@@ -155,6 +232,12 @@ def summarize(results: Iterable[RequestResult], *, elapsed_s: float, window_s: f
         max_send_lag_ms=max_send_lag_s * 1000.0,
         config=dict(config or {}),
         results=tuple(sorted(results, key=lambda r: r.index)),
+        failure_reasons=failure_reasons(results),
+        plan_history=tuple(plan_history),
+        send_lag_p50_ms=percentile_ms(lags, 50),
+        send_lag_p99_ms=percentile_ms(lags, 99),
+        mean_orientation_acc=float(np.mean(orient)) if orient else None,
+        orientation_pages=len(orient),
     )
 
 
@@ -195,10 +278,24 @@ def format_report(report: LoadReport) -> str:
         ("throughput (OK)", _fmt(report.throughput_rps, " req/s", 2)),
         ("goodput (on time)", _fmt(report.goodput_rps, " req/s", 2)),
         ("arrival window / elapsed", f"{report.window_s:.2f} s / {report.elapsed_s:.2f} s"),
-        ("max send lag", _fmt(report.max_send_lag_ms, " ms")),
+        ("send lag p50 / p99 / max", " / ".join(
+            _fmt(v, " ms") for v in (report.send_lag_p50_ms, report.send_lag_p99_ms,
+                                     report.max_send_lag_ms))),
         ("mean CER (answered pages)", (f"{report.mean_cer:.4f} over {report.cer_pages} pages"
                                        if report.mean_cer is not None else "-")),
     ]
+    if report.mean_orientation_acc is not None:
+        rows.append(("line orientation accuracy", f"{report.mean_orientation_acc:.4f} over "
+                                                  f"{report.orientation_pages} pages"))
+    if report.plan_history:
+        good = [x for x in report.plan_history if "error" not in x]
+        versions = sorted({x.get("version") for x in good if x.get("version") is not None})
+        workers = [x.get("active_workers", 0) for x in good]
+        rows.append(("plan samples", f"{len(report.plan_history)}"
+                     + (f" (versions {versions[0]}..{versions[-1]}, active workers "
+                        f"{min(workers)}..{max(workers)})" if versions else "")
+                     + (f", {len(report.plan_history) - len(good)} unreadable"
+                        if len(good) < len(report.plan_history) else "")))
     if report.plan_versions:
         rows.append(("plan versions", ", ".join(
             f"v{v}: {n}" for v, n in report.plan_versions.items())))
@@ -209,4 +306,12 @@ def format_report(report: LoadReport) -> str:
         pw = max(len(p) for p in report.variant_paths)
         for path, n in report.variant_paths.items():
             lines.append(f"  {path:<{pw}}  {share(n)}")
+    if report.failure_reasons:
+        lines.append("why requests failed (status: message):")
+        groups = list(report.failure_reasons.items())
+        for reason, n in groups[:FAILURE_GROUPS_SHOWN]:
+            lines.append(f"  {share(n)}  {reason}")
+        rest = groups[FAILURE_GROUPS_SHOWN:]
+        if rest:
+            lines.append(f"  {share(sum(n for _, n in rest))}  ({len(rest)} other reasons; all in the JSON report)")
     return "\n".join(lines)

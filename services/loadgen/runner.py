@@ -11,9 +11,13 @@ Guarantees:
 * the run stops by itself: at most ``schedule span + timeout + grace`` after the start,
   any call still pending is cancelled and counted as ``CLIENT_NOT_FINISHED``.
 
-Latency is measured from the moment a request is handed to gRPC; when the generator
-itself falls behind its schedule the report's ``max_send_lag_ms`` says by how much.
-CER against ground truth is computed after the run, off the sending path.
+Latency (and so the SLO check) is measured from each request's *scheduled* send time:
+when the generator itself falls behind its schedule, the lag counts against the request
+(open-loop accounting), and the report says how late sends went out (``send_lag_*``,
+per request ``send_lag_s``). The gRPC deadline still runs from the actual send.
+CER against ground truth is computed after the run, off the sending path. With a Redis
+URL or a controller address the plan in force is sampled every second
+(:mod:`services.loadgen.plan_history`) into ``LoadReport.plan_history``.
 """
 from __future__ import annotations
 
@@ -29,9 +33,12 @@ import grpc
 
 from services.common import oip
 from services.common.grpc_utils import TlsConfig, make_channel, tls_mode
+from services.common.redis_auth import redact_url
 from services.gen import inference_pb2
 from services.loadgen import report as rep
-from services.loadgen.schedule import Arrival, poisson_schedule, read_trace, trace_schedule
+from services.loadgen.plan_history import PlanSampler
+from services.loadgen.schedule import (Arrival, RateShape, poisson_schedule, read_trace,
+                                       shape_schedule, trace_schedule)
 
 # Pending calls get this long past their own deadline before the hard stop cancels them.
 STOP_GRACE_S = 5.0
@@ -52,8 +59,10 @@ def _string_field(number: int, value: str) -> bytes:
 
 @dataclass(frozen=True)
 class LoadConfig:
-    """One load run. Exactly one of ``rate`` (Poisson, with ``duration_s``) and ``trace``
-    (replay) selects the arrivals; ``timeout_ms`` defaults to ``slo_ms``."""
+    """One load run. Exactly one of ``rate`` (Poisson, with ``duration_s``), ``shape``
+    (Poisson with a time-varying rate, with ``duration_s``) and ``trace`` (replay) selects
+    the arrivals; ``timeout_ms`` defaults to ``slo_ms``. ``redis_url`` and/or
+    ``controller`` turn on the plan history (a sample every ``plan_interval_s``)."""
 
     target: str
     pipeline: str = "ocr"
@@ -71,16 +80,25 @@ class LoadConfig:
     max_in_flight: int = 10_000
     progress: bool = True
     tls: TlsConfig | None = None   # None: plaintext; a client cert in it for mutual TLS
+    shape: RateShape | None = None
+    redis_url: str | None = None    # plan history from the plan key in Redis
+    controller: str | None = None   # plan history from the controller (ClusterStatus)
+    plan_interval_s: float = 1.0
 
     @property
     def effective_timeout_ms(self) -> float:
         return self.timeout_ms if self.timeout_ms is not None else self.slo_ms
 
     def validate(self) -> None:
-        if (self.rate is None) == (self.trace is None):
-            raise ValueError("give exactly one of a rate (Poisson) or a trace to replay")
-        if self.rate is not None and self.duration_s is None:
-            raise ValueError("a Poisson run needs a duration")
+        given = [x is not None for x in (self.rate, self.shape, self.trace)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of a rate (Poisson), a rate shape or a trace to replay")
+        if (self.rate is not None or self.shape is not None) and self.duration_s is None:
+            raise ValueError("a Poisson run (constant rate or shape) needs a duration")
+        if self.shape is not None:
+            self.shape.validate()
+        if self.plan_interval_s <= 0:
+            raise ValueError(f"plan_interval_s must be > 0, got {self.plan_interval_s}")
         if self.slo_ms <= 0 or self.effective_timeout_ms <= 0:
             raise ValueError("slo_ms and timeout_ms must be positive")
         if self.max_in_flight < 1:
@@ -104,6 +122,8 @@ def build_schedule(config: LoadConfig) -> list[Arrival]:
     config.validate()
     if config.rate is not None:
         return poisson_schedule(config.rate, float(config.duration_s), config.seed)
+    if config.shape is not None:
+        return shape_schedule(config.shape, float(config.duration_s), config.seed)
     entries = read_trace(config.trace)
     return trace_schedule(entries, time_scale=config.time_scale, rate_scale=config.rate_scale,
                           seed=config.seed, duration_s=config.duration_s)
@@ -205,25 +225,28 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
         nonlocal in_flight
         request = wire_request(page_no, f"lg-{config.seed}-{index}",
                                int(round(timeout_s * 1000)) if config.send_timeout_param else None)
-        sent = time.perf_counter()
+        scheduled = start + arrival.t_s          # latency counts from here (loop clock)
+        lag = loop.time() - scheduled
         code, latency, params, message = rep.CLIENT_ERROR, None, {}, ""
         try:
             response = await infer(request, timeout=timeout_s)
-            latency = time.perf_counter() - sent
+            latency = loop.time() - scheduled
             try:
                 pendings[index] = _Pending(index, page_no, slo_s, oip.parse_ocr_response(response))
                 params = oip.read_parameters(response.parameters)
                 code = rep.OK
-            except Exception:  # an OK status with unreadable tensors
+            except Exception as exc:  # an OK status with unreadable tensors
                 code = rep.BAD_RESPONSE
+                message = f"status OK but the answer did not parse: {type(exc).__name__}: {exc}"[:300]
         except grpc.aio.AioRpcError as exc:
-            latency = time.perf_counter() - sent
+            latency = loop.time() - scheduled
             code = exc.code().name
             message = exc.details() or ""
         except asyncio.CancelledError:
             code = rep.NOT_FINISHED
-        except Exception:
+        except Exception as exc:
             code = rep.CLIENT_ERROR
+            message = f"the load generator's client failed: {type(exc).__name__}: {exc}"[:300]
         finally:
             in_flight -= 1
             version = params.get("plan_version")
@@ -231,7 +254,8 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
             finish(rep.RequestResult(
                 index, code, latency, slo_s,
                 plan_version=int(version) if isinstance(version, int) else None,
-                variant_path=str(path) if path is not None else None, t_s=arrival.t_s, message=message))
+                variant_path=str(path) if path is not None else None, t_s=arrival.t_s, message=message,
+                send_lag_s=max(0.0, lag)))
 
     tasks: set[asyncio.Task] = set()
     # a full garbage collection stalls the sending loop for 10-20 ms: what exists now
@@ -240,8 +264,13 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
     gc.freeze()
     thresholds = gc.get_threshold()
     gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
+    sampler = (PlanSampler(config.pipeline, redis_url=config.redis_url, controller=config.controller,
+                           tls=config.tls, interval_s=config.plan_interval_s)
+               if config.redis_url or config.controller else None)
     start = loop.time()
     wall_start = time.perf_counter()
+    if sampler is not None:
+        await sampler.start(start)
     try:
         for index, arrival in enumerate(schedule):
             delay = start + arrival.t_s - loop.time()
@@ -270,6 +299,8 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
         if tasks:
             await asyncio.gather(*list(tasks), return_exceptions=True)
         elapsed = time.perf_counter() - wall_start
+        if sampler is not None:
+            await sampler.stop()
         gc.set_threshold(*thresholds)
         gc.unfreeze()
         await channel.close()
@@ -282,7 +313,8 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
     final = _with_cer(results, pendings, pages, cer_fn)
     return rep.summarize(final, elapsed_s=elapsed, window_s=arrival_window_s(config, schedule),
                          max_send_lag_s=max_lag,
-                         config=_config_dict(config, len(schedule)))
+                         config=_config_dict(config, len(schedule)),
+                         plan_history=sampler.samples if sampler is not None else ())
 
 
 def _with_cer(results: dict[int, rep.RequestResult], pendings: dict[int, _Pending],
@@ -298,13 +330,29 @@ def _with_cer(results: dict[int, rep.RequestResult], pendings: dict[int, _Pendin
             if key not in cache:
                 cache[key] = float(cer_fn(pred, pages[p.page].truth))
             r = replace(r, cer=cache[key])
+        if (r.ok and p is not None and p.lines and p.lines[0].orientation is not None
+                and pages[p.page].truth is not None):
+            r = replace(r, orientation_acc=_orientation_acc(p.lines, pages[p.page].truth))
         out.append(r)
     return out
+
+
+def _orientation_acc(lines: Sequence[oip.OcrLine], truth) -> float | None:
+    """Share of the truth lines whose orientation the answer reads right (None without
+    the OCR extras)."""
+    try:
+        from services.ocr.orientation import orientation_accuracy
+    except ImportError:
+        return None
+    return orientation_accuracy([(ln.orientation or "", ln.points) for ln in lines], truth)
 
 
 def _config_dict(config: LoadConfig, scheduled: int) -> dict:
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     d["tls"] = tls_mode(config.tls)   # "off", "tls" or "mtls"; not the key's path
+    d["redis_url"] = redact_url(config.redis_url)   # no password in reports
+    if config.shape is not None:
+        d["shape_description"] = config.shape.describe()
     d["scheduled"] = scheduled
     d["effective_timeout_ms"] = config.effective_timeout_ms
     return d

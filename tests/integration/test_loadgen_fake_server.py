@@ -192,3 +192,27 @@ def test_cli_against_fake_server(tmp_path: Path, capsys):
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["sent"] == doc["ok"] > 0
     assert doc["cer_pages"] == doc["ok"] and doc["mean_cer"] > 0.5  # fixed text vs real pages
+
+
+def test_a_send_made_late_by_the_generator_counts_its_lag_against_the_slo():
+    """Open-loop accounting: the loop is blocked for 0.6 s (a stalled generator) just before
+    the second request is due; the server answers at once, yet that request is late (SLO
+    300 ms) because its latency counts from its scheduled time, and its record says so."""
+    import time as _time
+
+    server = FakeFrontDoor()
+    schedule = [Arrival(0.0), Arrival(0.2)]
+
+    async def run():
+        asyncio.get_running_loop().call_later(0.05, _time.sleep, 0.6)
+        return await _serve_and_run(server, dict(rate=1.0, duration_s=1.0, slo_ms=300, timeout_ms=5000),
+                                    pages=PAGES[:1], schedule=schedule, cer_fn=None)
+
+    report = asyncio.run(run())
+    first, second = report.records
+    assert report.ok == 2
+    assert second["send_lag_ms"] >= 400                  # went out >= 0.4 s after 0.2 s
+    assert second["latency_ms"] >= second["send_lag_ms"]  # latency includes the lag
+    assert second["on_time"] is False and report.late >= 1
+    assert second["sent_s"] == pytest.approx(second["scheduled_s"] + second["send_lag_ms"] / 1000, abs=1e-5)
+    assert report.max_send_lag_ms >= 400 and report.send_lag_p99_ms >= 300

@@ -133,10 +133,17 @@ def test_parser_trace_mode():
     ["--pages", "d", "--rate", "1", "--trace", "t"],              # both
     ["--pages", "d", "--rate", "0", "--duration", "1"],           # rate must be > 0
     ["--pages", "d", "--rate", "1", "--duration", "1", "--max-in-flight", "0"],
+    ["--pages", "d", "--rate", "1", "--duration", "1", "--shape", "square"],   # no peak/period
+    ["--pages", "d", "--rate", "1", "--duration", "1", "--shape", "step", "--peak-rate", "2",
+     "--step-at-s", "1", "--period-s", "3"],                                  # unused option
+    ["--pages", "d", "--trace", "t", "--shape", "diurnal", "--peak-rate", "2", "--period-s", "3"],
+    ["--pages", "d", "--rate", "1", "--duration", "1", "--plan-history", "h.json"],  # no source
 ])
 def test_parser_rejects(argv, capsys):
+    from services.loadgen.main import main
+
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args(argv)
+        main(argv)
     assert exc.value.code == 2
 
 
