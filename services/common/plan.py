@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -322,6 +323,41 @@ class RegisteredWorker:
     worker_id: str
     address: str
     task: str
+
+
+def bind_pool(allocations: list[Allocation], workers: list[RegisteredWorker], current: Plan | None,
+              task_order: list[str]) -> list[RegisteredWorker]:
+    """Give the pool's workers (``task == ""``) the tasks the allocations need beyond the
+    task-bound workers: keep a pool worker on the task it runs in ``current`` (those
+    running a wanted variant first), then take workers that ran nothing, then ones
+    released by another task. Pool workers no task needs are left out (parked)."""
+    pool = sorted((w for w in workers if not w.task), key=lambda w: w.worker_id)
+    bound = [w for w in workers if w.task]
+    if not pool:
+        return list(workers)
+    need: Counter = Counter()
+    wanted: dict[str, set] = defaultdict(set)
+    for a in allocations:
+        need[a.task] += a.replicas
+        wanted[a.task].add(a.variant)
+    for w in bound:
+        need[w.task] -= 1
+    cur = dict(current.workers) if current else {}
+    ids = [w.worker_id for w in pool]
+    taken: dict[str, str] = {}
+    for task in task_order:
+        mine = [w for w in ids if w in cur and cur[w].task == task]
+        mine.sort(key=lambda w: (cur[w].variant not in wanted[task], w))
+        for w in mine[:max(0, need[task])]:
+            taken[w] = task
+    free = [w for w in ids if w not in cur] + [w for w in ids if w in cur and w not in taken]
+    for task in task_order:
+        short = need[task] - sum(1 for t in taken.values() if t == task)
+        while short > 0 and free:
+            taken[free.pop(0)] = task
+            short -= 1
+    return bound + [RegisteredWorker(w.worker_id, w.address, taken[w.worker_id])
+                    for w in pool if w.worker_id in taken]
 
 
 def assign_workers(

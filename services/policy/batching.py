@@ -52,6 +52,10 @@ class EdfQueue(Generic[T]):
     def peek_deadline(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
+    def peek(self) -> T | None:
+        """The item with the earliest deadline (not removed)."""
+        return self._heap[0][4] if self._heap else None
+
     def take_batch(self, now: float, max_batch: int, exec_time_s: Callable[[int], float]
                    ) -> tuple[list[tuple[T, int]], list[tuple[T, int]]]:
         """Pop the next batch. Returns ``(batch, dropped)`` as lists of ``(item, count)``

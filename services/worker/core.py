@@ -13,6 +13,14 @@ Guarantees:
 - A swap loads the new variant while the old one keeps serving; queries prepared for
   the old variant are still executed by it (each queued group holds its model), so a
   plan change fails no queued request. The old session is freed once drained.
+- A pool worker (several tasks allowed) moves between tasks by the same rule: the new
+  task's model loads while the old one serves, queued queries finish on the model they
+  were prepared for, and the old task's model stays for ``linger_s`` for queries a router
+  still sends by the previous plan. A worker the plan does not need *parks*: it keeps
+  serving what it holds, then, after ``linger_s``, drops its model (the ONNX Runtime
+  session and its memory: the allocator is asked to return freed pages to the OS).
+  Queries sent to a worker while it loads the model the plan gave it wait for the load
+  (within their deadline) instead of failing.
 - The batching rule and the drop test are the policy package's
   (``services.policy.batching``), the same code the simulator runs; the batch-time
   estimate starts from the plan's latency figures for the variant when it has them.
@@ -21,6 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
+import ctypes.util
+import gc
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +42,7 @@ from typing import Callable, Mapping
 
 from services.common.errors import InvalidInput, Shed, Unavailable
 from services.common.logging import get_logger
+from services.common.metrics import WorkerMetrics
 from services.common.onnx import create_session
 from services.common.processing import ItemResult, Prepared, Processor, make_processor
 from services.common.spec import TaskSpec, VariantSpec
@@ -40,6 +52,7 @@ from services.policy.batching import EdfQueue, ServiceTimeEstimator, cannot_make
 log = get_logger(__name__)
 
 DEFAULT_MAX_QUEUE = 1024   # queries; beyond it a submission is shed (RESOURCE_EXHAUSTED)
+DEFAULT_LINGER_S = 3.0     # a model the plan moved away from still serves stale-routed queries this long
 REPORT_AFTER_BATCHES = 3   # a new variant's first batches are not reported (caches still warming)
 
 
@@ -51,10 +64,11 @@ class Status(str, Enum):
 
 
 class WorkerState(str, Enum):
-    IDLE = "idle"          # no variant assigned yet
-    LOADING = "loading"    # first variant loading
+    IDLE = "idle"          # no plan has named this worker yet
+    LOADING = "loading"    # first variant loading (or loading again after parking)
     SERVING = "serving"
     SWAPPING = "swapping"  # serving the old variant while the new one loads
+    PARKED = "parked"      # the plan does not need this worker: no model held
 
 
 @dataclass
@@ -117,6 +131,7 @@ class BatchTiming:
     variant: str
     batch_size: int
     count: int = 0
+    task: str = ""
     total_ms: float = 0.0
     max_ms: float = 0.0
     items: int = 0
@@ -124,20 +139,36 @@ class BatchTiming:
 
 
 class WorkerCore:
-    def __init__(self, worker_id: str, task: TaskSpec, models_dir: Path, *, prefer_gpu: bool = True,
+    """``task`` is the task a task-bound worker serves; a pool worker gets ``tasks``
+    (every task it may serve, e.g. the pipeline's) and ``task`` None (or the task it
+    starts on), and serves whatever task the plan gives it (``apply(..., task=)``)."""
+
+    def __init__(self, worker_id: str, task: TaskSpec | None, models_dir: Path, *, prefer_gpu: bool = True,
                  intra_op_threads: int = 1, clock: Callable[[], float] = time.time,
                  loader: Callable[[VariantSpec], ModelHost] | None = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, plugins: tuple[str, ...] = (),
-                 prep_threads: int = 2) -> None:
+                 prep_threads: int = 2, tasks: Mapping[str, TaskSpec] | None = None,
+                 linger_s: float = DEFAULT_LINGER_S) -> None:
+        if task is None and not tasks:
+            raise ValueError("a worker needs a task or a set of tasks it may serve")
         self.worker_id = worker_id
-        self.task = task
+        self.tasks: dict[str, TaskSpec] = dict(tasks) if tasks else {task.name: task}
+        if task is not None:
+            self.tasks.setdefault(task.name, task)
+        self.pooled = len(self.tasks) > 1 or tasks is not None
+        self.task: TaskSpec | None = task   # the task served now (None: a pool worker with no task yet)
         self.models_dir = Path(models_dir)
         self.clock = clock
         self.max_queue = max_queue
+        self.linger_s = linger_s
         self._loader = loader or (lambda v: ModelHost.load(v, self.models_dir, prefer_gpu, intra_op_threads,
                                                           plugins))
         self.state = WorkerState.IDLE
         self.host: ModelHost | None = None
+        # hosts submissions may still use: the current one, and ones the plan moved away
+        # from, until their linger ends (task -> (host, monotonic time it may be freed))
+        self._lingering: dict[str, tuple[ModelHost, float]] = {}
+        self._loading: tuple[str, asyncio.Future] | None = None   # (task, done) while a load runs
         self.batch_size = 1
         self.plan_version = 0
         self.queue: EdfQueue[deque[_Pending]] = EdfQueue()
@@ -148,8 +179,11 @@ class WorkerCore:
         self._apply_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
         self._holding: list[_Pending] = []     # the batch in flight (resolved INTERNAL if the loop dies)
-        self.counters = {"arrivals": 0, "completed": 0, "dropped": 0, "errors": 0, "invalid": 0, "shed": 0}
-        self._timings: dict[tuple[str, int], BatchTiming] = {}
+        self.counters = {"arrivals": 0, "completed": 0, "dropped": 0, "errors": 0, "invalid": 0, "shed": 0,
+                         "loads": 0, "parks": 0}
+        self.last_load_ms = 0.0
+        self._timings: dict[tuple[str, str, int], BatchTiming] = {}
+        self.metrics = WorkerMetrics(self)   # counters, queue, state read when scraped
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -178,43 +212,131 @@ class WorkerCore:
     def ready(self) -> bool:
         return self.host is not None
 
+    @property
+    def task_name(self) -> str:
+        return self.task.name if self.task is not None else ""
+
+    def may_serve(self, task: str) -> bool:
+        return task in self.tasks
+
     async def apply(self, variant_name: str, batch_size: int, plan_version: int,
-                    latency_ms: Mapping[int, float] | None = None) -> bool:
-        """Run ``variant_name`` at ``batch_size``. ``latency_ms`` (batch size -> ms, the
-        plan's figures for this variant) seeds the batch-time estimate of a newly loaded
-        variant. Returns True if the variant changed."""
+                    latency_ms: Mapping[int, float] | None = None, task: str | None = None) -> bool:
+        """Run ``variant_name`` (of ``task``; default the current task) at ``batch_size``.
+        ``latency_ms`` (batch size -> ms, the plan's figures for this variant) seeds the
+        batch-time estimate of a newly loaded variant. Returns True if the variant changed."""
         async with self._apply_lock:
             self.plan_version = max(self.plan_version, plan_version)
             self.batch_size = max(1, int(batch_size))
-            if self.host is not None and self.host.variant.name == variant_name:
+            name = task or self.task_name
+            if name not in self.tasks:
+                raise ValueError(f"worker {self.worker_id} may not serve task {name!r} "
+                                 f"(it serves {sorted(self.tasks)})")
+            target = self.tasks[name]
+            if self.host is not None and self.host.variant.name == variant_name and self.task_name == name:
                 return False
-            variant = self.task.variant(variant_name)
-            old = self.host
+            variant = target.variant(variant_name)
+            old, old_task = self.host, self.task
             self.state = WorkerState.SWAPPING if old else WorkerState.LOADING
-            log.info("variant_loading", worker_id=self.worker_id, variant=variant_name,
-                     previous=old.variant.name if old else None, plan_version=plan_version)
+            log.info("variant_loading", worker_id=self.worker_id, task=name, variant=variant_name,
+                     previous=f"{old_task.name}/{old.variant.name}" if old and old_task else None,
+                     plan_version=plan_version)
+            done = asyncio.get_running_loop().create_future()
+            self._loading = (name, done)
             t0 = time.perf_counter()
             try:
                 new = await asyncio.to_thread(self._loader, variant)
             except Exception:
-                self.state = WorkerState.SERVING if old else WorkerState.IDLE
+                self.state = WorkerState.SERVING if old else (WorkerState.PARKED if self.counters["parks"]
+                                                              else WorkerState.IDLE)
                 log.exception("variant_load_failed", worker_id=self.worker_id, variant=variant_name)
                 raise
+            finally:
+                self._loading = None
+                if not done.done():
+                    done.set_result(None)
             if latency_ms:
                 new.estimator = ServiceTimeEstimator.seeded({b: ms / 1000.0 for b, ms in latency_ms.items()})
-            self.host = new
+            if old is not None and old_task is not None and old_task.name != name:
+                # moved to another task: the old model still serves stale-routed queries a while
+                self._lingering[old_task.name] = (old, time.monotonic() + self.linger_s)
+            self._lingering.pop(name, None)
+            self.host, self.task = new, target
             self.state = WorkerState.SERVING
-            log.info("variant_loaded", worker_id=self.worker_id, variant=variant_name,
-                     providers=new.providers, load_ms=round((time.perf_counter() - t0) * 1e3, 1),
+            self.counters["loads"] += 1
+            self.last_load_ms = (time.perf_counter() - t0) * 1e3
+            self.metrics.model_loaded(variant_name, self.last_load_ms / 1e3)
+            log.info("variant_loaded", worker_id=self.worker_id, task=name, variant=variant_name,
+                     providers=new.providers, load_ms=round(self.last_load_ms, 1),
                      batch_size=self.batch_size, plan_version=plan_version)
             return True
 
+    async def park(self, plan_version: int) -> bool:
+        """The plan does not need this worker: stop taking new work on its model, which
+        serves what it holds and stale-routed queries for ``linger_s`` and is then freed
+        (:meth:`release_lingering`). Returns True if the worker was holding a model."""
+        async with self._apply_lock:
+            self.plan_version = max(self.plan_version, plan_version)
+            if self.host is None:
+                if self.state is not WorkerState.PARKED:
+                    self.state = WorkerState.PARKED
+                return False
+            assert self.task is not None
+            self._lingering[self.task.name] = (self.host, time.monotonic() + self.linger_s)
+            log.info("worker_parking", worker_id=self.worker_id, task=self.task.name,
+                     variant=self.host.variant.name, plan_version=plan_version, linger_s=self.linger_s)
+            self.host = None
+            self.task = None if self.pooled else self.task
+            self.state = WorkerState.PARKED
+            self.counters["parks"] += 1
+            return True
+
+    def release_lingering(self, now: float | None = None) -> list[str]:
+        """Free the models whose linger has ended (queued queries keep their model alive
+        until they ran). Returns the tasks released."""
+        now = time.monotonic() if now is None else now
+        gone = [t for t, (_, until) in self._lingering.items() if until <= now]
+        for t in gone:
+            host, _ = self._lingering.pop(t)
+            log.info("model_released", worker_id=self.worker_id, task=t, variant=host.variant.name)
+            del host
+        if gone:
+            release_memory()
+        return gone
+
+    def _host_for(self, task: str | None) -> ModelHost | None:
+        if task is None or (self.task is not None and task == self.task.name):
+            if self.host is not None or task is None:
+                return self.host
+        held = self._lingering.get(task) if task is not None else None
+        return held[0] if held else None
+
+    async def _await_load(self, task: str | None, deadline_s: float) -> None:
+        """Wait (within the deadline) for the model of ``task`` that is loading now."""
+        loading = self._loading
+        if loading is None or (task is not None and loading[0] != task):
+            return
+        timeout = deadline_s - self.clock()
+        if timeout <= 0:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(loading[1]), timeout)
+        except asyncio.TimeoutError:
+            pass
+
     # -- data path -----------------------------------------------------------------
     async def submit(self, queries: list[tuple[str, bytes]], deadline_s: float,
-                     reserve_s: float = 0.0) -> list[Outcome]:
-        host = self.host
+                     reserve_s: float = 0.0, task: str | None = None) -> list[Outcome]:
+        """Queue ``queries`` of ``task`` (default: the task served now). Raises
+        :class:`Unavailable` when the worker holds no model of that task (not yet loaded,
+        parked, moved away longer than its linger ago): the router then tries another."""
+        host = self._host_for(task)
         if host is None:
-            raise Unavailable(f"worker {self.worker_id} has no model loaded yet")
+            await self._await_load(task, deadline_s)
+            host = self._host_for(task)
+        if host is None:
+            what = f"task {task!r}" if task else "a model"
+            why = "parked" if self.state is WorkerState.PARKED else "not loaded"
+            raise Unavailable(f"worker {self.worker_id} holds no model of {what} ({why})")
         n = len(queries)
         if self.queue.queued + n > self.max_queue:
             self.counters["shed"] += n
@@ -278,25 +400,31 @@ class WorkerCore:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                host = self.host
-                assert host is not None
-                batch, dropped = self.queue.take_batch(self.clock(), self.batch_size, host.estimator)
-                for group, n in dropped:
-                    for _ in range(n):
-                        self._resolve(group.popleft(), Status.DROPPED_DEADLINE, "cannot make its deadline")
-                self._holding = [group.popleft() for group, n in batch for _ in range(n)]
-                # Entries queued before a swap run on the model they were prepared for.
-                by_host: dict[int, list[_Pending]] = {}
-                for p in self._holding:
-                    by_host.setdefault(id(p.host), []).append(p)
-                for items in by_host.values():
-                    await self._run_group(loop, items)
-                self._holding = []
+                await self._next_batch(loop)
         finally:
             # the loop is ending (crash or stop): nothing it held may hang
             for p in self._holding:
                 self._resolve(p, Status.INTERNAL, "batch loop failed")
             self._holding = []
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take and run one batch. (A method of its own so that its locals, which hold
+        models, are gone once it returns: a parked worker's model must be freeable.)"""
+        # the batch is timed by the model of its earliest query (after a move or while
+        # parked, queued queries still run on the model they were prepared for)
+        host = self.queue.peek()[0].host
+        batch, dropped = self.queue.take_batch(self.clock(), self.batch_size, host.estimator)
+        for group, n in dropped:
+            for _ in range(n):
+                self._resolve(group.popleft(), Status.DROPPED_DEADLINE, "cannot make its deadline")
+        self._holding = [group.popleft() for group, n in batch for _ in range(n)]
+        # Entries queued before a swap run on the model they were prepared for.
+        by_host: dict[int, list[_Pending]] = {}
+        for p in self._holding:
+            by_host.setdefault(id(p.host), []).append(p)
+        for items in by_host.values():
+            await self._run_group(loop, items)
+        self._holding = []
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
         host = items[0].host
@@ -317,20 +445,22 @@ class WorkerCore:
         elapsed = time.perf_counter() - t0
         host.estimator.observe(len(items), elapsed)
         host.batches += 1
+        self.metrics.batch(host.variant.name, len(items), run_s)
         if host.batches > REPORT_AFTER_BATCHES:
             # what the batch cost the host: its model time (timed in the executor thread,
             # not counting the event loop's hand-offs) and its items' pre-processing
             regions = sum(len(r.regions) for r in results)
-            self._record(host.variant.name, len(items), run_s + sum(p.prepare_s for p in items), regions)
+            self._record(host.variant.task, host.variant.name, len(items), run_s + sum(p.prepare_s for p in items),
+                         regions)
         for p, r in zip(items, results):
             self._resolve(p, Status.OK, result=r, service_ms=elapsed * 1e3, batch_size=len(items),
                           started=started)
 
     # -- statistics ----------------------------------------------------------------
-    def _record(self, variant: str, size: int, work_s: float, regions: int) -> None:
-        t = self._timings.get((variant, size))
+    def _record(self, task: str, variant: str, size: int, work_s: float, regions: int) -> None:
+        t = self._timings.get((task, variant, size))
         if t is None:
-            t = self._timings[(variant, size)] = BatchTiming(variant, size)
+            t = self._timings[(task, variant, size)] = BatchTiming(variant, size, task=task)
         ms = work_s * 1e3
         t.count += 1
         t.total_ms += ms
@@ -347,9 +477,9 @@ class WorkerCore:
     def restore_timings(self, timings: list[BatchTiming]) -> None:
         """Put back timings whose report failed, so the next heartbeat carries them."""
         for t in timings:
-            cur = self._timings.get((t.variant, t.batch_size))
+            cur = self._timings.get((t.task, t.variant, t.batch_size))
             if cur is None:
-                self._timings[(t.variant, t.batch_size)] = t
+                self._timings[(t.task, t.variant, t.batch_size)] = t
             else:
                 cur.count += t.count
                 cur.total_ms += t.total_ms
@@ -360,7 +490,7 @@ class WorkerCore:
     def stats(self) -> dict:
         return {
             "worker_id": self.worker_id,
-            "task": self.task.name,
+            "task": self.task_name,
             "variant": self.host.variant.name if self.host else "",
             "batch_size": self.batch_size,
             "plan_version": self.plan_version,
@@ -372,7 +502,20 @@ class WorkerCore:
             "shed": self.counters["shed"],
             "queue_length": self.queue.queued,
             "state": self.state.value,
+            "loads": self.counters["loads"],
+            "last_load_ms": self.last_load_ms,
         }
+
+
+def release_memory() -> None:
+    """Collect garbage and ask glibc's allocator to return freed pages to the OS, so a
+    freed model shows up as lower RSS (no-op where there is no ``malloc_trim``)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _prepare_all(prepare: Callable[[bytes], Prepared], payloads: list[bytes]) -> list:

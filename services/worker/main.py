@@ -1,4 +1,6 @@
-"""``pipeserve-worker``: serve one task's model variants as the plan says."""
+"""``pipeserve-worker``: serve model variants as the plan says: of one task (``--task``),
+or, as a pool worker (no ``--task``), of whichever task of the pipeline the plan gives it;
+a worker the plan does not need parks (frees its model) until the plan needs it again."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +18,7 @@ from services.common.errors import SpecError
 from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_channel, make_server,
                                         tls_from_args, tls_mode)
 from services.common.logging import configure_logging, get_logger
+from services.common.metrics import MetricsServer, add_metrics_argument, serve_metrics
 from services.common.plan import Plan, validate_plan
 from services.common.plan_channel import PlanSubscriber
 from services.common.redis_auth import RedisAuthError, check_credentials
@@ -23,7 +26,7 @@ from services.common.spec import load_spec
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.tasks import supervise
-from services.worker.core import DEFAULT_MAX_QUEUE, WorkerCore
+from services.worker.core import DEFAULT_LINGER_S, DEFAULT_MAX_QUEUE, WorkerCore
 from services.worker.servicer import WorkerServicer, stats_to_proto
 
 log = get_logger(__name__)
@@ -32,7 +35,7 @@ log = get_logger(__name__)
 @dataclass(frozen=True)
 class WorkerConfig:
     spec: Path
-    task: str
+    task: str            # "" = a pool worker (any task of the spec)
     worker_id: str
     host: str
     port: int
@@ -47,18 +50,26 @@ class WorkerConfig:
     prep_threads: int
     json_logs: bool
     tls: TlsConfig | None = None   # its server and its channel to the controller
+    linger_s: float = DEFAULT_LINGER_S
+    metrics_port: int | None = None   # Prometheus /metrics (None: off)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pipeserve-worker",
-        description="Serve one task of a pipeline with ONNX Runtime. The worker registers with "
-                    "the controller, follows the versioned plan in Redis to learn which variant "
-                    "and batch size to run, and reports its statistics by heartbeat. Its gRPC "
-                    "health status is NOT_SERVING until a model is loaded.")
+        description="Serve pipeline tasks with ONNX Runtime. The worker registers with the "
+                    "controller, follows the versioned plan in Redis to learn which task, variant "
+                    "and batch size to run, and reports its statistics by heartbeat. Without "
+                    "--task it is a pool worker: the plan moves it between tasks and parks it "
+                    "(its model freed) when demand does not need it. Its gRPC health status is "
+                    "NOT_SERVING until it has followed a plan (loaded a model or parked).")
     p.add_argument("--spec", required=True, help="pipeline spec file (e.g. pipelines/ocr.yaml)")
-    p.add_argument("--task", required=True, help="the task this worker serves (e.g. det)")
-    p.add_argument("--worker-id", default=None, help="unique id (default: <task>-<hostname>-<port>)")
+    p.add_argument("--task", default="",
+                   help="bind the worker to this task (e.g. det); default: a pool worker that "
+                        "serves whichever task of the spec the plan gives it (an operator limits a "
+                        "worker to one task with this, e.g. on a host without the right GPU)")
+    p.add_argument("--worker-id", default=None,
+                   help="unique id (default: <task or 'pool'>-<hostname>-<port>)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind, 0 = any free port (default)")
     p.add_argument("--advertise", default=None,
@@ -80,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="queries the worker queues at most; a request beyond it is shed with "
                         f"RESOURCE_EXHAUSTED (default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--linger-s", type=float, default=DEFAULT_LINGER_S,
+                   help="after the plan moves or parks the worker, its previous model still serves "
+                        "queries routed by the previous plan this long before it is freed "
+                        f"(default {DEFAULT_LINGER_S})")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
+    add_metrics_argument(p)
     add_tls_arguments(p)
     return p
 
@@ -96,7 +112,8 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         spec=Path(a.spec), task=a.task, worker_id=a.worker_id or "", host=a.host, port=a.port,
         advertise=a.advertise or "", controller=a.controller, redis_url=a.redis_url,
         models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
-        heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, prep_threads=a.prep_threads, json_logs=a.log_json, tls=tls)
+        heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, prep_threads=a.prep_threads, json_logs=a.log_json, tls=tls,
+        linger_s=a.linger_s, metrics_port=a.metrics_port)
 
 
 class WorkerApp:
@@ -105,21 +122,25 @@ class WorkerApp:
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
         self.spec = load_spec(cfg.spec)
-        try:
-            task = self.spec.task(cfg.task)
-        except KeyError as exc:
-            raise SystemExit(f"error: {exc.args[0]}; tasks: {self.spec.task_names()}") from None
+        task = None
+        if cfg.task:
+            try:
+                task = self.spec.task(cfg.task)
+            except KeyError as exc:
+                raise SystemExit(f"error: {exc.args[0]}; tasks: {self.spec.task_names()}") from None
         self.worker_id = cfg.worker_id
         self.core = WorkerCore(cfg.worker_id or "pending", task, cfg.models,
                                prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads,
                                max_queue=cfg.max_queue, plugins=self.spec.plugins,
-                               prep_threads=cfg.prep_threads)
+                               prep_threads=cfg.prep_threads, linger_s=cfg.linger_s,
+                               tasks=None if task else {t.name: t for t in self.spec.tasks})
         self.server = make_server()
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.address = ""
         self._tasks: list[asyncio.Task] = []
         self.subscriber: PlanSubscriber | None = None
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
         pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self.core, self._newer_plan_seen), self.server)
@@ -127,17 +148,19 @@ class WorkerApp:
         self.port = bind(self.server, self.cfg.host, self.cfg.port, tls=self.cfg.tls)
         self.address = self.cfg.advertise or f"{self.cfg.host}:{self.port}"
         if not self.worker_id:
-            self.worker_id = f"{self.cfg.task}-{socket.gethostname()}-{self.port}"
+            self.worker_id = f"{self.cfg.task or 'pool'}-{socket.gethostname()}-{self.port}"
         self.core.worker_id = self.worker_id
+        self.metrics_server = serve_metrics(self.cfg.metrics_port, self.cfg.host, self.cfg.tls)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self.core.start()
-        log.info("worker_started", worker_id=self.worker_id, address=self.address, task=self.cfg.task,
+        log.info("worker_started", worker_id=self.worker_id, address=self.address, task=self.cfg.task or "(pool)",
                  tls=tls_mode(self.cfg.tls))
         self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
                                          validate=lambda plan: validate_plan(plan, self.spec))
         self._tasks = [supervise("plan-subscriber", self.subscriber.run),
-                       supervise("controller-loop", self._controller_loop)]
+                       supervise("controller-loop", self._controller_loop),
+                       supervise("model-release", self._release_loop)]
 
     def _newer_plan_seen(self, version: int) -> None:
         if self.subscriber is not None:
@@ -146,15 +169,26 @@ class WorkerApp:
     async def _on_plan(self, plan: Plan) -> None:
         mine = plan.workers.get(self.worker_id)
         if mine is None:
-            log.info("not_in_plan", worker_id=self.worker_id, plan_version=plan.version)
-            self.core.plan_version = plan.version
+            # the plan does not need this worker: park (the model is freed after the linger)
+            if await self.core.park(plan.version):
+                log.info("parked", worker_id=self.worker_id, plan_version=plan.version)
+            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
             return
         try:
             await self.core.apply(mine.variant, mine.batch_size, plan.version,
-                                  latency_ms=plan.latency_ms.get(mine.task, {}).get(mine.variant))
+                                  latency_ms=plan.latency_ms.get(mine.task, {}).get(mine.variant),
+                                  task=mine.task)
         except Exception:
-            return  # logged by the core; keep serving the previous variant
+            log.exception("plan_not_applied", worker_id=self.worker_id, plan_version=plan.version,
+                          task=mine.task, variant=mine.variant)
+            return  # keep serving the previous variant
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def _release_loop(self) -> None:
+        """Free models whose linger ended (after a move to another task, or parking)."""
+        while True:
+            await asyncio.sleep(min(0.5, max(0.05, self.cfg.linger_s / 4)))
+            self.core.release_lingering()
 
     async def _controller_loop(self) -> None:
         """Register (idempotent), then heartbeat with statistics; re-register when the
@@ -210,6 +244,8 @@ class WorkerApp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.server.stop(grace_s)   # lets in-flight InferBatch calls finish
         await self.core.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("worker_stopped", worker_id=self.worker_id)
 
 

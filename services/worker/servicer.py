@@ -31,7 +31,7 @@ def outcome_to_proto(o: Outcome, task: str, worker_id: str) -> pb.QueryResult:
 
 def stats_to_proto(s: dict, timings: list[BatchTiming] = ()) -> pb.WorkerStats:
     msg = pb.WorkerStats(**s)
-    msg.timings.extend(pb.BatchTiming(variant=t.variant, batch_size=t.batch_size, count=t.count,
+    msg.timings.extend(pb.BatchTiming(task=t.task, variant=t.variant, batch_size=t.batch_size, count=t.count,
                                       total_ms=t.total_ms, max_ms=t.max_ms, items=t.items, regions=t.regions)
                        for t in timings)
     return msg
@@ -47,8 +47,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @map_errors
     async def InferBatch(self, request: pb.InferBatchRequest, context) -> pb.InferBatchResponse:
-        if request.task and request.task != self.core.task.name:
-            raise InvalidInput(f"worker {self.core.worker_id} serves task {self.core.task.name!r}, "
+        if request.task and not self.core.may_serve(request.task):
+            raise InvalidInput(f"worker {self.core.worker_id} serves tasks {sorted(self.core.tasks)}, "
                                f"not {request.task!r}")
         if not request.queries:
             raise InvalidInput("no queries in request")
@@ -60,9 +60,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise DeadlineMissed("deadline already passed on arrival")
         outcomes = await self.core.submit(
             [(q.query_id, q.payload) for q in request.queries], request.deadline_unix_s,
-            request.downstream_reserve_ms / 1e3)
+            request.downstream_reserve_ms / 1e3, task=request.task or None)
+        task = request.task or self.core.task_name
         return pb.InferBatchResponse(
-            results=[outcome_to_proto(o, self.core.task.name, self.core.worker_id) for o in outcomes],
+            results=[outcome_to_proto(o, task, self.core.worker_id) for o in outcomes],
             plan_version=self.core.plan_version)
 
     @map_errors

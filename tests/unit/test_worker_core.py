@@ -261,3 +261,159 @@ def test_a_loaded_model_is_warmed_up_before_it_serves():
     cold = FakeProcessor(SPEC.task("t").variant("v1"))
     ModelHost(SPEC.task("t").variant("v1"), cold, session=None, providers=[]).warm_up()
     assert cold.batches == []                 # no warm-up input: nothing run
+
+
+# -- the elastic pool: moves between tasks, parking ----------------------------------
+
+POOL_SPEC = parse_spec({"name": "p", "slo_ms": 1000, "tasks": [
+    {"name": "a", "children": ["b"], "variants": [{"name": "a1", "model": "m", "processor": "fake"}]},
+    {"name": "b", "variants": [{"name": "b1", "model": "m", "processor": "fake"},
+                               {"name": "b2", "model": "m", "processor": "fake"}]}]})
+
+
+def make_pool_core(load_delay_s=0.0, delay_s=0.01, linger_s=0.2):
+    procs, loads = {}, []
+
+    def loader(variant):
+        loads.append(variant.name)
+        time.sleep(load_delay_s)
+        procs[variant.name] = FakeProcessor(variant, delay_s)
+        return ModelHost(variant, procs[variant.name], session=None, providers=["FakeProvider"])
+
+    core = WorkerCore("w", None, ".", loader=loader, linger_s=linger_s,
+                      tasks={t.name: t for t in POOL_SPEC.tasks})
+    return core, procs, loads
+
+
+def test_a_pool_worker_moves_between_tasks_without_failing_queued_or_stale_routed_queries():
+    async def scenario():
+        core, procs, _ = make_pool_core(delay_s=0.02, linger_s=0.3)
+        core.start()
+        assert core.stats()["task"] == "" and core.stats()["state"] == "idle"
+        await core.apply("a1", 1, plan_version=1, task="a")
+        queued = asyncio.ensure_future(core.submit([(f"q{i}", b"x") for i in range(5)], time.time() + 10,
+                                                   task="a"))
+        await asyncio.sleep(0.01)
+        await core.apply("b1", 2, plan_version=2, task="b")        # moved while queries of a are queued
+        assert core.task_name == "b" and core.stats()["task"] == "b"
+        stale = await core.submit([("late", b"x")], time.time() + 10, task="a")   # a router on plan 1
+        fresh = await core.submit([("new", b"x")], time.time() + 10, task="b")
+        first = await queued
+        await asyncio.sleep(0.35)
+        released = core.release_lingering()
+        with pytest.raises(Unavailable, match="task 'a'"):
+            await core.submit([("too-late", b"x")], time.time() + 10, task="a")
+        await core.stop()
+        return first, stale, fresh, released
+
+    first, stale, fresh, released = asyncio.run(scenario())
+    assert all(o.status is Status.OK and o.variant == "a1" for o in first)
+    assert stale[0].status is Status.OK and stale[0].variant == "a1"
+    assert fresh[0].status is Status.OK and fresh[0].variant == "b1"
+    assert released == ["a"]
+
+
+def test_a_worker_the_plan_does_not_need_parks_frees_its_model_and_comes_back():
+    async def scenario():
+        core, procs, loads = make_pool_core(linger_s=0.1)
+        core.start()
+        await core.apply("b2", 1, plan_version=1, task="b")
+        assert await core.park(plan_version=2) is True
+        s = core.stats()
+        assert s["state"] == "parked" and s["task"] == "" and s["variant"] == ""
+        stale = await core.submit([("late", b"x")], time.time() + 10, task="b")   # within the linger
+        assert core.release_lingering(now=time.monotonic() + 1.0) == ["b"]
+        assert core._host_for("b") is None
+        with pytest.raises(Unavailable, match="parked"):
+            await core.submit([("q", b"x")], time.time() + 10, task="b")
+        assert await core.park(plan_version=3) is False       # parking twice is a no-op
+        await core.apply("a1", 1, plan_version=4, task="a")   # demand is back
+        back = await core.submit([("q2", b"x")], time.time() + 10, task="a")
+        stats = core.stats()
+        await core.stop()
+        return stale, back, loads, stats
+
+    stale, back, loads, stats = asyncio.run(scenario())
+    assert stale[0].status is Status.OK and stale[0].variant == "b2"
+    assert back[0].status is Status.OK and back[0].variant == "a1"
+    assert loads == ["b2", "a1"] and stats["loads"] == 2 and stats["state"] == "serving"
+
+
+def test_queries_sent_while_the_planned_model_loads_wait_for_it():
+    async def scenario():
+        core, _, _ = make_pool_core(load_delay_s=0.3)
+        core.start()
+        load = asyncio.ensure_future(core.apply("a1", 1, plan_version=1, task="a"))
+        await asyncio.sleep(0.05)
+        assert core.stats()["state"] == "loading"
+        out = await core.submit([("q", b"x")], time.time() + 10, task="a")
+        await load
+        # a query whose deadline ends before the load does fails over (UNAVAILABLE), not hangs
+        core2, _, _ = make_pool_core(load_delay_s=0.5)
+        core2.start()
+        load2 = asyncio.ensure_future(core2.apply("a1", 1, plan_version=1, task="a"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Unavailable):
+            await core2.submit([("q", b"x")], time.time() + 0.1, task="a")
+        await load2
+        await core.stop()
+        await core2.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out[0].status is Status.OK and out[0].variant == "a1"
+
+
+def test_a_pool_worker_refuses_a_task_outside_its_set_and_a_bound_worker_stays_on_its_task():
+    async def scenario():
+        core, _, _ = make_pool_core()
+        with pytest.raises(ValueError, match="may not serve task 'zzz'"):
+            await core.apply("a1", 1, plan_version=1, task="zzz")
+        bound, _ = make_core()
+        bound.start()
+        await bound.apply("v1", 1, plan_version=1)
+        await bound.park(plan_version=2)
+        s = bound.stats()
+        await bound.apply("v2", 1, plan_version=3)
+        await bound.stop()
+        return s, bound.task_name
+
+    s, task = asyncio.run(scenario())
+    assert s["state"] == "parked" and s["task"] == "t"   # a bound worker keeps its task while parked
+    assert task == "t"
+
+
+def test_timings_name_their_task():
+    async def scenario():
+        core, _, _ = make_pool_core()
+        core.start()
+        await core.apply("a1", 1, plan_version=1, task="a")
+        for i in range(5):
+            await core.submit([(f"q{i}", b"x")], time.time() + 10, task="a")
+        await core.stop()
+        return core.take_timings()
+
+    timings = asyncio.run(scenario())
+    assert timings and all(t.task == "a" and t.variant == "a1" for t in timings)
+
+
+def test_a_released_model_is_no_longer_referenced_anywhere():
+    import gc
+    import weakref
+
+    async def scenario():
+        core, _, _ = make_pool_core(linger_s=0.0)
+        core.start()
+        await core.apply("b1", 2, plan_version=1, task="b")
+        for i in range(3):
+            await core.submit([(f"q{i}", b"x")], time.time() + 10, task="b")
+        ref = weakref.ref(core.host)
+        await core.park(plan_version=2)
+        core.release_lingering(now=time.monotonic() + 1)
+        await asyncio.sleep(0.05)      # the batch loop is idle, waiting for work
+        gc.collect()
+        alive = ref() is not None
+        await core.stop()
+        return alive
+
+    assert asyncio.run(scenario()) is False
