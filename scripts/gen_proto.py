@@ -33,7 +33,7 @@ def main() -> int:
     if rc != 0:
         print(f"protoc failed with exit code {rc}", file=sys.stderr)
         return rc
-    for path in OUT_DIR.glob("*_pb2*.py"):
+    for path in [*OUT_DIR.glob("*_pb2*.py"), *OUT_DIR.glob("*_pb2.pyi")]:
         text = path.read_text()
         fixed = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
         if fixed != text:

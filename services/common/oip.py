@@ -22,7 +22,15 @@ pipeserve uses milliseconds throughout).
 
 Response: outputs ``text`` (BYTES ``[N]``), ``boxes`` (FP32 ``[N, 8]``: x1,y1..x4,y4 in
 page pixels) and ``confidence`` (FP32 ``[N]``), all in ``raw_output_contents``; response
-parameters carry serving metadata (e.g. ``plan_version``, ``variant_path``).
+parameters carry serving metadata (e.g. ``plan_version``, ``variant_path``). A pipeline
+with a line orientation classifier (``pipelines/ocr_tree.yaml``) adds ``orientation``
+(BYTES ``[N]``: "0" or "180" degrees) and ``orientation_confidence`` (FP32 ``[N]``)
+(:data:`ORIENTATION_OUTPUTS`; ``orientation=True`` in the functions below). A request that
+names outputs (``ModelInferRequest.outputs``) gets those only, in its order
+(:func:`requested_outputs`).
+
+The model's configuration in Triton's form (``ModelConfig``, for perf_analyzer and Triton
+clients) is :func:`model_config`, derived from :func:`model_metadata`.
 
 Malformed client data raises :class:`services.common.errors.InvalidInput` with a message
 meant for the client.
@@ -38,11 +46,21 @@ import numpy as np
 
 from services.common.errors import InvalidInput
 from services.gen import inference_pb2 as pb
+from services.gen import model_config_pb2 as mc
 
 IMAGE_INPUT = "image"
 TEXT_OUTPUT = "text"
 BOXES_OUTPUT = "boxes"
 CONFIDENCE_OUTPUT = "confidence"
+OUTPUTS = (TEXT_OUTPUT, BOXES_OUTPUT, CONFIDENCE_OUTPUT)
+ORIENTATION_OUTPUT = "orientation"
+ORIENTATION_CONFIDENCE_OUTPUT = "orientation_confidence"
+ORIENTATION_OUTPUTS = (ORIENTATION_OUTPUT, ORIENTATION_CONFIDENCE_OUTPUT)
+
+
+def ocr_outputs(orientation: bool = False) -> tuple[str, ...]:
+    """The outputs of an OCR pipeline, in answer order (with the orientation child's too)."""
+    return OUTPUTS + ORIENTATION_OUTPUTS if orientation else OUTPUTS
 TIMEOUT_PARAM = "timeout"
 
 _LEN = struct.Struct("<I")
@@ -346,17 +364,46 @@ def request_timeout_ms(request: pb.ModelInferRequest) -> int | None:
     return value
 
 
+_IGNORED_OUTPUT_PARAMS = frozenset({"binary_data"})   # KServe's HTTP flag: gRPC outputs are raw anyway
+
+
+def requested_outputs(request: pb.ModelInferRequest, orientation: bool = False) -> tuple[str, ...] | None:
+    """The output names the request asks for (``ModelInferRequest.outputs``), in its
+    order, or None when it names none (then every output comes back). InvalidInput for an
+    unknown name, a name given twice, or an output parameter the front door does not
+    support (``classification``, shared-memory regions)."""
+    if not request.outputs:
+        return None
+    known = ocr_outputs(orientation)
+    names: list[str] = []
+    for out in request.outputs:
+        if out.name not in known:
+            raise InvalidInput(f"unknown output '{out.name}'; the outputs are "
+                               + ", ".join(f"'{o}'" for o in known))
+        if out.name in names:
+            raise InvalidInput(f"output '{out.name}' is requested twice")
+        unsupported = sorted(k for k in out.parameters if k not in _IGNORED_OUTPUT_PARAMS)
+        if unsupported:
+            raise InvalidInput(f"output '{out.name}': parameter(s) {', '.join(unsupported)} not "
+                               "supported (no classification, no shared memory)")
+        names.append(out.name)
+    return tuple(names)
+
+
 # --------------------------------------------------------------------------- responses
 
 
 @dataclass(frozen=True)
 class OcrLine:
     """One recognised text line: its text, its quadrilateral (x1,y1..x4,y4 in page
-    pixels) and the recogniser's confidence."""
+    pixels) and the recogniser's confidence; with an orientation classifier, its
+    orientation ("0" / "180") and the classifier's confidence (else None)."""
 
     text: str
     points: tuple[float, ...]
     confidence: float
+    orientation: str | None = None
+    orientation_confidence: float | None = None
 
     def __post_init__(self) -> None:
         pts = tuple(float(p) for p in self.points)
@@ -364,6 +411,8 @@ class OcrLine:
             raise ValueError(f"OcrLine.points needs 8 numbers, got {len(pts)}")
         object.__setattr__(self, "points", pts)
         object.__setattr__(self, "confidence", float(self.confidence))
+        if self.orientation_confidence is not None:
+            object.__setattr__(self, "orientation_confidence", float(self.orientation_confidence))
 
 
 def set_parameters(target, parameters: Mapping[str, int | str | bool]) -> None:
@@ -391,18 +440,27 @@ def read_parameters(source) -> dict[str, int | str | bool]:
 
 def build_ocr_response(model_name: str, request_id: str, lines: Sequence[OcrLine],
                        parameters: Mapping[str, int | str | bool] | None = None,
-                       ) -> pb.ModelInferResponse:
-    """Outputs text BYTES [N], boxes FP32 [N, 8], confidence FP32 [N], all raw."""
+                       outputs: Sequence[str] | None = None,
+                       orientation: bool = False) -> pb.ModelInferResponse:
+    """Outputs text BYTES [N], boxes FP32 [N, 8], confidence FP32 [N] (with
+    ``orientation``, also orientation BYTES [N] and orientation_confidence FP32 [N]), all
+    raw; with ``outputs`` (names from :func:`ocr_outputs`, see :func:`requested_outputs`)
+    those only, in that order."""
     n = len(lines)
     resp = pb.ModelInferResponse(model_name=model_name, id=request_id)
     set_parameters(resp.parameters, parameters or {})
-    boxes = np.asarray([ln.points for ln in lines], dtype="<f4").reshape(n, 8)
-    conf = np.asarray([ln.confidence for ln in lines], dtype="<f4").reshape(n)
-    for name, dtype, shape, data in (
-        (TEXT_OUTPUT, "BYTES", [n], encode_bytes_tensor(ln.text.encode() for ln in lines)),
-        (BOXES_OUTPUT, "FP32", [n, 8], boxes.tobytes()),
-        (CONFIDENCE_OUTPUT, "FP32", [n], conf.tobytes()),
-    ):
+    tensors = {
+        TEXT_OUTPUT: lambda: ("BYTES", [n], encode_bytes_tensor(ln.text.encode() for ln in lines)),
+        BOXES_OUTPUT: lambda: ("FP32", [n, 8],
+                               np.asarray([ln.points for ln in lines], dtype="<f4").reshape(n, 8).tobytes()),
+        CONFIDENCE_OUTPUT: lambda: ("FP32", [n],
+                                    np.asarray([ln.confidence for ln in lines], dtype="<f4").reshape(n).tobytes()),
+        ORIENTATION_OUTPUT: lambda: ("BYTES", [n], encode_bytes_tensor((ln.orientation or "").encode() for ln in lines)),
+        ORIENTATION_CONFIDENCE_OUTPUT: lambda: (
+            "FP32", [n], np.asarray([ln.orientation_confidence or 0.0 for ln in lines], dtype="<f4").reshape(n).tobytes()),
+    }
+    for name in ocr_outputs(orientation) if outputs is None else outputs:
+        dtype, shape, data = tensors[name]()
         out = resp.outputs.add()
         out.name, out.datatype = name, dtype
         out.shape.extend(shape)
@@ -411,7 +469,8 @@ def build_ocr_response(model_name: str, request_id: str, lines: Sequence[OcrLine
 
 
 def parse_ocr_response(resp: pb.ModelInferResponse) -> list[OcrLine]:
-    """Read an OCR response, raw (``raw_output_contents``) or typed (``contents``)."""
+    """Read an OCR response, raw (``raw_output_contents``) or typed (``contents``); the
+    lines carry orientation when the response has the orientation outputs."""
     n_raw = len(resp.raw_output_contents)
     if n_raw not in (0, len(resp.outputs)):
         raise InvalidInput(
@@ -431,10 +490,23 @@ def parse_ocr_response(resp: pb.ModelInferResponse) -> list[OcrLine]:
     boxes = _fp32(*tensor(BOXES_OUTPUT), count=n * 8).reshape(n, 8)
     conf = _fp32(*tensor(CONFIDENCE_OUTPUT), count=n)
     try:
-        return [OcrLine(t.decode("utf-8"), tuple(boxes[i].tolist()), float(conf[i]))
-                for i, t in enumerate(texts)]
+        lines = [OcrLine(t.decode("utf-8"), tuple(boxes[i].tolist()), float(conf[i]))
+                 for i, t in enumerate(texts)]
     except UnicodeDecodeError:
         raise InvalidInput("response output 'text' is not valid UTF-8") from None
+    if ORIENTATION_OUTPUT not in by_name:
+        return lines
+    out, raw = tensor(ORIENTATION_OUTPUT)
+    labels = decode_bytes_tensor(raw) if raw is not None else list(out.contents.bytes_contents)
+    if len(labels) != n:
+        raise InvalidInput(f"response output '{ORIENTATION_OUTPUT}': {len(labels)} items, expected {n}")
+    oconf = (_fp32(*tensor(ORIENTATION_CONFIDENCE_OUTPUT), count=n) if ORIENTATION_CONFIDENCE_OUTPUT in by_name
+             else np.zeros(n, np.float32))
+    try:
+        return [OcrLine(ln.text, ln.points, ln.confidence, labels[i].decode("utf-8"), float(oconf[i]))
+                for i, ln in enumerate(lines)]
+    except UnicodeDecodeError:
+        raise InvalidInput(f"response output '{ORIENTATION_OUTPUT}' is not valid UTF-8") from None
 
 
 def _fp32(out, raw: bytes | None, *, count: int) -> np.ndarray:
@@ -453,8 +525,9 @@ def _fp32(out, raw: bytes | None, *, count: int) -> np.ndarray:
 
 
 def model_metadata(name: str, *, versions: Sequence[str] = (),
-                   platform: str = "pipeserve") -> pb.ModelMetadataResponse:
-    """Metadata of an OCR pipeline served as an OIP model (-1 = variable dimension)."""
+                   platform: str = "pipeserve", orientation: bool = False) -> pb.ModelMetadataResponse:
+    """Metadata of an OCR pipeline served as an OIP model (-1 = variable dimension); with
+    ``orientation``, the orientation outputs too."""
     T = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=name, versions=list(versions), platform=platform,
@@ -463,5 +536,34 @@ def model_metadata(name: str, *, versions: Sequence[str] = (),
             T(name=TEXT_OUTPUT, datatype="BYTES", shape=[-1]),
             T(name=BOXES_OUTPUT, datatype="FP32", shape=[-1, 8]),
             T(name=CONFIDENCE_OUTPUT, datatype="FP32", shape=[-1]),
-        ],
+        ] + ([T(name=ORIENTATION_OUTPUT, datatype="BYTES", shape=[-1]),
+              T(name=ORIENTATION_CONFIDENCE_OUTPUT, datatype="FP32", shape=[-1])] if orientation else []),
     )
+
+
+_CONFIG_TYPE = {"BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16,
+                "UINT32": mc.TYPE_UINT32, "UINT64": mc.TYPE_UINT64, "INT8": mc.TYPE_INT8,
+                "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32, "INT64": mc.TYPE_INT64,
+                "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64,
+                "BYTES": mc.TYPE_STRING, "BF16": mc.TYPE_BF16}
+
+
+def model_config(name: str, *, version: str = "1", platform: str = "pipeserve",
+                 parameters: Mapping[str, str] | None = None, orientation: bool = False) -> mc.ModelConfig:
+    """Triton's ``ModelConfig`` of the pipeline served as one model: the inputs and
+    outputs of :func:`model_metadata` with Triton's data types, ``max_batch_size`` 0 (one
+    image per request: shapes carry no batch dimension), the one ``version`` (an integer
+    string) as a specific version policy, one response per request (not decoupled), and
+    ``parameters`` as string-valued model parameters."""
+    if not version.isdigit():
+        raise ValueError(f"version must be an integer string, got {version!r}")
+    meta = model_metadata(name, versions=[version], platform=platform, orientation=orientation)
+    return mc.ModelConfig(
+        name=name, platform=platform, backend=platform, max_batch_size=0,
+        version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[int(version)])),
+        input=[mc.ModelInput(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.shape))
+               for t in meta.inputs],
+        output=[mc.ModelOutput(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.shape))
+                for t in meta.outputs],
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in (parameters or {}).items()},
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False))

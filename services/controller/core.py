@@ -24,7 +24,8 @@ from typing import Awaitable, Callable
 
 from services.common.errors import SpecError
 from services.common.logging import get_logger
-from services.common.plan import (Allocation, Plan, assign_workers, load_plan_file, parse_plan_file,
+from services.common.metrics import ControllerMetrics
+from services.common.plan import (Allocation, Plan, assign_workers, bind_pool, load_plan_file, parse_plan_file,
                                   uniform_routing, validate_plan)
 from services.common.spec import PipelineSpec
 from services.controller.registry import WorkerRegistry
@@ -61,6 +62,7 @@ class ControllerCore:
         self._lock = asyncio.Lock()
         self.adopted: Plan | None = None
         self.adopt_until = 0.0
+        self.metrics = ControllerMetrics(spec.name)
 
     def adopt(self, plan: Plan, grace_s: float) -> None:
         """Take up ``plan`` (read from Redis at start) as the current plan; hold re-planning
@@ -87,7 +89,8 @@ class ControllerCore:
         """A worker's heartbeat: its batch timings go to the planner's calibration."""
         if self.planner is None:
             return
-        timings = [Timing(task, t["variant"], int(t["batch_size"]), int(t["count"]), float(t["total_ms"]),
+        timings = [Timing(t.get("task") or task, t["variant"], int(t["batch_size"]), int(t["count"]),
+                          float(t["total_ms"]),
                           int(t.get("items", 0)), int(t.get("regions", 0)))
                    for t in stats.get("timings", ())]
         if timings:
@@ -148,8 +151,11 @@ class ControllerCore:
             self._plan_file_mtime = mtime
             log.info("plan_file_loaded", path=str(self.plan_file), allocations=len(self.allocations or []))
 
-    def _all_tasks_covered(self, tasks: set[str]) -> bool:
+    def _all_tasks_covered(self, tasks: set[str], pool: int = 0) -> bool:
+        """Every task has a worker bound to it or one of the ``pool`` workers to take it."""
         missing = [t.name for t in self.spec.tasks if t.name not in tasks]
+        if missing and pool >= len(missing):
+            missing = []
         if missing:
             if missing != self._missing_logged:   # once per change, not every loop
                 log.info("waiting_for_workers", tasks=missing)
@@ -161,7 +167,8 @@ class ControllerCore:
     def build_plan(self) -> Plan | None:
         if not self.allocations:
             return None
-        workers = self.registry.live()
+        workers = bind_pool(self.allocations, self.registry.live(), self.current,
+                            [t.name for t in self.spec.tasks])
         assignments = assign_workers(self.allocations, workers, self.current)
         if not self._all_tasks_covered({a.task for a in assignments.values()}):
             return None
@@ -172,13 +179,16 @@ class ControllerCore:
 
     async def plan_with_planner(self) -> Plan | None:
         workers = self.registry.live()
-        if not self._all_tasks_covered({w.task for w in workers}):
+        if not self._all_tasks_covered({w.task for w in workers if w.task},
+                                       pool=sum(1 for w in workers if not w.task)):
             return None
         if not (self.dirty or self.planner.should_replan(workers, self.demand_qps, self.clock())):
             return None
         # the solve takes up to seconds: off the event loop, so heartbeats keep flowing
+        t0 = time.perf_counter()
         plan = await asyncio.to_thread(self.planner.decide, workers, self.demand_qps, self.current,
                                        self.clock())
+        self.metrics.solved(time.perf_counter() - t0)
         self.dirty = False
         if plan is not None:
             validate_plan(plan, self.spec)
@@ -232,4 +242,10 @@ class ControllerCore:
             except Exception:
                 log.exception("reconcile_publish_failed",
                               keeping=self.current.version if self.current else None)
-        return ReconcileResult(published, lost, (time.perf_counter() - t0) * 1e3)
+        result = ReconcileResult(published, lost, (time.perf_counter() - t0) * 1e3)
+        try:
+            self.metrics.step_done(result.duration_ms / 1e3, published is not None, len(lost))
+            self.metrics.update(self)
+        except Exception:
+            log.exception("reconcile_metrics_failed")
+        return result

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import time
@@ -10,15 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from services.common.errors import InvalidInput, NotFound, SpecError, Unavailable
 from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_server, map_errors,
                                         tls_from_args, tls_mode)
 from services.common.logging import configure_logging, get_logger
+from services.common.metrics import add_metrics_argument, serve_metrics
 from services.common.plan_channel import PlanPublisher, connect, frontdoor_pattern
 from services.common.redis_auth import RedisAuthError, check_credentials, redact_url
 from services.common.redis_server import RedisServer
 from services.common.spec import load_spec
 from services.controller.core import ControllerCore
+from services.controller.scaler import (DeploymentScaler, KubeScaleApi, ScalePolicy, ScalerUnavailable,
+                                        split_pool)
+from services.controller.status import OutcomeWindow, cluster_status, observe_outcomes
 from services.policy.demand import DemandEstimator
 from services.policy.planning import PlannerPolicy
 from services.controller.registry import WorkerRegistry
@@ -45,8 +52,13 @@ class ControllerConfig:
     heartbeat_timeout_s: float
     json_logs: bool
     adopt_grace_s: float = 10.0
+    cooldown_s: float = 15.0
     status_s: float = 10.0
     tls: TlsConfig | None = None   # its server
+    metrics_port: int | None = None   # Prometheus /metrics (None: off)
+    k8s_deployment: str | None = None   # scale this worker Deployment (None: off)
+    k8s_namespace: str | None = None    # its namespace (None: the controller pod's)
+    k8s_policy: ScalePolicy | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relaxed LP with rounding and repair (fast, default) or the exact MILP")
     p.add_argument("--headroom", type=float, default=2.0,
                    help="plan for this multiple of the estimated demand (default 2.0; see docs/results)")
+    p.add_argument("--cooldown-s", type=float, default=15.0,
+                   help="planner: re-plan for lower demand (fewer workers: the rest park) only when "
+                        "the current plan is at least this old (default 15 s; higher demand "
+                        "re-plans at once)")
     p.add_argument("--min-demand-qps", type=float, default=0.5,
                    help="plan for at least this demand, e.g. at a cold start (default 0.5)")
     p.add_argument("--demand-tau-s", type=float, default=3.0,
@@ -93,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "this often; 0 = never (default 10 s)")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
+    add_metrics_argument(p)
+    k8s = p.add_argument_group("Kubernetes scaling (docs/kubernetes.md; needs the k8s extra)")
+    k8s.add_argument("--k8s-scale-deployment", default=None, metavar="NAME",
+                     help="scale this Deployment of pool workers to the pool workers the plan uses "
+                          "plus --k8s-spare, so parked capacity goes back to the cluster (default: off)")
+    k8s.add_argument("--k8s-namespace", default=None, metavar="NS",
+                     help="namespace of that Deployment (default: the controller pod's own)")
+    k8s.add_argument("--k8s-spare", type=int, default=1, metavar="N",
+                     help="idle pool workers kept beyond those in use (default 1)")
+    k8s.add_argument("--k8s-min", type=int, default=1, metavar="N", help="fewest replicas (default 1)")
+    k8s.add_argument("--k8s-max", type=int, default=8, metavar="N", help="most replicas (default 8)")
+    k8s.add_argument("--k8s-down-cooldown-s", type=float, default=120.0, metavar="S",
+                     help="scale down only after the target stayed lower this long (default 120 s)")
     add_tls_arguments(p)
     return p
 
@@ -101,25 +130,34 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
     p = build_parser()
     a = p.parse_args(argv)
     tls = tls_from_args(a, p)
+    try:
+        k8s_policy = ScalePolicy(spare=a.k8s_spare, min_replicas=a.k8s_min, max_replicas=a.k8s_max,
+                                 down_cooldown_s=a.k8s_down_cooldown_s)
+    except ValueError as exc:
+        p.error(f"--k8s-*: {exc}")
     return ControllerConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
                             profile=Path(a.profile) if a.profile else None, planner=a.planner,
                             headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
-                            demand_tau_up_s=a.demand_tau_up_s,
+                            demand_tau_up_s=a.demand_tau_up_s, cooldown_s=a.cooldown_s,
                             host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
                             heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json, tls=tls,
-                            adopt_grace_s=a.adopt_grace_s, status_s=a.status_s)
+                            adopt_grace_s=a.adopt_grace_s, status_s=a.status_s, metrics_port=a.metrics_port,
+                            k8s_deployment=a.k8s_scale_deployment, k8s_namespace=a.k8s_namespace,
+                            k8s_policy=k8s_policy if a.k8s_scale_deployment else None)
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
-    def __init__(self, core: ControllerCore) -> None:
+    def __init__(self, core: ControllerCore, outcomes: OutcomeWindow | None = None) -> None:
         self.core = core
+        self.outcomes = outcomes if outcomes is not None else OutcomeWindow()
 
     @map_errors
     async def RegisterWorker(self, request, context):
         if not request.worker_id or not request.address:
             raise InvalidInput("worker_id and address are required")
         try:
-            self.core.spec.task(request.task)
+            if request.task:   # empty: a pool worker
+                self.core.spec.task(request.task)
         except KeyError:
             return pb.RegisterWorkerResponse(accepted=False,
                                              message=f"unknown task {request.task!r}; tasks: "
@@ -127,7 +165,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         if self.core.registry.register(request.worker_id, request.address, request.task,
                                        list(request.providers)):
             log.info("worker_registered", worker_id=request.worker_id, address=request.address,
-                     task=request.task)
+                     task=request.task or "(pool)")
             self.core.dirty = True
         return pb.RegisterWorkerResponse(accepted=True, plan_version=self.core.current.version
                                          if self.core.current else 0)
@@ -137,13 +175,14 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         stats = {f.name: getattr(request.stats, f.name) for f in request.stats.DESCRIPTOR.fields
                  if f.name not in ("providers", "timings")}
         stats["providers"] = list(request.stats.providers)
-        stats["timings"] = [{"variant": t.variant, "batch_size": t.batch_size, "count": t.count,
+        stats["timings"] = [{"task": t.task, "variant": t.variant, "batch_size": t.batch_size, "count": t.count,
                              "total_ms": t.total_ms, "items": t.items, "regions": t.regions}
                             for t in request.stats.timings]
         if not self.core.registry.heartbeat(request.stats.worker_id, stats):
             raise NotFound(f"worker {request.stats.worker_id!r} is not registered")
+        self.core.metrics.heartbeat()
         rec = self.core.registry.records[request.stats.worker_id]
-        self.core.observe_stats(rec.worker.task, stats)
+        self.core.observe_stats(rec.worker.task or request.stats.task, stats)
         return pb.HeartbeatResponse(plan_version=self.core.current.version if self.core.current else 0)
 
     @map_errors
@@ -161,6 +200,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         plan = result.published or self.core.current
         return pb.SetPlanResponse(plan_version=plan.version if plan else 0)
 
+    @map_errors
+    async def ClusterStatus(self, request, context):
+        if request.window_s < 0:
+            raise InvalidInput("window_s must be >= 0")
+        status = cluster_status(self.core, self.outcomes, window_s=request.window_s or 60.0)
+        return pb.ClusterStatusResponse(status_json=json.dumps(status, sort_keys=True))
+
 
 async def read_demand(client, pipeline: str, estimator: DemandEstimator) -> None:
     """Feed every front door's request counter into the estimator."""
@@ -172,6 +218,11 @@ async def read_demand(client, pipeline: str, estimator: DemandEstimator) -> None
 
 async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> None:
     spec = load_spec(cfg.spec)
+    scaler = None   # before anything is started: no client or credentials = exit at once
+    if cfg.k8s_deployment:
+        scaler = DeploymentScaler(KubeScaleApi(cfg.k8s_deployment, cfg.k8s_namespace), cfg.k8s_policy)
+        log.info("worker_scaling_on", deployment=cfg.k8s_deployment, namespace=scaler.api.namespace,
+                 spare=cfg.k8s_policy.spare, min=cfg.k8s_policy.min_replicas, max=cfg.k8s_policy.max_replicas)
     embedded = None
     redis_url = cfg.redis_url
     if not redis_url:
@@ -192,7 +243,8 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
     planner = None
     if cfg.profile is not None:
         planner = PlannerPolicy.from_file(cfg.profile, spec.slo_ms, method=cfg.planner,
-                                          headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps)
+                                          headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps,
+                                          cooldown_s=cfg.cooldown_s)
         if planner.profile.name != spec.name:
             raise SpecError(str(cfg.profile), "name", f"profile is for {planner.profile.name!r}, spec is {spec.name!r}")
     core = ControllerCore(spec, WorkerRegistry(cfg.heartbeat_timeout_s), publisher.publish, cfg.plan_file,
@@ -204,9 +256,14 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
         core.adopt(existing, cfg.adopt_grace_s)   # a restart: continue from the plan in force
     demand = DemandEstimator(tau_s=cfg.demand_tau_s, tau_up_s=cfg.demand_tau_up_s)
     server = make_server()
-    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(core), server)
+    outcomes = OutcomeWindow()   # recent drops and failures, for ClusterStatus
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(core, outcomes), server)
+    health_servicer = health.aio.HealthServicer()   # Kubernetes' gRPC probes (deploy/k8s)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = bind(server, cfg.host, cfg.port, tls=cfg.tls)
     await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    metrics_server = serve_metrics(cfg.metrics_port, cfg.host, cfg.tls)
     log.info("controller_started", address=f"{cfg.host}:{port}", pipeline=spec.name,
              redis_url=redact_url(redis_url), tls=tls_mode(cfg.tls),
              plan_file=str(cfg.plan_file) if cfg.plan_file else None,
@@ -220,8 +277,16 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
     demand_failing = store_failing = False
     next_ensure = time.monotonic()
     next_status = time.monotonic() + cfg.status_s
+    next_outcomes = time.monotonic()
     try:
         while not stop.is_set():
+            if time.monotonic() >= next_outcomes:
+                next_outcomes = time.monotonic() + 1.0
+                try:   # the counters behind ClusterStatus's recent outcomes
+                    await observe_outcomes(outcomes, client, spec.name, core.registry.records.values(),
+                                           time.monotonic())
+                except Exception as exc:   # Redis away: the other steps log it
+                    log.debug("outcomes_read_failed", error=str(exc))
             if planner is not None:
                 try:
                     await read_demand(client, spec.name, demand)
@@ -248,6 +313,10 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
             result = await core.reconcile()
             if result.duration_ms > 200:
                 log.warning("slow_reconcile", duration_ms=round(result.duration_ms, 1))
+            if scaler is not None and core.current is not None and core.adopted is None:
+                active, parked = split_pool(core.current.workers, core.registry.live())
+                # the Kubernetes client blocks: off the event loop
+                await asyncio.to_thread(scaler.step, active, time.monotonic(), parked)
             if cfg.status_s > 0 and time.monotonic() >= next_status:
                 next_status = time.monotonic() + cfg.status_s
                 log.info("cluster_status", **core.status())
@@ -256,7 +325,10 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
             except asyncio.TimeoutError:
                 pass
     finally:
+        await health_servicer.enter_graceful_shutdown()
         await server.stop(2)
+        if metrics_server is not None:
+            metrics_server.close()
         await client.aclose()
         if embedded:
             embedded.stop()
@@ -273,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RedisAuthError as exc:
         log.error("redis_auth_failed", error=str(exc))
+        return 2
+    except ScalerUnavailable as exc:
+        log.error("worker_scaling_unavailable", error=str(exc))
         return 2
     return 0
 

@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 
 from services.common.errors import Unavailable
 from services.common.logging import get_logger
+from services.common.metrics import RouterMetrics
 from services.common.plan import Plan
 from services.common.spec import PipelineSpec
 from services.gen import pipeserve_pb2 as pb
@@ -85,6 +86,8 @@ class RouterCore:
         self.reroute = True      # opportunistic rerouting (reroute_target), as in the simulator
         self._outstanding: dict[str, int] = {}   # worker id -> queries sent, not answered yet
         self._batch_s: dict[str, float] = {}     # worker id -> moving average of its batch time
+        self.metrics = RouterMetrics(self, self.task.name,
+                                     {v: k.lower() for k, v in pb.QueryStatus.items() if v != 0})
 
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
@@ -120,6 +123,7 @@ class RouterCore:
 
     async def route(self, request_id: str, deadline_s: float, queries: list[pb.Query],
                     upstream_path: str) -> list[pb.QueryResult]:
+        t0 = time.perf_counter()
         plan = self.plan
         if plan is None:
             raise Unavailable(f"router for {self.task.name!r} has no plan yet")
@@ -145,8 +149,10 @@ class RouterCore:
             await asyncio.gather(*calls)
         final = [r if r is not None else _fail(q.query_id, pb.INTERNAL, "no result", self.task.name)
                  for q, r in zip(queries, results)]
+        self.metrics.stage_done(final, time.perf_counter() - t0)
         if self.task.children:
             await self._fan_out(final, request_id, deadline_s, upstream_path)
+        self.metrics.route_done(time.perf_counter() - t0)
         return final
 
     def reroute_target(self, plan: Plan, wid: str, n: int, deadline_s: float) -> str:
@@ -167,6 +173,7 @@ class RouterCore:
                                                         w.batch_size, lat)
         target = reroute_choice(wid, finish, deadline_s, reserve_s, slack_s)
         if target != wid:
+            self.metrics.reroutes_slack += 1
             log.info("rerouted", task=self.task.name, queries=n, frm=wid, to=target,
                      slack_ms=round((deadline_s - finish[wid] - reserve_s) * 1e3, 1))
         return target
@@ -210,6 +217,7 @@ class RouterCore:
                 if exc.status == pb.UNAVAILABLE and others:
                     wid = pick_weighted(others, self.rng.random())   # one worker down: try another
                     tried.add(wid)
+                    self.metrics.reroutes_unavailable += 1
                     log.warning("worker_unavailable_rerouted", request_id=request_id, to=wid)
                     continue
                 for q, i in zip(queries, idx):

@@ -19,6 +19,7 @@ from services.common.errors import SpecError
 from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_server, tls_from_args,
                                         tls_mode)
 from services.common.logging import configure_logging, get_logger
+from services.common.metrics import MetricsServer, add_metrics_argument, serve_metrics
 from services.common.plan import Plan, validate_plan
 from services.common.plan_channel import PlanSubscriber, connect, frontdoor_key
 from services.common.redis_auth import RedisAuthError, check_credentials
@@ -45,6 +46,7 @@ class RouterConfig:
     json_logs: bool
     tls: TlsConfig | None = None   # its server (front door included) and its channels
     max_inflight_mib: float | None = None   # front door: bytes of requests in flight (None: 3 x max_bytes)
+    metrics_port: int | None = None   # Prometheus /metrics (None: off)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "is read (default: 3 x the spec's input.max_bytes, 24 MiB for the OCR spec)")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
+    add_metrics_argument(p)
     add_tls_arguments(p)
     return p
 
@@ -92,7 +95,7 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
     tls = tls_from_args(a, p)
     return RouterConfig(spec=Path(a.spec), task=a.task, host=a.host, port=a.port, redis_url=a.redis_url,
                         children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json,
-                        tls=tls, max_inflight_mib=a.max_inflight_mib)
+                        tls=tls, max_inflight_mib=a.max_inflight_mib, metrics_port=a.metrics_port)
 
 
 class RouterApp:
@@ -119,6 +122,7 @@ class RouterApp:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._tasks: list[asyncio.Task] = []
+        self.metrics_server: MetricsServer | None = None
 
     async def _on_plan(self, plan: Plan) -> None:
         self.core.set_plan(plan)
@@ -141,6 +145,7 @@ class RouterApp:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = bind(self.server, self.cfg.host, self.cfg.port, tls=self.cfg.tls)
         await self.server.start()
+        self.metrics_server = serve_metrics(self.cfg.metrics_port, self.cfg.host, self.cfg.tls)
         log.info("router_started", task=self.cfg.task, address=f"{self.cfg.host}:{self.port}",
                  front_door=self.is_root, children=self.cfg.children, tls=tls_mode(self.cfg.tls))
         self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
@@ -154,16 +159,16 @@ class RouterApp:
             self.subscriber.poke()
 
     async def _report_demand(self, period_s: float = 1.0) -> None:
-        """Publish the front door's cumulative request count for the controller's demand
-        estimate. Redis errors are logged once per outage and never stop serving."""
+        """Publish the front door's cumulative request counters: ``received`` for the
+        controller's demand estimate, the outcomes (ok, dropped, shed, ...) for its status
+        (``pipeserve status``). Redis errors are logged once per outage and never stop serving."""
         key = frontdoor_key(self.spec.name, f"{socket.gethostname()}:{self.port}")
         client = connect(self.cfg.redis_url)
         failing = False
         try:
             while True:
                 try:
-                    await client.hset(key, mapping={"received": self.front_door.counts["received"],
-                                                    "ts": time.time()})
+                    await client.hset(key, mapping={**self.front_door.counts, "ts": time.time()})
                     await client.expire(key, 10)
                     failing = False
                 except (RedisError, OSError) as exc:
@@ -182,6 +187,8 @@ class RouterApp:
         await self.server.stop(grace_s)
         await self.workers.close()
         await self.child_client.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("router_stopped", task=self.cfg.task)
 
 

@@ -19,11 +19,13 @@ from services.common.errors import (DeadlineMissed, InvalidInput, NotFound, Serv
                                     Unavailable)
 from services.common.grpc_utils import map_errors
 from services.common.logging import get_logger
+from services.common.metrics import FrontDoorMetrics
 from services.gen import inference_pb2 as ipb
 from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.router.core import RouterCore
+from services.router.stats import MODEL_VERSION, FrontDoorStats, critical_path_ms
 
 log = get_logger(__name__)
 SERVER_NAME = "pipeserve"
@@ -63,13 +65,28 @@ def _variant_path(result: pb.QueryResult) -> str:
     return "/".join(p for p in parts if p)
 
 
-def format_ocr_lines(result: pb.QueryResult) -> list[oip.OcrLine]:
+def has_orientation(spec) -> bool:
+    """An ``ocr_lines`` pipeline whose root has a second child: that child classifies each
+    line's orientation (pipelines/ocr_tree.yaml: det -> (rec, cls))."""
+    return spec.output == "ocr_lines" and len(spec.root.children) > 1
+
+
+def format_ocr_lines(result: pb.QueryResult, orientation: bool = False) -> list[oip.OcrLine]:
+    """One line per detected region: text and confidence from the first child task's
+    result, and with ``orientation`` the label and confidence of the second child's
+    (``result.children[j * n_regions + i]`` is child task j's result for region i)."""
     lines = []
-    for region, child in zip(result.regions, result.children):
+    n = len(result.regions)
+    for i, region in enumerate(result.regions):
         text, conf = ("", 0.0)
-        if child.regions:
-            text, conf = child.regions[0].text, child.regions[0].confidence
-        lines.append(oip.OcrLine(text, tuple(region.points), conf))
+        if i < len(result.children) and result.children[i].regions:
+            text, conf = result.children[i].regions[0].text, result.children[i].regions[0].confidence
+        label, lconf = (None, None)
+        if orientation:
+            label, lconf = "", 0.0
+            if n + i < len(result.children) and result.children[n + i].regions:
+                label, lconf = result.children[n + i].regions[0].label, result.children[n + i].regions[0].confidence
+        lines.append(oip.OcrLine(text, tuple(region.points), conf, label, lconf))
     return lines
 
 
@@ -115,10 +132,24 @@ _COUNTER_OF_CODE = {"DEADLINE_EXCEEDED": "dropped", "RESOURCE_EXHAUSTED": "shed"
                     "INVALID_ARGUMENT": "invalid", "NOT_FOUND": "not_found"}
 
 
-def _client_error(code: str) -> ServingError:
-    """The generic error a client gets for an internal failure of status ``code``."""
+def _client_error(code: str, stage: str = "") -> ServingError:
+    """The generic error a client gets for an internal failure of status ``code``; the
+    spec's name of the ``stage`` it happened at, when known, is added (never an address)."""
     cls = _ERROR_OF_CODE.get(code)
-    return ServingError(INTERNAL_MESSAGE) if cls is None or code not in _GENERIC else cls(_GENERIC[code])
+    if cls is None or code not in _GENERIC:
+        return ServingError(INTERNAL_MESSAGE)
+    return cls(_GENERIC[code] + (f" (at stage {stage!r})" if stage and code != "NOT_FOUND" else ""))
+
+
+def _failed_stage(result: pb.QueryResult) -> str:
+    """The task of the first non-OK result in a result tree, depth first."""
+    if result.status != pb.OK:
+        return result.task
+    for c in result.children:
+        t = _failed_stage(c)
+        if t:
+            return t
+    return ""
 
 
 def _cheap_to_check(request: ipb.ModelInferRequest) -> bool:
@@ -175,6 +206,11 @@ def add_front_door_to_server(servicer: "FrontDoorServicer", server) -> None:
     handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
         servicer.ModelInferStream, request_deserializer=RawInferRequest,
         response_serializer=ipb.ModelInferResponse.SerializeToString)
+    # the stream's messages are parsed one by one too: a malformed one gets its own error
+    # answer instead of ending the stream
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer, request_deserializer=RawInferRequest,
+        response_serializer=ipb.ModelStreamInferResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
     server.add_registered_method_handlers(capture.service, handlers)
 
@@ -204,7 +240,14 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
     ``counts``: ``received`` (valid requests, admitted or shed by admission control: the
     demand the controller plans for) and ``accepted`` (routed) count progress; exactly one
     of ``ok``, ``dropped``, ``shed``, ``invalid``, ``not_found``, ``failed``, ``cancelled``
-    counts each request's outcome."""
+    counts each request's outcome. ``stats`` keeps Triton's statistics of the model
+    (services/router/stats.py), served by ModelStatistics.
+
+    Triton's extensions for perf_analyzer and Triton clients: ModelConfig (the pipeline
+    as one model of version "1", ``oip.model_config``), ModelStatistics, RepositoryIndex
+    and ModelStreamInfer (each request on the stream gets exactly one answer, in the order
+    they finish: its response, or ``error_message`` = "CODE: message" with the request's
+    id in ``infer_response``). A request that names outputs gets those only."""
 
     def __init__(self, core: RouterCore, admission: TokenBucket, *,
                  min_budget_ms: float = DEFAULT_MIN_BUDGET_MS,
@@ -213,6 +256,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
                  validation_threads: int = VALIDATION_THREADS) -> None:
         self.core = core
         self.spec = core.spec
+        self.orientation = has_orientation(self.spec)   # the answer carries line orientations
         self.admission = admission
         self.min_budget_s = min_budget_ms / 1e3
         self.max_inflight_bytes = (max_inflight_bytes if max_inflight_bytes is not None
@@ -224,13 +268,18 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
                                         thread_name_prefix="frontdoor-validate")
         self.counts = {"received": 0, "accepted": 0, "ok": 0, "dropped": 0, "shed": 0, "invalid": 0,
                        "not_found": 0, "failed": 0, "cancelled": 0}
+        self.stats = FrontDoorStats()
+        self.metrics = FrontDoorMetrics(self)   # counts and bytes in flight read when scraped
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _check_model(self, name: str) -> None:
+    def _check_model(self, name: str, version: str = "") -> None:
         if name != self.spec.name:
             raise NotFound(f"unknown model {name!r}; this server serves {self.spec.name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version "
+                           f"{MODEL_VERSION!r}")
 
     async def ServerLive(self, request, context):
         return ipb.ServerLiveResponse(live=True)
@@ -244,12 +293,97 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         return ipb.ModelReadyResponse(ready=self.core.ready())
 
     async def ServerMetadata(self, request, context):
-        return ipb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        return ipb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                          extensions=["model_configuration", "statistics"])
 
     @map_errors
     async def ModelMetadata(self, request, context):
-        self._check_model(request.name)
-        return oip.model_metadata(self.spec.name, versions=["1"])
+        self._check_model(request.name, request.version)
+        return oip.model_metadata(self.spec.name, versions=[MODEL_VERSION], orientation=self.orientation)
+
+    @map_errors
+    async def ModelConfig(self, request, context):
+        """The pipeline as Triton's model configuration; its parameters say what the
+        model is (the pipeline's stages, SLO and output format)."""
+        self._check_model(request.name, request.version)
+        stages = " -> ".join(f"{t.name}[{', '.join(v.name for v in t.variants)}]"
+                             for t in self.spec.tasks)
+        return ipb.ModelConfigResponse(config=oip.model_config(
+            self.spec.name, version=MODEL_VERSION,
+            parameters={"pipeline": self.spec.name, "stages": stages,
+                        "slo_ms": f"{self.spec.slo_ms:g}", "output": self.spec.output},
+            orientation=self.orientation))
+
+    @map_errors
+    async def ModelStatistics(self, request, context):
+        """The model's cumulative statistics (FrontDoorStats); an empty name or version
+        means all (the one model, the one version)."""
+        if request.name:
+            self._check_model(request.name, request.version)
+        elif request.version not in ("", MODEL_VERSION):
+            return ipb.ModelStatisticsResponse()
+        return ipb.ModelStatisticsResponse(model_stats=[self.stats.proto(self.spec.name)])
+
+    @map_errors
+    async def RepositoryIndex(self, request, context):
+        """The one model: READY when the plan has workers for every stage, else
+        UNAVAILABLE with the reason (left out with ``ready``)."""
+        if request.repository_name:
+            raise NotFound(f"unknown model repository {request.repository_name!r}; this server "
+                           "has one unnamed repository")
+        ready = self.core.ready()
+        if request.ready and not ready:
+            return ipb.RepositoryIndexResponse()
+        entry = ipb.RepositoryIndexResponse.ModelIndex(
+            name=self.spec.name, version=MODEL_VERSION, state="READY" if ready else "UNAVAILABLE",
+            reason="" if ready else "no plan with workers for every stage yet")
+        return ipb.RepositoryIndexResponse(models=[entry])
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming inference: requests are served concurrently as they arrive,
+        each with the same checks as ModelInfer, and each gets exactly one answer on the
+        stream as it finishes (a client matches them by ``id``). A failed request's answer
+        has ``error_message`` "CODE: message" (the gRPC status code name it would have had
+        on ModelInfer) and the request's id and model in ``infer_response``, where known.
+        The stream ends once the client has closed its side and every answer is sent."""
+        answers: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(request) -> None:
+            answers.put_nowait(await self._stream_answer(request, context))
+
+        async def pump() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.wait(set(tasks))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(pump())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader   # re-raises what ended the reading, if anything did
+        finally:
+            for task in (reader, *tasks):
+                task.cancel()
+
+    async def _stream_answer(self, request, context) -> ipb.ModelStreamInferResponse:
+        async def read():
+            return request
+        note: dict = {}
+        try:
+            return ipb.ModelStreamInferResponse(infer_response=await self._answer(read, context, note))
+        except ServingError as exc:
+            return ipb.ModelStreamInferResponse(
+                error_message=f"{exc.code}: {exc}",
+                infer_response=ipb.ModelInferResponse(model_name=note.get("model", ""),
+                                                      model_version=note.get("version", ""),
+                                                      id=note.get("id", "")))
 
     @map_errors
     async def ModelInfer(self, request, context) -> ipb.ModelInferResponse:
@@ -269,14 +403,24 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
             return message
         return await self._answer(read, context)
 
-    async def _answer(self, read, context) -> ipb.ModelInferResponse:
-        """One request to its one answer, counted once; messages to the client scrubbed."""
+    async def _answer(self, read, context, note: dict | None = None) -> ipb.ModelInferResponse:
+        """One request to its one answer, counted once (``counts`` and ``stats``); messages
+        to the client scrubbed. ``note`` gets the request's ``id``, ``model`` and
+        ``version`` once it is parsed, and once answered its critical ``path`` (queue, batch
+        ms) and the front door's own ``input_ns`` and ``output_ns`` (FrontDoorStats)."""
+        note = {} if note is None else note
+        t0 = time.perf_counter_ns()
         try:
-            response = await self._model_infer(read, context)
+            response = await self._model_infer(read, context, note)
             self.counts["ok"] += 1
+            queue_ms, service_ms = note.get("path", (0.0, 0.0))
+            self.stats.record_success(time.perf_counter_ns() - t0, queue_ms, service_ms,
+                                      note.get("input_ns", 0), note.get("output_ns", 0))
             return response
         except ServingError as exc:
             self.counts[_COUNTER_OF_CODE.get(exc.code, "failed")] += 1
+            if exc.code != "NOT_FOUND":   # a request for another model is not this one's
+                self.stats.record_failure(time.perf_counter_ns() - t0)
             message = str(exc)
             if _LEAK.search(message):   # never an address or a traceback to a client
                 log.error("request_error_message_scrubbed", code=exc.code, message=message)
@@ -285,9 +429,11 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
             raise
         except asyncio.CancelledError:
             self.counts["cancelled"] += 1
+            self.stats.record_failure(time.perf_counter_ns() - t0)
             raise
         except Exception:
             self.counts["failed"] += 1
+            self.stats.record_failure(time.perf_counter_ns() - t0)
             log.exception("request_internal_error")
             raise ServingError(INTERNAL_MESSAGE) from None
         finally:
@@ -304,7 +450,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         return Shed(f"server busy: {what} (limit {self.max_inflight_bytes / 2**20:.1f} MiB of "
                     "requests in flight); retry later")
 
-    async def _model_infer(self, read, context) -> ipb.ModelInferResponse:
+    async def _model_infer(self, read, context, note: dict) -> ipb.ModelInferResponse:
         now = time.time()
         grpc_left = context.time_remaining()
         if grpc_left is not None and grpc_left <= 0:   # expired: not even read
@@ -327,8 +473,9 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         try:
             message = raw.parse() if raw is not None else request
             request_id = message.id or uuid.uuid4().hex[:16]
+            note.update(id=message.id, model=message.model_name, version=message.model_version)
             structlog.contextvars.bind_contextvars(request_id=request_id)
-            self._check_model(message.model_name)
+            self._check_model(message.model_name, message.model_version)
             budget_s = self.spec.slo_ms / 1e3
             timeout_ms = oip.request_timeout_ms(message)
             if timeout_ms is not None:
@@ -338,27 +485,32 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
             self._check_budget(budget_s, "on arrival")
             held = [message]   # _serve lets go of it once validated: only the image stays
             del message
-            return await self._serve(held, raw, request_id, now, now + budget_s)
+            return await self._serve(held, raw, request_id, now, now + budget_s, note)
         finally:
             self.inflight_bytes -= size
 
     async def _serve(self, held: list, raw: "RawInferRequest | None", request_id: str, now: float,
-                     deadline: float) -> ipb.ModelInferResponse:
+                     deadline: float, note: dict) -> ipb.ModelInferResponse:
         message = held.pop()
+        outputs = oip.requested_outputs(message, self.orientation)   # before routing: a wrong name costs no run
         check = functools.partial(oip.extract_image, message, max_bytes=self.spec.input.max_bytes,
                                   max_side=self.spec.input.max_side, max_pixels=self.spec.input.max_pixels)
         del message
+        t_input = time.perf_counter_ns()
         if _cheap_to_check(check.args[0]):
             image = check()   # an encoded image: its header is read by hand, microseconds
         else:                 # raw pixels are re-encoded: a thread, off the event loop
             image = await asyncio.get_running_loop().run_in_executor(self._pool, check)
+        note["input_ns"] = time.perf_counter_ns() - t_input
         if raw is not None:
             raw.release()   # the request's bytes are let go (and stay counted in flight)
         queries = [pb.Query(query_id=request_id, payload=image)]
         del image           # from here on only the query holds the page
         self.counts["received"] += 1
         if not self.core.ready():
-            raise Unavailable("no plan with workers for every stage yet; retry later")
+            raise Unavailable(f"no plan yet: the controller publishes one once every stage "
+                              f"({', '.join(self.spec.task_names())}) has a worker (`pipeserve status` "
+                              f"says which is missing); retry later")
         if not self.admission.admit(now):
             raise Shed(f"over the admission rate of {self.admission.rate:.1f} requests/s; retry later")
         self._check_budget(deadline - time.time(), "before routing")
@@ -368,6 +520,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         except ServingError as exc:
             log.warning("route_failed", code=exc.code, detail=str(exc))
             raise _client_error(exc.code if exc.code != "INVALID_ARGUMENT" else "INTERNAL") from None
+        t_output = time.perf_counter_ns()
         failure = _failure_of(result)
         if failure is not None:
             status, message = failure
@@ -376,16 +529,22 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
                 code = "INTERNAL"   # a crop we made was rejected: our fault, not the client's
             (log.error if code == "INTERNAL" else log.info)(
                 "request_failed_inside", status=pb.QueryStatus.Name(status), detail=message)
-            raise _client_error(code)
+            raise _client_error(code, _failed_stage(result))
         latency_ms = (time.time() - now) * 1e3
+        self.metrics.answered(latency_ms / 1e3)
         plan_version = self.core.plan.version if self.core.plan else 0
         path = _variant_path(result)
         log.debug("request_done", latency_ms=round(latency_ms, 1), regions=len(result.regions),
                   plan_version=plan_version, variant_path=path)
         params = {"plan_version": plan_version, "variant_path": path}
         if self.spec.output == "ocr_lines":
-            lines = format_ocr_lines(result)
+            lines = format_ocr_lines(result, self.orientation)
         else:
             lines = [oip.OcrLine(r.label or r.text, tuple(r.points) if len(r.points) == 8 else (0.0,) * 8,
                                  r.score) for r in result.regions]
-        return oip.build_ocr_response(self.spec.name, request_id, lines, params)
+        note["path"] = critical_path_ms(result)
+        response = oip.build_ocr_response(self.spec.name, request_id, lines, params, outputs,
+                                          orientation=self.orientation)
+        response.model_version = MODEL_VERSION
+        note["output_ns"] = time.perf_counter_ns() - t_output
+        return response

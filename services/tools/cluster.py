@@ -37,13 +37,19 @@ class ClusterConfig:
     headroom: float | None = None   # planner: plan for this multiple of the demand estimate
     min_demand_qps: float | None = None   # planner: plan for at least this (the expected load)
     models: Path = Path("models")
-    workers: dict[str, int] = field(default_factory=dict)   # task -> count (default 1 each)
+    workers: dict[str, int] = field(default_factory=dict)   # task -> bound workers (default 1 each, 0 with a pool)
+    pool: int = 0                          # pool workers (no --task: the plan moves and parks them)
+    controller_args: tuple[str, ...] = ()  # extra controller flags (e.g. --cooldown-s 5)
+    worker_args: tuple[str, ...] = ()      # extra flags for every worker (e.g. --linger-s 1)
     log_dir: Path = Path("runs/cluster")
     redis_url: str | None = None
     json_logs: bool = False
     heartbeat_timeout_s: float = 5.0
     tls: TlsConfig | None = None          # TLS (and mTLS) for every service and the checks
     redis_password: str | None = None     # the embedded Redis requires it (with redis_url unset)
+    metrics: bool = False                 # every service serves /metrics on a free port
+    controller_port: int | None = None    # fixed ports (``pipeserve up``); None: free ones
+    front_door_port: int | None = None
 
 
 @dataclass
@@ -66,6 +72,7 @@ class LocalCluster:
         self.controller_address = ""
         self.router_addresses: dict[str, str] = {}
         self.front_door = ""
+        self.metrics_addresses: dict[str, str] = {}   # process name -> host:port of its /metrics
 
     # -- processes ---------------------------------------------------------------
     def _spawn(self, name: str, module: str, args: list[str], address: str = "") -> Proc:
@@ -73,6 +80,10 @@ class LocalCluster:
         log_path = self.cfg.log_dir / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPESERVE_TLS")}
         env.update(REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")   # the URL stays off argv
+        if self.cfg.metrics and "--metrics-port" not in args:   # kept on a restart (same port)
+            mport = free_port()
+            args = [*args, "--metrics-port", str(mport)]
+            self.metrics_addresses[name] = f"127.0.0.1:{mport}"
         given = tuple(args)
         if self.cfg.tls is not None:
             args = [*args, *self.cfg.tls.to_args()]
@@ -117,12 +128,14 @@ class LocalCluster:
         self.redis = RedisServer(port=self.redis.port, password=self.cfg.redis_password).start()
 
     def start_worker(self, task: str, index: int) -> Proc:
+        """Start worker ``<task>-<index>``; ``task`` "" starts pool worker ``pool-<index>``."""
         port = free_port()
-        wid = f"{task}-{index}"
+        wid = f"{task or 'pool'}-{index}"
+        bind = ["--task", task] if task else []
         return self._spawn(f"worker-{wid}", "services.worker.main", [
-            "--spec", str(self.cfg.spec), "--task", task, "--worker-id", wid, "--port", str(port),
+            "--spec", str(self.cfg.spec), *bind, "--worker-id", wid, "--port", str(port),
             "--controller", self.controller_address,
-            "--models", str(self.cfg.models)], address=f"127.0.0.1:{port}")
+            "--models", str(self.cfg.models), *self.cfg.worker_args], address=f"127.0.0.1:{port}")
 
     def start(self, ready_timeout_s: float = 120.0) -> "LocalCluster":
         """Start every process and wait until the cluster serves. A cluster that does not
@@ -137,7 +150,7 @@ class LocalCluster:
         if not self.redis_url:
             self.redis = RedisServer(password=self.cfg.redis_password).start()
             self.redis_url = self.redis.url
-        cport = free_port()
+        cport = self.cfg.controller_port or free_port()
         self.controller_address = f"127.0.0.1:{cport}"
         if (self.cfg.plan_file is None) == (self.cfg.profile is None):
             raise ValueError("give exactly one of plan_file and profile")
@@ -149,10 +162,11 @@ class LocalCluster:
             source += ["--min-demand-qps", str(self.cfg.min_demand_qps)]
         self._spawn("controller", "services.controller.main", [
             "--spec", str(self.cfg.spec), *source, "--port", str(cport),
-            "--heartbeat-timeout-s", str(self.cfg.heartbeat_timeout_s)],
+            "--heartbeat-timeout-s", str(self.cfg.heartbeat_timeout_s), *self.cfg.controller_args],
             address=self.controller_address)
         for t in self.spec.tasks:
-            self.router_addresses[t.name] = f"127.0.0.1:{free_port()}"
+            fixed = self.cfg.front_door_port if t.name == self.spec.root.name else None
+            self.router_addresses[t.name] = f"127.0.0.1:{fixed or free_port()}"
         # children first, so a parent's first call finds its child listening
         for t in reversed(self.spec.tasks):
             args = ["--spec", str(self.cfg.spec), "--task", t.name, "--port",
@@ -161,8 +175,10 @@ class LocalCluster:
                 args += ["--child", f"{c}={self.router_addresses[c]}"]
             self._spawn(f"router-{t.name}", "services.router.main", args, address=self.router_addresses[t.name])
         for t in self.spec.tasks:
-            for i in range(self.cfg.workers.get(t.name, 1)):
+            for i in range(self.cfg.workers.get(t.name, 0 if self.cfg.pool else 1)):
                 self.start_worker(t.name, i)
+        for i in range(self.cfg.pool):
+            self.start_worker("", i)
         self.front_door = self.router_addresses[self.spec.root.name]
         self.wait_ready(ready_timeout_s)
         return self
