@@ -70,6 +70,10 @@ class ControllerCore:
         self.current = plan
         self.adopted = plan
         self.adopt_until = self.clock() + grace_s
+        if self.planner is not None and plan.calibration:
+            # plan on the host speed the previous controller measured, not the raw profile
+            # (else its first plan after the grace could swap variants for no reason)
+            self.planner.calibrator.seed(plan.calibration)
         log.info("plan_adopted", plan_version=plan.version, workers=len(plan.workers), source=plan.source,
                  grace_s=grace_s)
 

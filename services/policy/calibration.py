@@ -82,6 +82,20 @@ class LatencyCalibrator:
             tr.items += t.items
             tr.regions += t.regions
 
+    def seed(self, factors: Mapping[str, float]) -> int:
+        """Start from factors measured before (a plan's ``calibration``: ``"task/variant"
+        -> factor``), trusted as ``min_batches`` batches each, so that a restarted
+        controller plans on the speed its predecessor measured, not on the raw profile.
+        Unknown variants and non-positive factors are ignored; returns how many were taken."""
+        taken = 0
+        for key, f in factors.items():
+            task, _, variant = str(key).partition("/")
+            if (task, variant) not in self._variants or not (isinstance(f, (int, float)) and f > 0):
+                continue
+            self._tracks[(task, variant)] = _Track(ratio=float(f), batches=self.min_batches)
+            taken += 1
+        return taken
+
     def host_factor(self) -> float | None:
         """Geometric mean of the trusted variants' factors, weighted by their batches."""
         num = den = 0.0

@@ -72,3 +72,17 @@ def test_scale_profile_keeps_everything_but_latencies():
     assert p.task("det").variant("d2").latency_ms[1].p50_ms == 20
     assert p.task("det").variant("d1").accuracy == 1.0 and p.task("det").fan_out == PROFILE.task("det").fan_out
     assert "Calibrated: x." in p.provenance
+
+
+def test_seeding_from_a_plans_calibration_plans_on_the_measured_speed():
+    """A restarted controller seeds its calibrator from the adopted plan's factors."""
+    cal = LatencyCalibrator(PROFILE, min_batches=10)
+    taken = cal.seed({"det/d1": 2.0, "rec/r1": 3.0, "det/nope": 5.0, "rec/r1x": 1.0, "det/d2": -1.0})
+    assert taken == 2
+    f = cal.factors()
+    assert f[("det", "d1")] == pytest.approx(2.0) and f[("rec", "r1")] == pytest.approx(3.0)
+    assert cal.calibrated().task("det").variant("d1").latency_ms[1].p50_ms == pytest.approx(200.0)
+    assert not cal.needs_replan()      # the seeded factors are the ones in use
+    # later measurements move it as usual
+    cal.observe([Timing("det", "d1", 1, 100, 100 * 100.0)])
+    assert cal.factors()[("det", "d1")] < 2.0

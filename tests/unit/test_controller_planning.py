@@ -230,3 +230,34 @@ def test_the_demand_estimate_is_ready_once_a_front_door_spans_the_window():
     assert not est.ready                       # 0..4 s: a 4 s span
     est.observe("fd", 10.0, 5.0)
     assert est.ready                           # 0..5 s
+
+
+def test_a_restarted_controller_plans_on_the_host_speed_its_predecessor_measured():
+    """The adopted plan carries the calibration it was made on; the new controller starts
+    from it, so its first plan keeps the variants (on the raw profile it would not)."""
+    from services.policy.calibration import Timing
+
+    old = policy()
+    old.decide(WORKERS, 1.0, None, now=0.0)
+    timings = []
+    for t in old.profile.tasks:                 # a host 3x slower than the profile, every variant
+        for v in t.variants:
+            b = min(v.latency_ms)
+            timings.append(Timing(t.name, v.name, b, 20, 20 * 3.0 * v.latency_ms[b].p50_ms))
+    old.observe_timings(timings)
+    first = old.decide(WORKERS, 3.0, None, now=1.0).with_version(7)
+    assert first.calibration and all(abs(f - 3.0) < 1e-6 for f in first.calibration.values())
+    raw = policy().decide(WORKERS, 3.0, None, now=0.0)   # what a controller without it plans
+    clock = [0.0]
+    pub = Publisher()
+    core = ControllerCore(SPEC, WorkerRegistry(clock=lambda: clock[0]), pub, planner=policy(),
+                          clock=lambda: clock[0])
+    core.adopt(first, grace_s=10.0)
+    core.demand_qps = 3.0
+    for w in WORKERS:
+        core.registry.register(w.worker_id, w.address, w.task, [])
+    asyncio.run(core.reconcile())
+    assert core.adopted is None
+    variants = {w: a.variant for w, a in core.current.workers.items()}
+    assert variants == {w: a.variant for w, a in first.workers.items()}
+    assert variants != {w: a.variant for w, a in raw.workers.items()}   # the seed is what kept them
