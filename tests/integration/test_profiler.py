@@ -150,3 +150,25 @@ def test_dominance_respects_measured_path_accuracy():
     assert dominated_variants(better, 500, "p95") == set()
     worse = parse_profile(_two_recs({"d1/fast": 0.97, "d1/slow": 0.93}))
     assert dominated_variants(worse, 500, "p95") == {"slow"}
+
+
+def test_tree_profile_measures_the_orientation_classifier(two_pages, tmp_path):
+    """pipelines/ocr_tree.yaml: det -> (rec, cls); cls latency on the same crops, its fan-out
+    equal to rec's, and path_accuracy["det/cls"] = orientation accuracy on turned pages."""
+    turned = tmp_path / "rot"
+    write_pages(turned, 2, seed=7, progress=False, rotate_fraction=0.5)
+    out = tmp_path / "tree.json"
+    run(config(two_pages, out, spec=ROOT / "pipelines" / "ocr_tree.yaml", variants=(DET, REC, "cls_mobile_v2"),
+               batches=(("det", (1,)), ("rec", (1,)), ("cls", (1, 4))), orient_pages=turned), log=lambda s: None)
+    p = load_profile(out)
+    assert p.task("det").children == ("rec", "cls")
+    fan = p.task("det").fan_out[DET]
+    assert fan["cls"] == fan["rec"] > 5
+    cls = p.task("cls").variant("cls_mobile_v2")
+    assert sorted(cls.latency_ms) == [1, 4] and cls.latency(4, "p50") > cls.latency(1, "p50")
+    # 0.667 on these 2 pages (27 lines, 13 turned) with det_v6tiny_320, which loses lines
+    # (bench/bench_ocr_orientation.py on the same pages); the classifier alone: 0.963
+    assert 0.5 <= p.path_accuracy[f"{DET}/cls_mobile_v2"] == cls.accuracy <= 1.0
+    with pytest.raises(SystemExit, match="no turned lines"):
+        run(config(two_pages, tmp_path / "x.json", spec=ROOT / "pipelines" / "ocr_tree.yaml",
+                   variants=(DET, REC, "cls_mobile_v2"), orient_pages=two_pages), log=lambda s: None)
