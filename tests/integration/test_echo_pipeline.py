@@ -3,15 +3,11 @@ controller on an operator plan, one worker per stage running the ONNX Identity m
 ONNX Runtime, and two routers, the root one the OIP v2 front door."""
 from __future__ import annotations
 
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-from PIL import Image
 
 from services.common import oip
 from services.echo.model import write_identity_model
@@ -21,20 +17,7 @@ from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.tools.cluster import ClusterConfig, LocalCluster
 
-SPEC = Path(__file__).resolve().parents[2] / "pipelines" / "echo.yaml"
-PLAN = """
-pipeline: echo
-allocations:
-  - {task: a, variant: echo_a, batch_size: 8, replicas: 1}
-  - {task: b, variant: echo_b, batch_size: 8, replicas: 1}
-"""
-
-
-def png(side: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+from echo_support import PLAN, SPEC, png
 
 
 @pytest.fixture(scope="module")

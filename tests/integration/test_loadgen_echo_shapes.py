@@ -23,16 +23,11 @@ from services.loadgen.records import read_plan_history, read_records
 from services.loadgen.schedule import RateShape, shape_schedule
 from services.tools.cluster import ClusterConfig, LocalCluster
 
+from echo_support import PLAN, SPEC
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = ROOT / "pipelines" / "echo.yaml"
-PLAN = """
-pipeline: echo
-allocations:
-  - {task: a, variant: echo_a, batch_size: 8, replicas: 1}
-  - {task: b, variant: echo_b, batch_size: 8, replicas: 1}
-"""
 SHAPE_ARGS = ["--shape", "square", "--rate", "2", "--peak-rate", "10", "--period-s", "4",
               "--duration", "8", "--seed", "5"]
 

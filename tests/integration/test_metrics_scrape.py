@@ -5,18 +5,14 @@ times move too. Scraped before and after the load; the counters must have moved 
 the load did."""
 from __future__ import annotations
 
-import io
 import json
 import ssl
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import oip
@@ -27,7 +23,8 @@ from services.gen import inference_pb2_grpc as ipb_grpc
 from services.tools.cluster import ClusterConfig, LocalCluster
 from services.tools.devcerts import make_dev_pki
 
-SPEC = Path(__file__).resolve().parents[2] / "pipelines" / "echo.yaml"
+from echo_support import SPEC, png
+
 REQUESTS = 60
 
 # One variant per stage, a few ms per batch: the planner plans both workers at once.
@@ -44,13 +41,6 @@ ECHO_PROFILE = {
             "8": {"p50_ms": 8.0, "p95_ms": 16.0}}}]},
     ],
 }
-
-
-def png(side: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def scrape(address: str, context: ssl.SSLContext | None = None) -> dict[tuple, float]:

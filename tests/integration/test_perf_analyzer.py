@@ -8,18 +8,14 @@ Not skipped when the binary is missing: `make test` installs it, and a missing o
 with what to run."""
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-from PIL import Image
 
 from services.echo.model import write_identity_model
 from services.gen import inference_pb2 as ipb
@@ -28,21 +24,9 @@ from services.tools.cluster import ClusterConfig, LocalCluster
 from services.tools.perf_analyzer import (PerfAnalyzerMissing, find_perf_analyzer, read_csv_report,
                                           write_input_data)
 
-SPEC = Path(__file__).resolve().parents[2] / "pipelines" / "echo.yaml"
-PLAN = """
-pipeline: echo
-allocations:
-  - {task: a, variant: echo_a, batch_size: 8, replicas: 1}
-  - {task: b, variant: echo_b, batch_size: 8, replicas: 1}
-"""
+from echo_support import PLAN, SPEC, png
+
 REQUESTS = 200   # per measurement: a second or two on a quiet 2-core machine
-
-
-def png(side: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

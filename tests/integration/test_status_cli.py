@@ -18,26 +18,9 @@ from services.loadgen.report import format_report
 from services.loadgen.runner import LoadConfig, LoadPage, run_load
 from services.tools.cluster import ClusterConfig, LocalCluster
 
+from echo_support import PLAN, SPEC, png
+
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = ROOT / "pipelines" / "echo.yaml"
-PLAN = """
-pipeline: echo
-allocations:
-  - {task: a, variant: echo_a, batch_size: 8, replicas: 1}
-  - {task: b, variant: echo_b, batch_size: 8, replicas: 1}
-"""
-
-
-def png(side: int, seed: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 PAGES = [LoadPage(f"p{i}", png(16 + i, i)) for i in range(4)]
