@@ -57,6 +57,8 @@ class Plan:
     latency_ms: Mapping[str, Mapping[str, Mapping[int, float]]] = field(default_factory=dict)
     # "task/variant" -> measured / profile latency factor the plan was made with
     calibration: Mapping[str, float] = field(default_factory=dict)
+    # the demand (req/s, headroom included) the planner solved for; None: not planner-made
+    planned_for_qps: float | None = None
 
     def is_newer_than(self, other: "Plan | None") -> bool:
         return other is None or self.version > other.version
@@ -150,6 +152,7 @@ class Plan:
                 latency_ms=latency,
                 calibration={k: _number(x, f"calibration.{k}", source, lo=0.0)
                              for k, x in _mapping(d, "calibration", source, optional=True).items()},
+                planned_for_qps=_opt_number(d, "planned_for_qps", source),
             )
         except KeyError as exc:
             raise SpecError(source, str(exc.args[0]), "is required") from None

@@ -74,6 +74,7 @@ class ControllerCore:
             # plan on the host speed the previous controller measured, not the raw profile
             # (else its first plan after the grace could swap variants for no reason)
             self.planner.calibrator.seed(plan.calibration)
+            self.planner.in_use = None
         log.info("plan_adopted", plan_version=plan.version, workers=len(plan.workers), source=plan.source,
                  grace_s=grace_s)
 
@@ -86,6 +87,13 @@ class ControllerCore:
             return True
         if missing:
             log.warning("adopted_workers_missing", workers=missing)
+        elif self.planner is not None:
+            # every worker is back: the adopted plan is the planner's own from here on, and
+            # the next solve waits for a reason a running controller would have (their
+            # re-registrations alone are none)
+            self.planner.prime(self.adopted, self.registry.live(), self.clock())
+            self.dirty = False
+            log.info("adoption_complete", plan_version=self.adopted.version)
         self.adopted = None
         return False
 

@@ -53,12 +53,23 @@ class ControllerConfig:
     json_logs: bool
     adopt_grace_s: float = 10.0
     cooldown_s: float = 15.0
+    online_calibration: bool = True
     status_s: float = 10.0
     tls: TlsConfig | None = None   # its server
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
     k8s_deployment: str | None = None   # scale this worker Deployment (None: off)
     k8s_namespace: str | None = None    # its namespace (None: the controller pod's)
+    hardware_only: bool = False         # planner: full accuracy only (scale replicas, never variants)
     k8s_policy: ScalePolicy | None = None
+
+
+def full_accuracy_floor(profile, slo_ms: float) -> float:
+    """The best expected accuracy the profile reaches within the SLO (a plan for no
+    demand), less a hair for rounding: the planner's floor for hardware scaling only."""
+    from services.planner.solver import PlannerContext, solve
+
+    probe = solve(PlannerContext(profile, 0.0, max(len(profile.tasks), 1), slo_ms=slo_ms))
+    return probe.max_accuracy * (1 - 1e-6)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relaxed LP with rounding and repair (fast, default) or the exact MILP")
     p.add_argument("--headroom", type=float, default=2.0,
                    help="plan for this multiple of the estimated demand (default 2.0; see docs/results)")
+    p.add_argument("--online-calibration", choices=("on", "off"), default="on",
+                   help="planner: correct the profile with the batch times workers report and "
+                        "re-plan when they drift past 30 %% (default on; off: plan on the profile "
+                        "as it is)")
     p.add_argument("--cooldown-s", type=float, default=15.0,
                    help="planner: re-plan for lower demand (fewer workers: the rest park) only when "
                         "the current plan is at least this old (default 15 s; higher demand "
                         "re-plans at once)")
     p.add_argument("--min-demand-qps", type=float, default=0.5,
                    help="plan for at least this demand, e.g. at a cold start (default 0.5)")
+    p.add_argument("--hardware-only", action="store_true",
+                   help="planner: hardware scaling only, a floor at the best accuracy the profile "
+                        "reaches within the SLO (more replicas of the most accurate variants, "
+                        "never cheaper ones; beyond their capacity the plan sheds). The baseline "
+                        "of docs/evaluation.md")
     p.add_argument("--demand-tau-s", type=float, default=3.0,
                    help="time constant of the demand estimate's moving average, over 5 s "
                         "windowed rates, while demand falls (default 3 s)")
@@ -139,11 +159,13 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                             profile=Path(a.profile) if a.profile else None, planner=a.planner,
                             headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
                             demand_tau_up_s=a.demand_tau_up_s, cooldown_s=a.cooldown_s,
+                            online_calibration=a.online_calibration == "on",
                             host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
                             heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json, tls=tls,
                             adopt_grace_s=a.adopt_grace_s, status_s=a.status_s, metrics_port=a.metrics_port,
                             k8s_deployment=a.k8s_scale_deployment, k8s_namespace=a.k8s_namespace,
-                            k8s_policy=k8s_policy if a.k8s_scale_deployment else None)
+                            k8s_policy=k8s_policy if a.k8s_scale_deployment else None,
+                            hardware_only=a.hardware_only)
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -244,7 +266,10 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
     if cfg.profile is not None:
         planner = PlannerPolicy.from_file(cfg.profile, spec.slo_ms, method=cfg.planner,
                                           headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps,
-                                          cooldown_s=cfg.cooldown_s)
+                                          cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration)
+        if cfg.hardware_only:
+            planner.min_accuracy = full_accuracy_floor(planner.profile, spec.slo_ms)
+            log.info("hardware_only", min_accuracy=round(planner.min_accuracy, 6))
         if planner.profile.name != spec.name:
             raise SpecError(str(cfg.profile), "name", f"profile is for {planner.profile.name!r}, spec is {spec.name!r}")
     core = ControllerCore(spec, WorkerRegistry(cfg.heartbeat_timeout_s), publisher.publish, cfg.plan_file,

@@ -94,6 +94,8 @@ class LatencyCalibrator:
                 continue
             self._tracks[(task, variant)] = _Track(ratio=float(f), batches=self.min_batches)
             taken += 1
+        if taken:
+            self.in_use = self.factors()   # the plan was made on these: no drift yet
         return taken
 
     def host_factor(self) -> float | None:

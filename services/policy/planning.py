@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from services.common.logging import get_logger
-from services.common.plan import Plan, RegisteredWorker
+from services.common.plan import ANY_PATH, Plan, RegisteredWorker
 from services.planner import PlannerContext, PlanSolution, load_profile, plan_from_solution, solve
 from services.planner.profile import PipelineProfile
 from services.policy.calibration import LatencyCalibrator, Timing
@@ -75,6 +75,20 @@ class PlannerPolicy:
     @staticmethod
     def from_file(path, slo_ms: float, **kw) -> "PlannerPolicy":
         return PlannerPolicy(load_profile(path), slo_ms, **kw)
+
+    def prime(self, plan: Plan, workers: list[RegisteredWorker], now: float) -> None:
+        """Take up ``plan``, made by a previous controller for these ``workers``, as if this
+        policy had just made it: its calibration seeds the calibrator, and its planned
+        demand (the root task's planned rate) and the workers become the ones the
+        hysteresis of :meth:`should_replan` compares with. A restarted controller then
+        re-plans for the reasons a running one would (demand, membership, drift, age),
+        not merely because it restarted."""
+        if plan.calibration:
+            self.calibrator.seed(plan.calibration)
+        planned = plan.planned_for_qps or plan.planned_qps.get(self.profile.root.name, {}).get(ANY_PATH)
+        self.planned_demand = planned if planned and planned > 0 else None
+        self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
+        self.planned_at = now
 
     def target_demand(self, estimate_qps: float) -> float:
         return max(self.min_demand_qps, self.headroom * estimate_qps)
@@ -139,6 +153,7 @@ class PlannerPolicy:
         # simulator) gets its own clock's time as the creation time
         plan = plan_from_solution(solution, workers, previous, version=version, now=now if version else None,
                                   profile=profile)
+        plan = replace(plan, planned_for_qps=target)
         if self.calibrate and self.calibrator.host_factor() is not None:
             plan = replace(plan, calibration={f"{t}/{v}": round(f, 4)
                                               for (t, v), f in sorted(self.calibrator.in_use.items())})

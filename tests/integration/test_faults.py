@@ -55,14 +55,21 @@ def pages(eval_pages):
 
 
 def start_cluster(tmp_path, models_dir, planner: bool = False) -> LocalCluster:
+    extra: tuple[str, ...] = ()
     if planner:
-        source = {"profile": PROFILE, "min_demand_qps": RATE * 2}
+        # the online calibration re-plans on its own schedule (when enough batches were
+        # measured); off, so that a plan change here is the restart's (the restart keeps
+        # the calibration: tests/unit/test_controller_planning.py)
+        extra = ("--online-calibration", "off")
+        # planned for at least 4x the offered rate: the Poisson noise of a 5 s demand
+        # window at RATE stays below it, so a plan change after a restart is the restart's
+        source = {"profile": PROFILE, "min_demand_qps": RATE * 4}
     else:
         plan = tmp_path / "plan.yaml"
         plan.write_text(PLAN)
         source = {"plan_file": plan}
     c = LocalCluster(ClusterConfig(spec=SPEC, **source, models=models_dir, workers={"det": 2, "rec": 2},
-                                   log_dir=tmp_path / "logs", heartbeat_timeout_s=3.0))
+                                   log_dir=tmp_path / "logs", heartbeat_timeout_s=3.0, controller_args=extra))
     c.start(ready_timeout_s=120)
     return c
 

@@ -233,8 +233,9 @@ def test_the_demand_estimate_is_ready_once_a_front_door_spans_the_window():
 
 
 def test_a_restarted_controller_plans_on_the_host_speed_its_predecessor_measured():
-    """The adopted plan carries the calibration it was made on; the new controller starts
-    from it, so its first plan keeps the variants (on the raw profile it would not)."""
+    """The adopted plan carries the calibration it was made on and its planned demand: the
+    new controller starts from both, so its workers' re-registrations cause no new solve,
+    and a later solve plans on the measured speed (on the raw profile it would swap)."""
     from services.policy.calibration import Timing
 
     old = policy()
@@ -248,6 +249,7 @@ def test_a_restarted_controller_plans_on_the_host_speed_its_predecessor_measured
     first = old.decide(WORKERS, 3.0, None, now=1.0).with_version(7)
     assert first.calibration and all(abs(f - 3.0) < 1e-6 for f in first.calibration.values())
     raw = policy().decide(WORKERS, 3.0, None, now=0.0)   # what a controller without it plans
+    assert {w: a.variant for w, a in raw.workers.items()} != {w: a.variant for w, a in first.workers.items()}
     clock = [0.0]
     pub = Publisher()
     core = ControllerCore(SPEC, WorkerRegistry(clock=lambda: clock[0]), pub, planner=policy(),
@@ -256,8 +258,18 @@ def test_a_restarted_controller_plans_on_the_host_speed_its_predecessor_measured
     core.demand_qps = 3.0
     for w in WORKERS:
         core.registry.register(w.worker_id, w.address, w.task, [])
+    core.dirty = True                            # as the registrations set it
     asyncio.run(core.reconcile())
-    assert core.adopted is None
-    variants = {w: a.variant for w, a in core.current.workers.items()}
-    assert variants == {w: a.variant for w, a in first.workers.items()}
-    assert variants != {w: a.variant for w, a in raw.workers.items()}   # the seed is what kept them
+    assert core.adopted is None and pub.plans == [] and core.current is first   # no solve, no plan
+    clock[0] = 5.0
+    asyncio.run(core.reconcile())
+    assert pub.plans == []                       # nothing changed since: still none
+    # the profile it will plan on is the measured one, not the raw profile
+    det = first.workers["det-0"]
+    used = core.planner.current_profile().task("det").variant(det.variant).latency_ms
+    base = core.planner.profile.task("det").variant(det.variant).latency_ms
+    assert all(abs(used[b].p50_ms - 3.0 * base[b].p50_ms) < 1e-6 for b in base)
+    # and a real reason (demand up 50 %) re-plans at once
+    core.demand_qps = 4.5
+    asyncio.run(core.reconcile())
+    assert len(pub.plans) == 1
