@@ -8,13 +8,14 @@ PIP    := $(VENV)/bin/pip
 # cpu or gpu: which onnxruntime build to install (never both)
 EXTRA  ?= cpu
 
-.PHONY: setup venv proto models data demo test test-unit perf-tools gpu-check reproduce clean help
+.PHONY: setup venv proto models data demo test test-unit perf-tools gpu-check reproduce evaluate clean help
 
 help:
 	@echo "make demo     set up (venv, deps, gRPC code, models, pages) and run the OCR demo"
 	@echo "make test     set up and run the whole test suite"
 	@echo "make setup    only the set-up steps; EXTRA=gpu installs onnxruntime-gpu instead"
 	@echo "make reproduce  the simulator's experiments -> docs/results/"
+	@echo "make evaluate   the planner vs hardware-only vs static on a local cluster (~8 min) -> docs/evaluation/"
 	@echo "make gpu-check  on an NVIDIA GPU host: the [gpu] extra, every model on CUDA, a GPU profile, the demo"
 	@echo "make perf-tools  Triton's perf_analyzer in .venv-perf (+ libb64-0d via apt-get)"
 
@@ -82,6 +83,11 @@ gpu-check:
 # The simulator's reproduction of the paper's experiments (about 6 minutes): docs/results/
 reproduce: venv proto
 	$(PY) -m services.sim reproduce --out docs/results
+
+# The same comparison on this machine's real cluster under a compressed trace, beside the
+# simulator's prediction (about 8 minutes): docs/evaluation/, written up in docs/evaluation.md
+evaluate: setup
+	$(PY) -m services.tools.evaluate --out docs/evaluation $(EVALUATE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
