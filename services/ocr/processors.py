@@ -68,6 +68,14 @@ def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> byte
     return buf.tobytes()
 
 
+def line_crop_payload() -> bytes:
+    """A text-line crop for warming up the line models: one dark bar on white, as JPEG
+    (what the detector sends its children)."""
+    crop = np.full((48, 320, 3), 255, np.uint8)
+    crop[12:36, 10:300] = 20
+    return encode_image(crop, "jpeg")
+
+
 def _feeds(variant: VariantSpec, session: Any, batch: np.ndarray) -> tuple[list[str] | None, dict]:
     name = variant.input_names[0] if variant.input_names else session.get_inputs()[0].name
     return (list(variant.output_names) or None), {name: batch}
@@ -179,10 +187,7 @@ class RecProcessor(Processor):
         return Prepared(data=np.ascontiguousarray(data.transpose(2, 0, 1)), meta={"width": width})
 
     def warmup_payload(self) -> bytes:
-        """A crop of one dark bar on white."""
-        crop = np.full((48, 320, 3), 255, np.uint8)
-        crop[12:36, 10:300] = 20
-        return encode_image(crop, "jpeg")
+        return line_crop_payload()
 
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
         if not items:
@@ -242,10 +247,7 @@ class ClsProcessor(Processor):
         return Prepared(data=data)
 
     def warmup_payload(self) -> bytes:
-        """A crop of one dark bar on white."""
-        crop = np.full((48, 320, 3), 255, np.uint8)
-        crop[12:36, 10:300] = 20
-        return encode_image(crop, "jpeg")
+        return line_crop_payload()
 
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
         if not items:
