@@ -277,8 +277,7 @@ class WorkerCore:
         async with self._apply_lock:
             self.plan_version = max(self.plan_version, plan_version)
             if self.host is None:
-                if self.state is not WorkerState.PARKED:
-                    self.state = WorkerState.PARKED
+                self.state = WorkerState.PARKED
                 return False
             assert self.task is not None
             self._lingering[self.task.name] = (self.host, time.monotonic() + self.linger_s)
@@ -304,10 +303,12 @@ class WorkerCore:
         return gone
 
     def _host_for(self, task: str | None) -> ModelHost | None:
-        if task is None or (self.task is not None and task == self.task.name):
-            if self.host is not None or task is None:
-                return self.host
-        held = self._lingering.get(task) if task is not None else None
+        """The model that serves ``task`` now: the current one, else one still lingering."""
+        if task is None:
+            return self.host
+        if self.host is not None and self.task_name == task:
+            return self.host
+        held = self._lingering.get(task)
         return held[0] if held else None
 
     async def _await_load(self, task: str | None, deadline_s: float) -> None:
