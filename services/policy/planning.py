@@ -78,13 +78,13 @@ class PlannerPolicy:
 
     def prime(self, plan: Plan, workers: list[RegisteredWorker], now: float) -> None:
         """Take up ``plan``, made by a previous controller for these ``workers``, as if this
-        policy had just made it: its calibration seeds the calibrator, and its planned
-        demand (the root task's planned rate) and the workers become the ones the
+        policy had just made it (the caller seeds the calibrator with the plan's
+        ``calibration`` when it adopts the plan, so measurements since then are kept): its
+        planned demand (``planned_for_qps``; for older plans the root task's planned rate) and
+        the workers become the ones the
         hysteresis of :meth:`should_replan` compares with. A restarted controller then
         re-plans for the reasons a running one would (demand, membership, drift, age),
         not merely because it restarted."""
-        if plan.calibration:
-            self.calibrator.seed(plan.calibration)
         planned = plan.planned_for_qps or plan.planned_qps.get(self.profile.root.name, {}).get(ANY_PATH)
         self.planned_demand = planned if planned and planned > 0 else None
         self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
