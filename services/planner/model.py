@@ -36,6 +36,26 @@ import scipy.sparse as sp
 from services.planner.profile import PipelineProfile, VariantProfile
 
 
+@dataclass(frozen=True)
+class SolveLimits:
+    """How much work one solver call may do. Node and simplex-iteration counts are the
+    limits that shape results: they are the same on a fast and a slow machine, so a run
+    is a function of its inputs. ``time_limit_s`` is only a safety net for a live
+    controller; a solve that reaches it is counted (``SolveInfo.time_limit_hit``)."""
+    node_limit: int = 5_000             # branch-and-bound nodes per MILP call
+    iteration_limit: int = 1_000_000    # simplex iterations per call
+    time_limit_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """What the last solver call cost (reported; never used to decide)."""
+    seconds: float = 0.0
+    nodes: int = 0
+    iterations: int = 0
+    time_limit_hit: bool = False
+
+
 
 def _quiet_highs_banner() -> None:
     """HiGHS prints a copyright banner to the process's stdout (fd 1, from C++) the first
@@ -155,6 +175,7 @@ class PlanningModel:
         self.tasks = [t.name for t in profile.tasks]
         self.nonleaf_tasks = {t.name for t in profile.tasks if t.children}
         self._max_accuracy: float | None = None
+        self.last = SolveInfo()
         self._build_configs(leaf_pruning)
         self._build_matrices()
         self._build_problem()
@@ -336,7 +357,8 @@ class PlanningModel:
                      w_workers=0.0, w_variant=np.zeros(len(self.variants)), swap_w=np.zeros(len(self.variants)),
                      r_lb=np.zeros(B), r_ub=np.full(B, big), task_cap=np.full(T, big), task_min=np.zeros(T),
                      y_ub=np.ones(len(self.nl)))
-            status = self.run(30.0, 1e-6) if self.configs else "infeasible"
+            status = self.run(SolveLimits(node_limit=100_000, time_limit_s=120.0), 1e-6) \
+                if self.configs else "infeasible"
             ok = status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) and self.accmass.value is not None
             self._max_accuracy = float(self.accmass.value) if ok else 0.0
             self.set(**saved)
@@ -346,15 +368,33 @@ class PlanningModel:
         for k, v in values.items():
             self.p[k].value = v
 
-    def run(self, time_limit_s: float, mip_rel_gap: float) -> str:
-        """Solve with the current parameters; return the cvxpy status."""
+    def run(self, limits: "SolveLimits", mip_rel_gap: float) -> str:
+        """Solve with the current parameters; return the cvxpy status.
+
+        The work is bounded by ``limits``' node and iteration counts, which do not depend
+        on the machine's speed, and never warm-started from the previous solve of this
+        cached model (HiGHS would start from that incumbent, so a result would depend on
+        what was solved before). The wall-clock limit is a safety net that results are
+        not meant to reach; ``self.last`` says whether it was hit."""
+        self.last = SolveInfo()
         try:
             with warnings.catch_warnings():   # "solution may be inaccurate": the status says so
                 warnings.simplefilter("ignore", UserWarning)
-                self.problem.solve(solver=cp.HIGHS, time_limit=float(time_limit_s), output_flag=False,
-                                   mip_rel_gap=float(mip_rel_gap), enforce_dpp=True)
+                self.problem.solve(solver=cp.HIGHS, warm_start=False, output_flag=False,
+                                   time_limit=float(limits.time_limit_s),
+                                   mip_max_nodes=int(limits.node_limit),
+                                   simplex_iteration_limit=int(limits.iteration_limit),
+                                   mip_rel_gap=float(mip_rel_gap), threads=1, random_seed=0,
+                                   enforce_dpp=True)
         except (cp.error.SolverError, IndexError, ValueError) as exc:
             # solver crashed, or cvxpy failed to unpack an empty solution (seen with HiGHS
             # on infeasible MILPs): the caller keeps the old plan
             return f"solver_error: {exc!r}"
+        stats = self.problem.solver_stats
+        info = getattr(stats, "extra_stats", None)
+        self.last = SolveInfo(
+            seconds=float(stats.solve_time or 0.0),
+            nodes=int(getattr(info, "mip_node_count", 0) or 0),
+            iterations=int(getattr(info, "simplex_iteration_count", 0) or 0),
+            time_limit_hit=(float(stats.solve_time or 0.0) >= 0.99 * float(limits.time_limit_s)))
         return str(self.problem.status)

@@ -31,7 +31,7 @@ import cvxpy as cp
 import numpy as np
 
 from services.common.plan import Allocation, Plan
-from services.planner.model import PlanningModel
+from services.planner.model import PlanningModel, SolveLimits
 from services.planner.profile import PipelineProfile
 from services.planner.verify import check_solution
 
@@ -47,7 +47,9 @@ class PlannerContext:
     slo_ms: float | None = None               # default: the profile's SLO
     method: str = "relaxed"                   # "relaxed" (LP + repair) or "exact" (MILP)
     latency_quantile: str = "p95"             # latencies and throughputs use p95 by default
-    time_limit_s: float = 2.0                 # per solver call
+    node_limit: int = 5_000                   # branch-and-bound nodes per MILP call (not wall-clock:
+    iteration_limit: int = 1_000_000          # a run's result must not depend on the machine's speed)
+    time_limit_s: float = 60.0                # per call: a safety net, never meant to be reached
     mip_rel_gap: float = 1e-3
     change_cost: float = 0.25                 # workers-equivalent per worker that loads a new variant
     accuracy_tolerance: float = 1e-6          # relative accuracy phase 3 may give up
@@ -55,7 +57,7 @@ class PlannerContext:
     task_workers: Mapping[str, int] | None = None   # per-task worker caps (task-bound workers)
     min_workers_per_task: int = 1             # keep every stage alive, even at zero demand
     leaf_pruning: bool = True
-    repair_time_limit_s: float = 0.3          # per phase of the widened repair MILP (relaxed)
+    repair_node_limit: int = 200              # per phase of the widened repair MILP (relaxed)
     clock: Callable[[], float] = time.perf_counter   # only used to report solve time
 
     @property
@@ -93,6 +95,10 @@ class PlanSolution:
     solve_ms: float = 0.0
     message: str = ""
     variant_accuracy: Mapping[str, float] = field(default_factory=dict)   # of the allocated variants
+    solver_calls: int = 0
+    solver_nodes: int = 0
+    solver_iterations: int = 0
+    time_limit_hits: int = 0     # calls that reached the wall-clock safety net (should be 0)
 
     def replicas(self) -> dict[tuple[str, str, int], int]:
         return {(a.task, a.variant, a.batch_size): a.replicas for a in self.allocations}
@@ -130,18 +136,36 @@ def _previous_counts(m: PlanningModel, previous: Plan | None) -> np.ndarray:
     return prev
 
 
-def _phases(m: PlanningModel, ctx: PlannerContext, swap_w: np.ndarray) -> tuple[str, dict]:
+@dataclass
+class _Work:
+    """What a solve cost in solver calls, nodes and iterations (reported on the solution)."""
+    calls: int = 0
+    nodes: int = 0
+    iterations: int = 0
+    time_limit_hits: int = 0
+
+
+def _run(m: PlanningModel, ctx: PlannerContext, work: _Work) -> str:
+    st = m.run(SolveLimits(ctx.node_limit, ctx.iteration_limit, ctx.time_limit_s), ctx.mip_rel_gap)
+    work.calls += 1
+    work.nodes += m.last.nodes
+    work.iterations += m.last.iterations
+    work.time_limit_hits += int(m.last.time_limit_hit)
+    return st
+
+
+def _phases(m: PlanningModel, ctx: PlannerContext, swap_w: np.ndarray, work: _Work) -> tuple[str, dict]:
     """Run the three lexicographic phases with the parameters already set."""
     floor = float(ctx.min_accuracy or 0.0)
     m.set(w_served=1.0, w_acc=0.0, w_workers=0.0, served_floor=0.0, ratio_floor=floor,
           swap_w=np.zeros(len(m.variants)), w_variant=np.zeros(len(m.variants)))
-    st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+    st = _run(m, ctx, work)
     if st not in OK_STATUSES or m.served.value is None:
         return f"phase1:{st}", {}
     s = max(float(m.served.value), 0.0)
     s_floor = max(s - EPS * max(1.0, s), 0.0)
     m.set(w_served=0.0, w_acc=1.0, served_floor=s_floor)
-    st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+    st = _run(m, ctx, work)
     if st not in OK_STATUSES or m.x.value is None:
         return f"phase2:{st}", {}
     a = float(m.accmass.value)
@@ -149,11 +173,11 @@ def _phases(m: PlanningModel, ctx: PlannerContext, swap_w: np.ndarray) -> tuple[
     # tie-break: among equal worker counts prefer accurate variants (worth < 1 worker in total)
     tie = 1e-4 * (1.0 - m.variant_accuracy) / max(1.0, ctx.n_workers / 1000.0)
     m.set(w_acc=0.0, w_workers=1.0, ratio_floor=ratio, swap_w=swap_w, w_variant=tie)
-    st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+    st = _run(m, ctx, work)
     if (st not in OK_STATUSES or m.r.value is None) and s > EPS:
         # numerically too tight for the MILP (seen at N=1000): give up 0.1% accuracy
         m.set(ratio_floor=max(floor, (a / s) * (1.0 - 1e-3)))
-        st = m.run(ctx.time_limit_s, ctx.mip_rel_gap)
+        st = _run(m, ctx, work)
     if st not in OK_STATUSES or m.r.value is None:
         return f"phase3:{st}", {}
     return str(st), {"served": s, "accmass": a}
@@ -197,7 +221,16 @@ def _task_caps(m: PlanningModel, ctx: PlannerContext) -> np.ndarray:
 
 
 def solve(ctx: PlannerContext, previous_plan: Plan | None = None) -> PlanSolution:
-    """Plan replicas, path split and admission for ``ctx.demand_qps``. Pure: no I/O."""
+    """Plan replicas, path split and admission for ``ctx.demand_qps``. Pure: no I/O.
+    The solution reports the solver work it took (calls, nodes, simplex iterations, and
+    calls that reached the wall-clock safety net, which a result must not depend on)."""
+    work = _Work()
+    solution = _solve(ctx, previous_plan, work)
+    return replace(solution, solver_calls=work.calls, solver_nodes=work.nodes,
+                   solver_iterations=work.iterations, time_limit_hits=work.time_limit_hits)
+
+
+def _solve(ctx: PlannerContext, previous_plan: Plan | None, work: _Work) -> PlanSolution:
     t0 = ctx.clock()
     exact = ctx.method == "exact"
     if ctx.method not in ("exact", "relaxed"):
@@ -214,7 +247,7 @@ def solve(ctx: PlannerContext, previous_plan: Plan | None = None) -> PlanSolutio
     m.set(demand=max(float(ctx.demand_qps), 0.0), n_workers=float(ctx.n_workers), task_cap=caps,
           task_min=task_min, prev=_previous_counts(m, previous_plan),
           r_lb=np.zeros(B), r_ub=np.full(B, float(ctx.n_workers)), y_ub=np.ones(len(m.nl)))
-    status, info = _phases(m, ctx, swap_w)
+    status, info = _phases(m, ctx, swap_w, work)
     if not info:
         return _failed(ctx, m, status, t0)
     lp_bound = dict(info)
@@ -223,25 +256,25 @@ def solve(ctx: PlannerContext, previous_plan: Plan | None = None) -> PlanSolutio
         # repair 1: one batch size per variant with children, then re-plan the LP
         if len(m.nl):
             m.set(y_ub=_fix_batches(m, np.asarray(m.r.value, dtype=float)))
-            status, info = _phases(m, ctx, swap_w)
+            status, info = _phases(m, ctx, swap_w, work)
         if not info:
             _reset(m)
             return _failed(ctx, m, "repair:" + status, t0)
         # repair 2: integer replicas by a small MILP in a box around the LP's r*: first
         # [floor - 1, ceil + 1] on the buckets the LP uses (others stay empty); if that
         # loses more than 0.1% of served rate or 0.2% of accuracy against the LP bound,
-        # also try letting every bucket take one replica (time-limited). If no box
+        # also try letting every bucket take one replica (node-limited). If no box
         # works: floor + largest fractional parts.
         r_star = np.maximum(np.asarray(m.r.value, dtype=float), 0.0)
         used = (r_star > 1e-6).astype(float)
         lb = np.maximum(np.floor(r_star + 1e-6) - used, 0.0)
         mi = get_model(ctx.profile, ctx.slo, ctx.latency_quantile, True, ctx.leaf_pruning)
         best = None
-        for ub, limit in ((np.ceil(r_star - 1e-6) + used, ctx.time_limit_s),
-                          (np.ceil(r_star - 1e-6) + 1.0, min(ctx.time_limit_s, ctx.repair_time_limit_s))):
+        for ub, limit in ((np.ceil(r_star - 1e-6) + used, ctx.node_limit),
+                          (np.ceil(r_star - 1e-6) + 1.0, min(ctx.node_limit, ctx.repair_node_limit))):
             mi.set(**{k: p.value for k, p in m.p.items()})
             mi.set(r_lb=lb, r_ub=ub)
-            st, inf = _phases(mi, replace(ctx, time_limit_s=limit, mip_rel_gap=max(ctx.mip_rel_gap, 1e-3)), swap_w)
+            st, inf = _phases(mi, replace(ctx, node_limit=limit, mip_rel_gap=max(ctx.mip_rel_gap, 1e-3)), swap_w, work)
             if inf:
                 cand = _extract(ctx, mi, st, lp_bound, t0, integral=True)
                 if not check_solution(cand, ctx.profile, ctx.slo, ctx.latency_quantile) and (
@@ -255,7 +288,7 @@ def solve(ctx: PlannerContext, previous_plan: Plan | None = None) -> PlanSolutio
             _reset(m)
             return replace(best, solve_ms=(ctx.clock() - t0) * 1000.0)
         m.set(r_ub=_round(m, ctx, r_star))
-        status, info = _phases(m, ctx, swap_w)
+        status, info = _phases(m, ctx, swap_w, work)
         if not info:
             _reset(m)
             return _failed(ctx, m, "repair:" + status, t0)

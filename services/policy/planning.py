@@ -57,7 +57,8 @@ class PlannerPolicy:
     replan_threshold: float = 0.15
     cooldown_s: float = 15.0
     max_plan_age_s: float = 60.0
-    time_limit_s: float = 2.0
+    node_limit: int = 5_000             # solver work per call: nodes, not seconds (reproducible)
+    time_limit_s: float = 30.0          # wall-clock safety net only; counted when reached
     min_accuracy: float | None = None   # floor on expected accuracy (hardware scaling only)
     demand_grid: float | None = 1.02
     calibrate: bool = True              # correct the profile with measured batch times
@@ -137,11 +138,14 @@ class PlannerPolicy:
         target = self.target_demand(estimate_qps)
         ctx = PlannerContext(profile, demand_qps=on_grid(target, self.demand_grid, self.min_demand_qps),
                              n_workers=len(workers), slo_ms=self.slo_ms, method=self.method,
-                             time_limit_s=self.time_limit_s, min_accuracy=self.min_accuracy,
+                             node_limit=self.node_limit, time_limit_s=self.time_limit_s, min_accuracy=self.min_accuracy,
                              task_workers=caps)
         solution = self.solver(ctx, previous)
         self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
         self.planned_at = now
+        if solution.time_limit_hits:
+            log.warning("planner_time_limit_hit", calls=solution.time_limit_hits, time_limit_s=self.time_limit_s,
+                        why="the solver reached its wall-clock safety net, so this plan depends on the machine's speed")
         if not solution.ok:
             log.error("planner_failed", status=solution.status, message=solution.message,
                       demand_qps=round(target, 2))
@@ -163,6 +167,7 @@ class PlannerPolicy:
                      expected_accuracy=None if solution.expected_accuracy is None
                      else round(solution.expected_accuracy, 4),
                      workers_used=solution.workers_used, solve_ms=round(solution.solve_ms, 1),
+                     solver_nodes=solution.solver_nodes, solver_iterations=solution.solver_iterations,
                      allocations=[f"{a.task}:{a.variant}@{a.batch_size}x{a.replicas}"
                                   for a in solution.allocations])
         return plan

@@ -72,7 +72,8 @@ def test_branches_get_the_same_detector_split(traffic):
 def test_planner_beats_every_single_path(traffic):
     singles = best_single_paths(traffic, 18)
     cap = max_demand(traffic, 18).served_qps
-    assert cap >= max(s.capacity_qps for s in singles) - 1e-6
+    # phase 2 holds the served rate to within the planner's documented relative slack EPS
+    assert cap >= max(s.capacity_qps for s in singles) * (1 - 1e-6) - 1e-9
     full = max_demand(traffic, 18, full_accuracy=True).served_qps
     best_full = max(s.capacity_qps for s in singles if s.accuracy >= max(x.accuracy for x in singles) - 1e-9)
     assert full >= best_full * (1 - 1e-5)   # MILP tolerances
@@ -135,14 +136,14 @@ def test_nothing_fits_the_slo():
 def test_change_cost_keeps_previous_variants(traffic):
     from services.common.plan import Plan, WorkerAssignment
     # a generous repair time limit keeps the result independent of machine load
-    first = solve(PlannerContext(traffic, 300.0, 18, repair_time_limit_s=10.0))
+    first = solve(PlannerContext(traffic, 300.0, 18))
     workers, i = {}, 0
     for a in first.allocations:
         for _ in range(a.replicas):
             workers[f"w{i}"] = WorkerAssignment(f"w{i}", "", a.task, a.variant, a.batch_size)
             i += 1
     prev = Plan(version=1, pipeline="traffic_analysis", workers=workers, routing={})
-    again = solve(PlannerContext(traffic, 300.0, 18, repair_time_limit_s=10.0), prev)
+    again = solve(PlannerContext(traffic, 300.0, 18), prev)
     assert again.expected_accuracy == pytest.approx(first.expected_accuracy, rel=1e-5)
     by_variant = lambda s: sorted((a.task, a.variant) for a in s.allocations for _ in range(a.replicas))
     assert by_variant(again) == by_variant(first)
@@ -152,3 +153,19 @@ def test_p50_latencies_give_more_capacity(traffic):
     p95 = max_demand(traffic, 18, full_accuracy=True, quantile="p95").served_qps
     p50 = max_demand(traffic, 18, full_accuracy=True, quantile="p50").served_qps
     assert p50 >= p95
+
+
+def test_a_solve_does_not_depend_on_what_the_cached_model_solved_before(traffic):
+    """The compiled model is cached and re-solved; HiGHS must not start from the last
+    solve's incumbent (cvxpy warm-starts by default), or a run depends on its history."""
+    demands = [30.0, 90.0, 330.0, 520.0]
+
+    def plans(order):
+        out = {}
+        for d in order:
+            sol = solve(PlannerContext(traffic, d, 20, method="exact"))
+            assert sol.ok and sol.time_limit_hits == 0
+            out[d] = (round(sol.served_qps, 6), round(sol.expected_accuracy, 6), sol.replicas())
+        return out
+
+    assert plans(demands) == plans(demands[::-1])

@@ -66,7 +66,7 @@ def test_root_weights_follow_the_split(traffic):
 
 def test_replanning_moves_few_workers(traffic):
     workers = pool(traffic)
-    ctx = lambda d: PlannerContext(traffic, d, 18, repair_time_limit_s=10.0)   # load-independent
+    ctx = lambda d: PlannerContext(traffic, d, 18)
     first = plan_from_solution(solve(ctx(300.0)), workers, None, version=1)
     same = plan_from_solution(solve(ctx(300.0), first), workers, first, version=2)
     # the change cost is per variant (a model load); a batch-size change is free

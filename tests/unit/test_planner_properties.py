@@ -21,7 +21,7 @@ SHAPES = [[None, 0], [None, 0, 0], [None, 0, 1], [None, 0, 0, 1]]
        n_workers=st.integers(3, 40), demand=st.floats(0.0, 3000.0), method=st.sampled_from(["relaxed", "exact"]))
 def test_every_plan_is_sound(shape, variants, seed, n_workers, demand, method):
     p = synthetic_profile(shape, variants, seed=seed, slo_ms=300.0, name=f"p{seed}")
-    sol = solve(PlannerContext(p, demand, n_workers, method=method, time_limit_s=2.0))
+    sol = solve(PlannerContext(p, demand, n_workers, method=method))
     if not sol.ok:
         assert sol.status == "no_configuration" or sol.mode == "failed"
         return
