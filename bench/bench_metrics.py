@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_client import REGISTRY, generate_latest  # noqa: E402
 
 from services.common.metrics import FrontDoorMetrics, RouterMetrics, WorkerMetrics  # noqa: E402
+from services.gen import pipeserve_pb2 as pb  # noqa: E402
+from services.router.stats import breakdown, critical_path  # noqa: E402
 
 
 class Obj(SimpleNamespace):
@@ -48,8 +50,22 @@ def main() -> None:
     for w in workers:
         w.model_loaded("v", 0.1)
     r = routers[0]
+    # an OCR page's result tree: a detector query with 20 recognised lines
+    page = pb.QueryResult(queue_ms=1, preprocess_ms=5, model_ms=30, postprocess_ms=5, crop_encode_ms=1,
+                          worker_ms=43, call_ms=45, children_ms=60)
+    for i in range(20):
+        page.children.add(queue_ms=1, preprocess_ms=2, model_ms=30 + i % 3, worker_ms=35, call_ms=38 + i % 5)
+
+    def phases() -> None:
+        t = breakdown(critical_path(page), 110.0, 108.0, 0.1, 0.2, stages=False)
+        front.phases(t["phases_ms"], t["unaccounted_ms"])
+
     rows = [
         ("front door: answered (per request)", per_call_us(lambda: front.answered(0.05))),
+        ("front door: latency breakdown + 11 phase observations (per request)",
+         per_call_us(phases, number=20_000)),
+        ("front door: the same with the per-stage detail (timing requested)",
+         per_call_us(lambda: breakdown(critical_path(page), 110.0, 108.0, 0.1, 0.2), number=20_000)),
         ("router: stage_done + route_done (per request and stage)",
          per_call_us(lambda: (r.stage_done(results, 0.01), r.route_done(0.02)))),
         ("worker: batch (per batch)", per_call_us(lambda: workers[0].batch("v", 4, 0.01))),

@@ -67,6 +67,12 @@ ROUTER_ROUTE_SECONDS = Histogram(
 FRONTDOOR_LATENCY_SECONDS = Histogram(
     "pipeserve_frontdoor_latency_seconds", "End-to-end latency of answered (OK) requests, "
     "arrival at the front door to answer", ["pipeline"], buckets=LATENCY_BUCKETS)
+PHASE_BUCKETS = (0.0001, 0.00025, 0.0005) + LATENCY_BUCKETS   # a phase may take microseconds
+FRONTDOOR_PHASE_SECONDS = Histogram(
+    "pipeserve_frontdoor_phase_seconds", "Per answered (OK) request: its time in each phase of "
+    "the latency breakdown along its critical path (input, queue, preprocess, model, postprocess, "
+    "crop_encode, worker, transfer, router, output, unaccounted; docs/metrics.md)",
+    ["pipeline", "phase"], buckets=PHASE_BUCKETS)
 CONTROLLER_SOLVE_SECONDS = Histogram(
     "pipeserve_controller_solve_seconds", "Wall time of one planner decision (CVXPY solve "
     "included)", ["pipeline"], buckets=SOLVE_BUCKETS)
@@ -321,9 +327,24 @@ class FrontDoorMetrics:
     def __init__(self, servicer: Any) -> None:
         _FRONTDOORS.add(servicer)
         self._latency = FRONTDOOR_LATENCY_SECONDS.labels(servicer.spec.name)
+        self._phases: dict[str, Any] = {}
+        self._pipeline = servicer.spec.name
 
     def answered(self, seconds: float) -> None:
         self._latency.observe(seconds)
+
+    def phases(self, phases_ms: Mapping[str, float], unaccounted_ms: float) -> None:
+        """One answered request's latency breakdown (ms per phase, services/router/stats.py)."""
+        children = self._phases
+        for phase, ms in phases_ms.items():
+            h = children.get(phase)
+            if h is None:
+                h = children[phase] = FRONTDOOR_PHASE_SECONDS.labels(self._pipeline, phase)
+            h.observe(ms / 1e3)
+        h = children.get("unaccounted")
+        if h is None:
+            h = children["unaccounted"] = FRONTDOOR_PHASE_SECONDS.labels(self._pipeline, "unaccounted")
+        h.observe(unaccounted_ms / 1e3)
 
 
 def _controller_families(pipeline: str) -> list[Metric]:
@@ -489,7 +510,7 @@ def metric_names() -> set[str]:
     names: set[str] = set()
     fams: list[Metric] = []
     for c in (WORKER_BATCH_SIZE, WORKER_BATCH_SECONDS, WORKER_MODEL_LOAD_SECONDS, ROUTER_STAGE_SECONDS,
-              ROUTER_ROUTE_SECONDS, FRONTDOOR_LATENCY_SECONDS, CONTROLLER_SOLVE_SECONDS,
+              ROUTER_ROUTE_SECONDS, FRONTDOOR_LATENCY_SECONDS, FRONTDOOR_PHASE_SECONDS, CONTROLLER_SOLVE_SECONDS,
               CONTROLLER_RECONCILE_SECONDS, CONTROLLER_PLANS, CONTROLLER_LOST, CONTROLLER_HEARTBEATS):
         fams.extend(c.describe())
     fams += list(_worker_families().values()) + list(_router_families().values())

@@ -20,6 +20,11 @@ Optional request parameter ``timeout`` (int64, or a decimal string): the client'
 timeout in **milliseconds** (note: Triton itself reads this parameter as microseconds;
 pipeserve uses milliseconds throughout).
 
+Optional request parameter ``timing`` (bool, or the string "true"/"false"): when true,
+the response carries parameter ``timing``, a JSON string with the request's latency
+breakdown as the front door saw it (``services.router.stats.breakdown``: ``total_ms``,
+``phases_ms``, ``unaccounted_ms``, ``stages``; docs/metrics.md, "Latency breakdown").
+
 Response: outputs ``text`` (BYTES ``[N]``), ``boxes`` (FP32 ``[N, 8]``: x1,y1..x4,y4 in
 page pixels) and ``confidence`` (FP32 ``[N]``), all in ``raw_output_contents``; response
 parameters carry serving metadata (e.g. ``plan_version``, ``variant_path``). A pipeline
@@ -62,6 +67,7 @@ def ocr_outputs(orientation: bool = False) -> tuple[str, ...]:
     """The outputs of an OCR pipeline, in answer order (with the orientation child's too)."""
     return OUTPUTS + ORIENTATION_OUTPUTS if orientation else OUTPUTS
 TIMEOUT_PARAM = "timeout"
+TIMING_PARAM = "timing"   # request: ask for the latency breakdown; response: it, as JSON
 
 _LEN = struct.Struct("<I")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -106,8 +112,9 @@ def decode_bytes_tensor(raw: bytes) -> list[bytes]:
 
 
 def build_image_request(model_name: str, image: bytes, request_id: str = "",
-                        timeout_ms: int | None = None) -> pb.ModelInferRequest:
-    """A request carrying one encoded image as ``image`` (BYTES, shape [1])."""
+                        timeout_ms: int | None = None, timing: bool = False) -> pb.ModelInferRequest:
+    """A request carrying one encoded image as ``image`` (BYTES, shape [1]); ``timing``
+    asks for the latency breakdown in the response (parameter ``timing``)."""
     req = pb.ModelInferRequest(model_name=model_name, id=request_id)
     tensor = req.inputs.add()
     tensor.name = IMAGE_INPUT
@@ -118,6 +125,8 @@ def build_image_request(model_name: str, image: bytes, request_id: str = "",
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
         req.parameters[TIMEOUT_PARAM].int64_param = int(timeout_ms)
+    if timing:
+        req.parameters[TIMING_PARAM].bool_param = True
     return req
 
 
@@ -362,6 +371,21 @@ def request_timeout_ms(request: pb.ModelInferRequest) -> int | None:
     if value <= 0:
         raise InvalidInput(f"parameter '{TIMEOUT_PARAM}' must be positive, got {value}")
     return value
+
+
+def request_wants_timing(request: pb.ModelInferRequest) -> bool:
+    """The ``timing`` request parameter: True when the client asks for the latency
+    breakdown in the response (absent: False)."""
+    if TIMING_PARAM not in request.parameters:
+        return False
+    param = request.parameters[TIMING_PARAM]
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "bool_param":
+        return param.bool_param
+    if kind == "string_param" and param.string_param.strip().lower() in ("true", "false"):
+        return param.string_param.strip().lower() == "true"
+    raise InvalidInput(f"parameter '{TIMING_PARAM}' must be a bool (or \"true\"/\"false\"), got "
+                       f"{kind or 'nothing'}" + (f" {param.string_param!r}" if kind == "string_param" else ""))
 
 
 _IGNORED_OUTPUT_PARAMS = frozenset({"binary_data"})   # KServe's HTTP flag: gRPC outputs are raw anyway

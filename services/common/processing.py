@@ -36,10 +36,13 @@ class RegionOut:
 @dataclass(frozen=True)
 class ItemResult:
     """What one query produced. ``child_payloads[i]`` is the encoded input (e.g. a PNG
-    crop) for the child task(s) derived from ``regions[i]``; empty for leaf tasks."""
+    crop) for the child task(s) derived from ``regions[i]``; empty for leaf tasks.
+    ``encode_s``: the seconds spent encoding those payloads (the worker reports it apart
+    from the rest of the post-processing in the latency breakdown)."""
 
     regions: tuple[RegionOut, ...] = ()
     child_payloads: tuple[bytes, ...] = ()
+    encode_s: float = 0.0
 
 
 @dataclass

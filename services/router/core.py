@@ -203,13 +203,16 @@ class RouterCore:
             sent_to = wid
             self._outstanding[sent_to] = self._outstanding.get(sent_to, 0) + len(queries)
             try:
+                t_call = time.perf_counter()
                 resp = await self.workers.infer(w.address, req, remaining)
+                call_ms = (time.perf_counter() - t_call) * 1e3
                 if len(resp.results) != len(queries):
                     raise CallFailed(pb.INTERNAL, f"worker {wid} returned {len(resp.results)} results "
                                                   f"for {len(queries)} queries")
                 self._observe_batch(wid, resp.results)
                 self._newer(resp.plan_version)
                 for r, i in zip(resp.results, idx):
+                    r.call_ms = call_ms   # the latency breakdown's router <-> worker round trip
                     out[i] = r
                 return
             except CallFailed as exc:
@@ -247,6 +250,7 @@ class RouterCore:
                 keys.append((child, members))
         t0 = time.perf_counter()
         outputs = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+        children_ms = (time.perf_counter() - t0) * 1e3
         # only successful round trips bound the reserve: a call that failed at once (its
         # deadline had passed) says nothing about what the stages below need
         self._child_rtt.observe(time.perf_counter() - t0,
@@ -262,6 +266,7 @@ class RouterCore:
             for child in self.task.children:
                 r.children.extend(gathered[(child, r.query_id)])
             del r.child_payloads[:]
+            r.children_ms = children_ms
 
     async def _call_child(self, child: str, path: str, parents: list[pb.QueryResult],
                           request_id: str, deadline_s: float) -> list[pb.QueryResult]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 import time
 import uuid
@@ -25,7 +26,7 @@ from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.router.core import RouterCore
-from services.router.stats import MODEL_VERSION, FrontDoorStats, critical_path_ms
+from services.router.stats import MODEL_VERSION, FrontDoorStats, breakdown, critical_path, critical_path_ms
 
 log = get_logger(__name__)
 SERVER_NAME = "pipeserve"
@@ -410,6 +411,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         ms) and the front door's own ``input_ns`` and ``output_ns`` (FrontDoorStats)."""
         note = {} if note is None else note
         t0 = time.perf_counter_ns()
+        note["t0_ns"] = t0
         try:
             response = await self._model_infer(read, context, note)
             self.counts["ok"] += 1
@@ -493,6 +495,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
                      deadline: float, note: dict) -> ipb.ModelInferResponse:
         message = held.pop()
         outputs = oip.requested_outputs(message, self.orientation)   # before routing: a wrong name costs no run
+        timing = oip.request_wants_timing(message)
         check = functools.partial(oip.extract_image, message, max_bytes=self.spec.input.max_bytes,
                                   max_side=self.spec.input.max_side, max_pixels=self.spec.input.max_pixels)
         del message
@@ -515,12 +518,14 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
             raise Shed(f"over the admission rate of {self.admission.rate:.1f} requests/s; retry later")
         self._check_budget(deadline - time.time(), "before routing")
         self.counts["accepted"] += 1
+        t_route = time.perf_counter_ns()
         try:
             [result] = await self.core.route(request_id, deadline, queries, "")
         except ServingError as exc:
             log.warning("route_failed", code=exc.code, detail=str(exc))
             raise _client_error(exc.code if exc.code != "INVALID_ARGUMENT" else "INTERNAL") from None
         t_output = time.perf_counter_ns()
+        route_ns = t_output - t_route
         failure = _failure_of(result)
         if failure is not None:
             status, message = failure
@@ -542,9 +547,16 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         else:
             lines = [oip.OcrLine(r.label or r.text, tuple(r.points) if len(r.points) == 8 else (0.0,) * 8,
                                  r.score) for r in result.regions]
-        note["path"] = critical_path_ms(result)
         response = oip.build_ocr_response(self.spec.name, request_id, lines, params, outputs,
                                           orientation=self.orientation)
         response.model_version = MODEL_VERSION
-        note["output_ns"] = time.perf_counter_ns() - t_output
+        t_end = time.perf_counter_ns()
+        note["output_ns"] = t_end - t_output
+        path = critical_path(result)
+        note["path"] = critical_path_ms(path)
+        times = breakdown(path, (t_end - note.get("t0_ns", t_route)) / 1e6, route_ns / 1e6,
+                          note["input_ns"] / 1e6, note["output_ns"] / 1e6, stages=timing)
+        self.metrics.phases(times["phases_ms"], times["unaccounted_ms"])
+        if timing:
+            response.parameters[oip.TIMING_PARAM].string_param = json.dumps(times, separators=(",", ":"))
         return response

@@ -40,20 +40,101 @@ MODEL_VERSION = "1"
 name versions as strings of integers)."""
 
 
-def critical_path_ms(result: pb.QueryResult) -> tuple[float, float]:
-    """``(queue_ms, service_ms)`` along the path through ``result``'s tree that finished
-    last: this stage's queue and batch times, plus those of the child path (over every
-    child stage and region) with the largest queue + batch time."""
-    queue, service = result.queue_ms, result.service_ms
-    best: tuple[float, float] | None = None
-    for child in result.children:
-        path = critical_path_ms(child)
-        if best is None or sum(path) > sum(best):
-            best = path
-    if best is not None:
-        queue += best[0]
-        service += best[1]
-    return queue, service
+def _path_cost_ms(result: pb.QueryResult) -> float:
+    """How long ``result``'s subtree took, to pick the child that finished last: the
+    round trip its router measured (worker call + child stages) when recorded, else the
+    worker's queue + batch times down its own slowest path."""
+    if result.call_ms > 0:
+        return result.call_ms + result.children_ms
+    return result.queue_ms + result.service_ms + max((_path_cost_ms(c) for c in result.children), default=0.0)
+
+
+def critical_path(result: pb.QueryResult) -> list[pb.QueryResult]:
+    """The results along the path through ``result``'s tree that finished last: the root
+    stage's, then the child (over every child stage and region) that took longest, and so
+    on down."""
+    path = [result]
+    while result.children:
+        result = max(result.children, key=_path_cost_ms)
+        path.append(result)
+    return path
+
+
+def critical_path_ms(result: pb.QueryResult | list[pb.QueryResult]) -> tuple[float, float]:
+    """``(queue_ms, service_ms)`` along :func:`critical_path` (of a result, or the path
+    itself): the worker queue and batch times of each stage's query on it."""
+    path = critical_path(result) if isinstance(result, pb.QueryResult) else result
+    return sum(r.queue_ms for r in path), sum(r.service_ms for r in path)
+
+
+# -- the per-request latency breakdown ---------------------------------------------------
+
+PHASES = ("input", "queue", "preprocess", "model", "postprocess", "crop_encode", "worker",
+          "transfer", "router", "output")
+"""The parts of a request's time at the front door (docs/metrics.md, "Latency breakdown"),
+summed over the stages on its critical path:
+
+* ``input``: the front door checking (and for raw pixels re-encoding) the image;
+* ``queue``: waiting in the workers' queues for a batch;
+* ``preprocess``: decoding and pre-processing in the workers (the submission's, wall
+  time) and assembling the batch before the model;
+* ``model``: the ONNX Runtime runs of the batches;
+* ``postprocess``: the batches' post-processing, crop encoding not included;
+* ``crop_encode``: encoding crops for the next stage (the detector's);
+* ``worker``: the rest of the time inside the workers (executor hand-offs, the event loop);
+* ``transfer``: router -> worker -> router: the worker call's round trip as the router
+  measured it, less the worker's own time (gRPC, serialisation, the network);
+* ``router``: the routers' own work and the router -> child router hops: each stage's
+  time as its caller saw it (the front door's route call, a parent router's wait for its
+  child stages), less its worker round trip and its own wait for its children;
+* ``output``: the front door building the response.
+
+What is left of the front door's total is ``unaccounted`` (its own bookkeeping)."""
+
+
+def _pos(x: float) -> float:
+    return x if x > 0 else 0.0
+
+
+def stage_phases(r: pb.QueryResult, outer_ms: float) -> dict[str, float]:
+    """One stage's part of the breakdown (ms) for its query ``r`` on the critical path;
+    ``outer_ms`` is the stage's time as its caller saw it (the front door's route call for
+    the root, the parent router's wait for its children otherwise). Differences of clocks
+    read at other moments are floored at 0."""
+    work = r.queue_ms + r.preprocess_ms + r.model_ms + r.postprocess_ms + r.crop_encode_ms
+    return {
+        "queue": r.queue_ms, "preprocess": r.preprocess_ms, "model": r.model_ms,
+        "postprocess": r.postprocess_ms, "crop_encode": r.crop_encode_ms,
+        "worker": _pos(r.worker_ms - work),
+        "transfer": _pos(r.call_ms - r.worker_ms),
+        "router": _pos(outer_ms - r.call_ms - r.children_ms),
+    }
+
+
+def breakdown(path: list[pb.QueryResult], total_ms: float, route_ms: float, input_ms: float,
+              output_ms: float, stages: bool = True) -> dict:
+    """The latency breakdown of one answered request (a plain dict, JSON-ready) from its
+    :func:`critical_path`: its ``total_ms`` at the front door, ``phases_ms``
+    (:data:`PHASES`, summed over the stages), ``unaccounted_ms`` (the total less the
+    phases, floored at 0) and with ``stages`` each stage's task, variant, worker, batch
+    size and phases, all rounded to microseconds (without, unrounded: the metrics' copy)."""
+    phases = dict.fromkeys(PHASES, 0.0)
+    phases["input"], phases["output"] = input_ms, output_ms
+    per_stage = []
+    outer = route_ms
+    for r in path:
+        part = stage_phases(r, outer)
+        for k, v in part.items():
+            phases[k] += v
+        if stages:
+            per_stage.append({"task": r.task, "variant": r.variant, "worker": r.worker_id,
+                              "batch_size": r.batch_size, **{f"{k}_ms": round(v, 3) for k, v in part.items()}})
+        outer = r.children_ms
+    unaccounted = _pos(total_ms - sum(phases.values()))
+    if not stages:   # the metrics' copy, per request: no rounding, no per-stage detail
+        return {"total_ms": total_ms, "phases_ms": phases, "unaccounted_ms": unaccounted}
+    return {"total_ms": round(total_ms, 3), "phases_ms": {k: round(v, 3) for k, v in phases.items()},
+            "unaccounted_ms": round(unaccounted, 3), "stages": per_stage}
 
 
 @dataclass

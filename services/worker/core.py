@@ -81,6 +81,46 @@ class Outcome:
     queue_ms: float = 0.0
     service_ms: float = 0.0
     batch_size: int = 0
+    phases: "BatchPhases | None" = None   # where the batch's time went (OK outcomes)
+    preprocess_ms: float = 0.0   # the submission's pre-processing (wall)
+    worker_ms: float = 0.0       # arrival in submit() to the outcome
+
+
+@dataclass
+class BatchPhases:
+    """Where one batch's time went, measured in the thread that ran it: the batch's
+    assembly before the first model run (stacking, padding), the model runs (ONNX
+    Runtime), the crop encoding the processor reported (``ItemResult.encode_s``), and
+    the rest of the post-processing after the model."""
+
+    assemble_ms: float = 0.0
+    model_ms: float = 0.0
+    postprocess_ms: float = 0.0
+    encode_ms: float = 0.0
+
+
+class _TimedSession:
+    """An ONNX Runtime session as a processor sees it, timing its ``run`` calls (one
+    per batch, made in the inference thread; the rest is passed through)."""
+
+    __slots__ = ("_session", "run_s", "first_start")
+
+    def __init__(self, session: object) -> None:
+        self._session = session
+        self.run_s = 0.0
+        self.first_start: float | None = None
+
+    def run(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        if self.first_start is None:
+            self.first_start = t0
+        try:
+            return self._session.run(*args, **kwargs)   # type: ignore[attr-defined]
+        finally:
+            self.run_s += time.perf_counter() - t0
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
 
 
 @dataclass
@@ -120,6 +160,8 @@ class _Pending:
     enqueued: float
     prepare_s: float
     future: asyncio.Future
+    arrived: float = 0.0        # perf_counter() at submit()
+    prep_wall_s: float = 0.0    # the submission's pre-processing, wall time
 
 
 @dataclass
@@ -338,6 +380,7 @@ class WorkerCore:
             what = f"task {task!r}" if task else "a model"
             why = "parked" if self.state is WorkerState.PARKED else "not loaded"
             raise Unavailable(f"worker {self.worker_id} holds no model of {what} ({why})")
+        arrived = time.perf_counter()
         n = len(queries)
         if self.queue.queued + n > self.max_queue:
             self.counters["shed"] += n
@@ -353,12 +396,14 @@ class WorkerCore:
         # one executor call per slice of the request, not per query: a thread hand-off
         # costs ~50 us, as much as preparing a small crop (at most prep_threads slices)
         payloads = [p for _, p in queries]
+        t_prep = time.perf_counter()
         k = -(-n // min(n, self.prep_threads))
         slices = await asyncio.gather(*[
             loop.run_in_executor(self._prep_pool, contextvars.copy_context().run, _prepare_all,
                                  host.processor.prepare, payloads[i:i + k])
             for i in range(0, n, k)])
         prepared = [x for part in slices for x in part]
+        prep_wall_s = time.perf_counter() - t_prep
         now = self.clock()
         group: deque[_Pending] = deque()
         outcomes: list[Outcome | asyncio.Future] = []
@@ -371,7 +416,7 @@ class WorkerCore:
                 log.error("prepare_failed", worker_id=self.worker_id, query_id=qid, error=repr(prep))
                 outcomes.append(Outcome(qid, Status.INTERNAL, "pre-processing failed", host.variant.name))
             else:
-                p = _Pending(qid, host, prep[0], now, prep[1], loop.create_future())
+                p = _Pending(qid, host, prep[0], now, prep[1], loop.create_future(), arrived, prep_wall_s)
                 group.append(p)
                 outcomes.append(p.future)
         if group:
@@ -380,7 +425,8 @@ class WorkerCore:
         return [o if isinstance(o, Outcome) else await o for o in outcomes]
 
     def _resolve(self, p: _Pending, status: Status, message: str = "", result: ItemResult | None = None,
-                 service_ms: float = 0.0, batch_size: int = 0, started: float | None = None) -> None:
+                 service_ms: float = 0.0, batch_size: int = 0, started: float | None = None,
+                 phases: BatchPhases | None = None) -> None:
         if p.future.done():
             return
         queue_ms = ((started if started is not None else self.clock()) - p.enqueued) * 1e3
@@ -391,7 +437,8 @@ class WorkerCore:
         else:
             self.counters["errors"] += 1
         p.future.set_result(Outcome(p.query_id, status, message, p.host.variant.name, result,
-                                    queue_ms, service_ms, batch_size))
+                                    queue_ms, service_ms, batch_size, phases, p.prep_wall_s * 1e3,
+                                    (time.perf_counter() - p.arrived) * 1e3 if p.arrived else 0.0))
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -432,9 +479,9 @@ class WorkerCore:
         started = self.clock()
         t0 = time.perf_counter()
         try:
-            results, run_s = await loop.run_in_executor(
+            results, run_s, phases = await loop.run_in_executor(
                 self._infer_pool, contextvars.copy_context().run,
-                _timed, host.processor.run_batch, host.session, [p.prepared for p in items])
+                _run_timed, host.processor.run_batch, host.session, [p.prepared for p in items])
             if len(results) != len(items):
                 raise RuntimeError(f"processor returned {len(results)} results for {len(items)} items")
         except Exception:
@@ -455,7 +502,7 @@ class WorkerCore:
                          regions)
         for p, r in zip(items, results):
             self._resolve(p, Status.OK, result=r, service_ms=elapsed * 1e3, batch_size=len(items),
-                          started=started)
+                          started=started, phases=phases)
 
     # -- statistics ----------------------------------------------------------------
     def _record(self, task: str, variant: str, size: int, work_s: float, regions: int) -> None:
@@ -531,8 +578,15 @@ def _prepare_all(prepare: Callable[[bytes], Prepared], payloads: list[bytes]) ->
     return out
 
 
-def _timed(fn: Callable, *args):
-    """``(fn(*args), seconds it took)``, timed in the thread that runs it."""
+def _run_timed(run_batch: Callable, session: object, items: list[Prepared]
+               ) -> tuple[list[ItemResult], float, BatchPhases]:
+    """``(run_batch(session, items), seconds it took, where they went)``, timed in the
+    thread that runs it; the session's ``run`` calls are timed through a wrapper."""
+    timed = _TimedSession(session)
     t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
+    results = run_batch(timed, items)
+    total = time.perf_counter() - t0
+    assemble = (timed.first_start - t0) if timed.first_start is not None else 0.0
+    encode = sum(getattr(r, "encode_s", 0.0) for r in results)
+    post = max(0.0, total - assemble - timed.run_s - encode)
+    return results, total, BatchPhases(assemble * 1e3, timed.run_s * 1e3, post * 1e3, encode * 1e3)

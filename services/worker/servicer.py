@@ -20,7 +20,13 @@ _STATUS = {
 def outcome_to_proto(o: Outcome, task: str, worker_id: str) -> pb.QueryResult:
     r = pb.QueryResult(query_id=o.query_id, status=_STATUS[o.status], message=o.message, task=task,
                        variant=o.variant, worker_id=worker_id, queue_ms=o.queue_ms,
-                       service_ms=o.service_ms, batch_size=o.batch_size)
+                       service_ms=o.service_ms, batch_size=o.batch_size, worker_ms=o.worker_ms)
+    if o.phases is not None:
+        ph = o.phases
+        r.preprocess_ms = o.preprocess_ms + ph.assemble_ms
+        r.model_ms, r.postprocess_ms, r.crop_encode_ms = ph.model_ms, ph.postprocess_ms, ph.encode_ms
+    else:
+        r.preprocess_ms = o.preprocess_ms
     if o.result is not None:
         for reg in o.result.regions:
             r.regions.add(points=list(reg.points), score=reg.score, text=reg.text,

@@ -39,7 +39,7 @@ def cluster(models_dir, tmp_path_factory):
     plan.write_text(PLAN_480)
     c = LocalCluster(ClusterConfig(spec=SPEC, plan_file=plan, models=models_dir,
                                    workers={"det": 1, "rec": 2}, log_dir=tmp / "logs",
-                                   heartbeat_timeout_s=3.0))
+                                   heartbeat_timeout_s=3.0, metrics=True))
     c.start(ready_timeout_s=120)
     yield c
     codes = c.stop()
@@ -68,6 +68,38 @@ def test_pages_are_read_with_low_cer(stub, eval_pages):
         assert params["plan_version"] >= 1
         assert params["variant_path"] == "det_v6small_480/rec_v6tiny"
     assert float(np.mean(cers)) < 0.1, cers
+
+
+def test_timing_parameter_returns_the_latency_breakdown_and_the_phases_are_scraped(cluster, stub, eval_pages):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.router.stats import PHASES
+
+    _, pages = eval_pages
+    for page in pages[:2]:
+        t0 = time.perf_counter()
+        resp = infer(stub, page.png, timing=True)
+        client_ms = (time.perf_counter() - t0) * 1e3
+        params = oip.read_parameters(resp.parameters)
+        times = json.loads(params["timing"])
+        phases = times["phases_ms"]
+        assert set(phases) == set(PHASES)
+        assert all(v >= 0 for v in phases.values()), phases
+        assert times["unaccounted_ms"] >= 0
+        # the work itself was measured: the detector and the recogniser ran a model each
+        assert phases["model"] > 0 and phases["preprocess"] > 0 and phases["crop_encode"] > 0
+        assert [s["task"] for s in times["stages"]] == ["det", "rec"]
+        assert sum(phases.values()) <= client_ms, (times, client_ms)
+        assert times["total_ms"] <= client_ms, (times, client_ms)
+    assert "timing" not in oip.read_parameters(infer(stub, pages[0].png).parameters)
+    with urllib.request.urlopen(f"http://{cluster.metrics_addresses['router-det']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts = {s.labels["phase"]: s.value for fam in text_string_to_metric_families(text)
+              for s in fam.samples if s.name == "pipeserve_frontdoor_phase_seconds_count"}
+    assert set(counts) == set(PHASES) | {"unaccounted"}
+    assert min(counts.values()) >= 3   # these three requests at least, every phase of each
 
 
 TRITON_CLIENT = """
