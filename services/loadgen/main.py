@@ -15,6 +15,7 @@ from services.common.grpc_utils import TlsError, add_tls_arguments, tls_from_arg
 from services.loadgen.report import LoadReport, format_report
 from services.loadgen.records import write_plan_history, write_records
 from services.loadgen.runner import LoadConfig, run_load
+from services.loadgen.senders import SenderError
 from services.loadgen.schedule import SHAPES, RateShape
 
 # which of the shape options each shape uses
@@ -39,6 +40,8 @@ Every request ends in exactly one outcome: answered OK (on time or late, i.e. ov
 (INVALID_ARGUMENT) or another error, counted by status code; requests refused by the
 --max-in-flight cap count as errors (CLIENT_IN_FLIGHT_CAP). Latency counts from each
 request's scheduled send time (a send the generator made late carries its lag).
+When one process falls behind its schedule (a large max send lag), --procs N sends the
+same schedule from N processes.
 SLO violation ratio = (late + dropped + shed + invalid + errors) / sent.
 """
 
@@ -55,7 +58,7 @@ examples:
       --tls-ca certs/ca.pem --tls-cert certs/client.pem --tls-key certs/client.key   # mutual TLS
 
 exit status: 0 when the run completed (whatever the violation ratio), 2 on bad arguments,
-1 when the run could not start (e.g. missing pages).
+1 when the run could not start (e.g. missing pages) or a --procs sender process failed.
 """
 
 
@@ -140,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--max-in-flight", type=_positive_int, default=10_000, metavar="N",
                      help="refuse (and count as errors) requests beyond N outstanding "
                           "(default: %(default)s)")
+    out.add_argument("--procs", type=_positive_int, default=1, metavar="N",
+                     help="send from N processes, each with its own gRPC channel and event "
+                          "loop; arrival i goes to process i %% N, all on one clock, so the "
+                          "schedule, the report and the records are those of one process. "
+                          "Use it when the report's max send lag grows (one process falls "
+                          "behind at several hundred to a few thousand small requests/s), "
+                          "at most one per free core; --max-in-flight is split between them "
+                          "(default: %(default)s)")
     out.add_argument("--json", type=Path, metavar="FILE",
                      help="also write the report as JSON to FILE")
     out.add_argument("--records", type=Path, metavar="FILE",
@@ -199,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         use_trace_deadlines=args.use_trace_deadlines, seed=args.seed,
         slo_ms=args.slo_ms, timeout_ms=args.timeout_ms,
         send_timeout_param=args.send_timeout_param, max_in_flight=args.max_in_flight,
+        procs=args.procs,
         progress=not args.quiet,
         tls=tls_from_args(args) if hasattr(args, "tls_ca") else None)
 
@@ -224,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(unused)} not used by --shape {args.shape}")
     if args.plan_history is not None and not (args.controller or args.redis_url):
         parser.error("--plan-history needs --controller or --redis-url")
+    if args.max_in_flight < args.procs:
+        parser.error(f"--max-in-flight ({args.max_in_flight}) is split between the --procs "
+                     f"{args.procs} processes: it must be at least --procs")
     if args.rate is not None and (shape := shape_from_args(args)) is not None:
         try:
             shape.validate()
@@ -237,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config.validate()
         report = asyncio.run(run_load(config))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SenderError) as exc:
         print(f"pipeserve-loadgen: {exc}", file=sys.stderr)
         return 1
     print(format_report(report))

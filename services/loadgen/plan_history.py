@@ -37,6 +37,9 @@ from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 
 RPC_TIMEOUT_S = 2.0
+# stop() waits at most this long for the sampling task and for each connection to close:
+# longer than one sample can take (Redis socket timeout 5 s, RPC 2 s)
+STOP_TIMEOUT_S = 10.0
 
 
 def sample_from_plan(plan: Plan | None, t_s: float) -> dict:
@@ -94,6 +97,8 @@ class PlanSampler:
         self._redis = None
         self._channel: grpc.aio.Channel | None = None
         self._status_rpc = True   # False once the controller said UNIMPLEMENTED
+        self._stopping = False
+        self._start = 0.0
 
     async def _from_controller(self, t_s: float) -> dict:
         stub = pb_grpc.ControllerStub(self._channel)
@@ -134,7 +139,7 @@ class PlanSampler:
 
     async def _loop(self, start: float) -> None:
         n = 0
-        while True:
+        while not self._stopping:
             now = time.monotonic()
             self.samples.append(await self.sample(now - start))
             n += 1
@@ -148,16 +153,36 @@ class PlanSampler:
             self._channel = make_channel(self.controller, tls=self.tls)
         if self.redis_url:
             self._redis = connect(self.redis_url)
-        self._task = asyncio.create_task(self._loop(time.monotonic() if start is None else start))
+        self._start = time.monotonic() if start is None else start
+        self._stopping = False
+        self._task = asyncio.create_task(self._loop(self._start))
 
     async def stop(self) -> list[dict]:
-        """Stop sampling and close the connections; returns the samples."""
+        """Stop sampling and close the connections, each wait bounded (a wait that runs
+        out is recorded as an ``error`` sample); returns the samples.
+
+        The loop stops on a flag as well as on ``cancel()``: on Python 3.11
+        ``asyncio.wait_for`` (which redis-py awaits inside every command) swallows a
+        cancel that lands just as the command completes (CPython gh-86296), and a loop
+        stopped by ``cancel()`` alone would then sample on for ever."""
         if self._task is not None:
+            self._stopping = True
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._bounded(self._task, "the sampling task did not stop")
             self._task = None
         if self._channel is not None:
-            await self._channel.close()
+            await self._bounded(self._channel.close(), "the controller channel did not close")
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._bounded(self._redis.aclose(), "the Redis connection did not close")
         return self.samples
+
+    async def _bounded(self, awaitable, what: str) -> None:
+        """Wait at most STOP_TIMEOUT_S for ``awaitable``; past that, say so in the history
+        and leave it (a stuck close must not hang the run)."""
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+        if not done:
+            self.samples.append({"t_s": round(time.monotonic() - self._start, 3),
+                                 "error": f"{what} within {STOP_TIMEOUT_S:g} s; left behind"})
+        elif not task.cancelled():
+            task.result()   # a close that failed raises, as before

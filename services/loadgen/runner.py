@@ -25,9 +25,10 @@ import asyncio
 import gc
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import grpc
 
@@ -62,7 +63,8 @@ class LoadConfig:
     """One load run. Exactly one of ``rate`` (Poisson, with ``duration_s``), ``shape``
     (Poisson with a time-varying rate, with ``duration_s``) and ``trace`` (replay) selects
     the arrivals; ``timeout_ms`` defaults to ``slo_ms``. ``redis_url`` and/or
-    ``controller`` turn on the plan history (a sample every ``plan_interval_s``)."""
+    ``controller`` turn on the plan history (a sample every ``plan_interval_s``).
+    ``procs > 1`` sends from that many processes (``max_in_flight`` split between them)."""
 
     target: str
     pipeline: str = "ocr"
@@ -84,6 +86,9 @@ class LoadConfig:
     redis_url: str | None = None    # plan history from the plan key in Redis
     controller: str | None = None   # plan history from the controller (ClusterStatus)
     plan_interval_s: float = 1.0
+    # sender processes (services/loadgen/senders.py): the schedule is dealt round-robin
+    # to this many processes, each with its own channel and event loop; 1 sends from here
+    procs: int = 1
 
     @property
     def effective_timeout_ms(self) -> float:
@@ -103,6 +108,11 @@ class LoadConfig:
             raise ValueError("slo_ms and timeout_ms must be positive")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if self.procs < 1:
+            raise ValueError(f"procs must be at least 1, got {self.procs}")
+        if self.max_in_flight < self.procs:
+            raise ValueError(f"max_in_flight ({self.max_in_flight}) is split between the "
+                             f"{self.procs} sender processes: it must be at least procs")
 
 
 @dataclass(frozen=True)
@@ -193,46 +203,118 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
         cer_fn = default_cer_fn()
 
     loop = asyncio.get_running_loop()
-    results: dict[int, rep.RequestResult] = {}
-    pendings: dict[int, _Pending] = {}
-    in_flight = 0
-    max_lag = 0.0
     bar = _progress(config, len(schedule))
-    channel = make_channel(config.target, tls=config.tls)
-    # requests go out pre-serialised: each page's request is built once, and a request's
-    # own id is appended as one more field (protobuf merges it), so sending a request
-    # copies no image and builds no message (the sending loop is the generator's limit)
-    infer = channel.unary_unary(MODEL_INFER, request_serializer=None,
-                                response_deserializer=inference_pb2.ModelInferResponse.FromString)
-    templates: dict[tuple[int, int | None], bytes] = {}
+    sampler = (PlanSampler(config.pipeline, redis_url=config.redis_url, controller=config.controller,
+                           tls=config.tls, interval_s=config.plan_interval_s)
+               if config.redis_url or config.controller else None)
+    try:
+        if config.procs > 1:
+            from services.loadgen.senders import run_senders   # it imports this module
 
-    def wire_request(page_no: int, request_id: str, timeout_ms: int | None) -> bytes:
+            sent = await run_senders(config, pages, schedule, sampler=sampler, bar=bar)
+            results, pendings, max_lag, elapsed = sent.results, sent.pendings, sent.max_lag, sent.elapsed_s
+        else:
+            sender = _Sender(config, pages, on_finish=bar.update if bar is not None else None)
+            try:
+                with quiet_gc():
+                    start = loop.time()
+                    wall_start = time.perf_counter()
+                    if sampler is not None:
+                        await sampler.start(start)
+                    try:
+                        await sender.run(enumerate(schedule), start)
+                    finally:
+                        elapsed = time.perf_counter() - wall_start
+                        if sampler is not None:
+                            await sampler.stop()
+            finally:
+                await sender.close()
+            results, pendings, max_lag = sender.results, sender.pendings, sender.max_lag
+    finally:
+        if bar is not None:
+            bar.close()
+
+    for index in range(len(schedule)):  # belt and braces: nothing silently lost
+        if index not in results:
+            results[index] = rep.RequestResult(index, rep.NOT_FINISHED, None, config.slo_ms / 1000)
+    final = _with_cer(results, pendings, pages, cer_fn)
+    return rep.summarize(final, elapsed_s=elapsed, window_s=arrival_window_s(config, schedule),
+                         max_send_lag_s=max_lag,
+                         config=_config_dict(config, len(schedule)),
+                         plan_history=sampler.samples if sampler is not None else ())
+
+
+@contextmanager
+def quiet_gc():
+    """A full garbage collection stalls the sending loop for 10-20 ms, more as the kept
+    results grow (docs/performance.md): what exists on entry (pages, the schedule, the
+    channel) is frozen out of the collections, young collections run less often, and no
+    full (generation 2) one runs until exit. Cycles that outlive two young collections wait
+    for the end of the run; the young collections still free the short-lived ones."""
+    gc.collect()
+    gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], 50_000), thresholds[1], max(thresholds[2], 1_000_000))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
+class _Sender:
+    """Sends ``(index, arrival)`` pairs at ``start + arrival.t_s`` (event-loop clock, i.e.
+    ``time.monotonic()``) on one channel, open loop. After :meth:`run` every arrival it was
+    given has exactly one result in ``results`` (OK answers' parsed lines in ``pendings``),
+    also when ``run`` is cancelled; ``max_lag`` is the worst send lag in seconds.
+
+    Requests go out pre-serialised: each page's request is built once, and a request's own
+    id is appended as one more field (protobuf merges it), so sending a request copies no
+    image and builds no message (the sending loop is the generator's limit)."""
+
+    def __init__(self, config: LoadConfig, pages: Sequence[LoadPage], *,
+                 on_finish: Callable[[int], object] | None = None) -> None:
+        self.config = config
+        self.pages = pages
+        self.results: dict[int, rep.RequestResult] = {}
+        self.pendings: dict[int, _Pending] = {}
+        self.max_lag = 0.0
+        self.channel = make_channel(config.target, tls=config.tls)
+        self._infer = self.channel.unary_unary(
+            MODEL_INFER, request_serializer=None,
+            response_deserializer=inference_pb2.ModelInferResponse.FromString)
+        self._templates: dict[tuple[int, int | None], bytes] = {}
+        self._on_finish = on_finish
+        self._in_flight = 0
+        self._start = 0.0
+
+    def _wire_request(self, page_no: int, request_id: str, timeout_ms: int | None) -> bytes:
         key = (page_no, timeout_ms)
-        t = templates.get(key)
+        t = self._templates.get(key)
         if t is None:
-            t = templates[key] = oip.build_image_request(config.pipeline, pages[page_no].image,
-                                                         timeout_ms=timeout_ms).SerializeToString()
+            t = self._templates[key] = oip.build_image_request(
+                self.config.pipeline, self.pages[page_no].image, timeout_ms=timeout_ms).SerializeToString()
         return t + _string_field(3, request_id)   # field 3: ModelInferRequest.id
 
-    def finish(result: rep.RequestResult) -> None:
-        assert result.index not in results, f"request {result.index} counted twice"
-        results[result.index] = result
-        if bar is not None:
-            bar.update(1)
+    def _finish(self, result: rep.RequestResult) -> None:
+        assert result.index not in self.results, f"request {result.index} counted twice"
+        self.results[result.index] = result
+        if self._on_finish is not None:
+            self._on_finish(1)
 
-    async def one(index: int, arrival: Arrival, page_no: int, slo_s: float,
-                  timeout_s: float) -> None:
-        nonlocal in_flight
-        request = wire_request(page_no, f"lg-{config.seed}-{index}",
-                               int(round(timeout_s * 1000)) if config.send_timeout_param else None)
-        scheduled = start + arrival.t_s          # latency counts from here (loop clock)
+    async def _one(self, index: int, arrival: Arrival, page_no: int, slo_s: float,
+                   timeout_s: float) -> None:
+        config, loop = self.config, asyncio.get_running_loop()
+        request = self._wire_request(page_no, f"lg-{config.seed}-{index}",
+                                     int(round(timeout_s * 1000)) if config.send_timeout_param else None)
+        scheduled = self._start + arrival.t_s    # latency counts from here (loop clock)
         lag = loop.time() - scheduled
         code, latency, params, message = rep.CLIENT_ERROR, None, {}, ""
         try:
-            response = await infer(request, timeout=timeout_s)
+            response = await self._infer(request, timeout=timeout_s)
             latency = loop.time() - scheduled
             try:
-                pendings[index] = _Pending(index, page_no, slo_s, oip.parse_ocr_response(response))
+                self.pendings[index] = _Pending(index, page_no, slo_s, oip.parse_ocr_response(response))
                 params = oip.read_parameters(response.parameters)
                 code = rep.OK
             except Exception as exc:  # an OK status with unreadable tensors
@@ -248,73 +330,53 @@ async def run_load(config: LoadConfig, pages: Sequence[LoadPage] | None = None, 
             code = rep.CLIENT_ERROR
             message = f"the load generator's client failed: {type(exc).__name__}: {exc}"[:300]
         finally:
-            in_flight -= 1
+            self._in_flight -= 1
             version = params.get("plan_version")
             path = params.get("variant_path")
-            finish(rep.RequestResult(
+            self._finish(rep.RequestResult(
                 index, code, latency, slo_s,
                 plan_version=int(version) if isinstance(version, int) else None,
                 variant_path=str(path) if path is not None else None, t_s=arrival.t_s, message=message,
                 send_lag_s=max(0.0, lag)))
 
-    tasks: set[asyncio.Task] = set()
-    # a full garbage collection stalls the sending loop for 10-20 ms: what exists now
-    # (pages, the schedule) is frozen out of the collections, which run less often
-    gc.collect()
-    gc.freeze()
-    thresholds = gc.get_threshold()
-    gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
-    sampler = (PlanSampler(config.pipeline, redis_url=config.redis_url, controller=config.controller,
-                           tls=config.tls, interval_s=config.plan_interval_s)
-               if config.redis_url or config.controller else None)
-    start = loop.time()
-    wall_start = time.perf_counter()
-    if sampler is not None:
-        await sampler.start(start)
-    try:
-        for index, arrival in enumerate(schedule):
-            delay = start + arrival.t_s - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            max_lag = max(max_lag, loop.time() - (start + arrival.t_s))
-            slo_ms, timeout_ms = request_budget_ms(config, arrival)
-            if in_flight >= config.max_in_flight:
-                finish(rep.RequestResult(index, rep.IN_FLIGHT_CAP, None, slo_ms / 1000.0, t_s=arrival.t_s))
-                continue
-            in_flight += 1
-            task = asyncio.create_task(one(index, arrival, index % len(pages), slo_ms / 1000.0,
-                                           timeout_ms / 1000.0))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            longest = max(request_budget_ms(config, a)[1] for a in schedule) / 1000.0
-            _, still = await asyncio.wait(set(tasks), timeout=longest + STOP_GRACE_S)
-            for task in still:
+    async def run(self, arrivals: Iterable[tuple[int, Arrival]], start: float) -> None:
+        """Send every arrival at its time, then wait for the answers; calls still pending
+        ``timeout + STOP_GRACE_S`` after the last send are cancelled (CLIENT_NOT_FINISHED)."""
+        config, pages, loop = self.config, self.pages, asyncio.get_running_loop()
+        self._start = start
+        tasks: set[asyncio.Task] = set()
+        longest = 0.0
+        try:
+            for index, arrival in arrivals:
+                delay = start + arrival.t_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                self.max_lag = max(self.max_lag, loop.time() - (start + arrival.t_s))
+                slo_ms, timeout_ms = request_budget_ms(config, arrival)
+                longest = max(longest, timeout_ms)
+                if self._in_flight >= config.max_in_flight:
+                    self._finish(rep.RequestResult(index, rep.IN_FLIGHT_CAP, None, slo_ms / 1000.0,
+                                                   t_s=arrival.t_s))
+                    continue
+                self._in_flight += 1
+                task = asyncio.create_task(self._one(index, arrival, index % len(pages), slo_ms / 1000.0,
+                                                     timeout_ms / 1000.0))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                _, still = await asyncio.wait(set(tasks), timeout=longest / 1000.0 + STOP_GRACE_S)
+                for task in still:
+                    task.cancel()
+                if still:
+                    await asyncio.gather(*still, return_exceptions=True)
+        finally:
+            for task in list(tasks):  # interrupted (e.g. Ctrl-C): every task still counts
                 task.cancel()
-            if still:
-                await asyncio.gather(*still, return_exceptions=True)
-    finally:
-        for task in list(tasks):  # interrupted (e.g. Ctrl-C): every task still counts
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*list(tasks), return_exceptions=True)
-        elapsed = time.perf_counter() - wall_start
-        if sampler is not None:
-            await sampler.stop()
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
-        await channel.close()
-        if bar is not None:
-            bar.close()
+            if tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
 
-    for index in range(len(schedule)):  # belt and braces: nothing silently lost
-        if index not in results:
-            results[index] = rep.RequestResult(index, rep.NOT_FINISHED, None, config.slo_ms / 1000)
-    final = _with_cer(results, pendings, pages, cer_fn)
-    return rep.summarize(final, elapsed_s=elapsed, window_s=arrival_window_s(config, schedule),
-                         max_send_lag_s=max_lag,
-                         config=_config_dict(config, len(schedule)),
-                         plan_history=sampler.samples if sampler is not None else ())
+    async def close(self) -> None:
+        await self.channel.close()
 
 
 def _with_cer(results: dict[int, rep.RequestResult], pendings: dict[int, _Pending],
