@@ -22,8 +22,10 @@ from collections import deque
 
 class DemandEstimator:
     def __init__(self, tau_s: float = 3.0, window_s: float = 5.0, stale_s: float = 10.0,
-                 tau_up_s: float | None = 1.0) -> None:
+                 tau_up_s: float | None = 1.0, rise_window_s: float | None = 1.0, rise_sigmas: float = 3.0) -> None:
         self.tau_s = tau_s
+        self.rise_window_s = rise_window_s
+        self.rise_sigmas = rise_sigmas
         self.tau_up_s = tau_s if tau_up_s is None else tau_up_s
         self.window_s = window_s
         self.stale_s = stale_s
@@ -55,7 +57,19 @@ class DemandEstimator:
         if len(hist) < 2:
             return 0.0
         (t0, c0), (t1, c1) = hist[0], hist[-1]
-        return (c1 - c0) / (t1 - t0)
+        windowed = (c1 - c0) / (t1 - t0)
+        if not self.rise_window_s:
+            return windowed
+        # a step up shows in the last second long before the window's mean follows it:
+        # take the recent rate when its count is implausible for a Poisson process at the
+        # windowed rate (more than ``rise_sigmas`` above it)
+        ta, ca = next(((t, c) for t, c in reversed(hist) if t <= t1 - self.rise_window_s + 1e-9), hist[0])
+        if t1 - ta <= 0:
+            return windowed
+        expected = windowed * (t1 - ta)
+        if (c1 - ca) > expected + self.rise_sigmas * math.sqrt(max(expected, 1.0)):
+            return (c1 - ca) / (t1 - ta)
+        return windowed
 
     def update(self, now: float) -> float:
         """Fold the current windowed rate into the estimate; returns it (requests/s)."""
