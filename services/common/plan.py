@@ -59,6 +59,10 @@ class Plan:
     calibration: Mapping[str, float] = field(default_factory=dict)
     # the demand (req/s, headroom included) the planner solved for; None: not planner-made
     planned_for_qps: float | None = None
+    # task -> the variant a worker of that task keeps loaded beside its planned one and runs
+    # a batch on when its queue says the plan is overrun (services.policy.batching.overrun);
+    # its batch latencies are in ``latency_ms``. Empty: no spilling.
+    burst: Mapping[str, str] = field(default_factory=dict)
 
     def is_newer_than(self, other: "Plan | None") -> bool:
         return other is None or self.version > other.version
@@ -83,6 +87,7 @@ class Plan:
         d["planned_qps"] = {t: dict(p) for t, p in self.planned_qps.items()}
         d["worker_accuracy"] = dict(self.worker_accuracy)
         d["calibration"] = dict(self.calibration)
+        d["burst"] = dict(self.burst)
         d["latency_ms"] = {t: {v: {str(b): x for b, x in sorted(bs.items())} for v, bs in vs.items()}
                            for t, vs in self.latency_ms.items()}
         return d
@@ -153,6 +158,8 @@ class Plan:
                 calibration={k: _number(x, f"calibration.{k}", source, lo=0.0)
                              for k, x in _mapping(d, "calibration", source, optional=True).items()},
                 planned_for_qps=_opt_number(d, "planned_for_qps", source),
+                burst={t: _str(d["burst"], t, source, "burst")
+                       for t in _mapping(d, "burst", source, optional=True)},
             )
         except KeyError as exc:
             raise SpecError(source, str(exc.args[0]), "is required") from None

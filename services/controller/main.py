@@ -54,6 +54,7 @@ class ControllerConfig:
     adopt_grace_s: float = 10.0
     cooldown_s: float = 15.0
     online_calibration: bool = True
+    burst: bool = True   # planner: name each task's burst variant (Plan.burst)
     status_s: float = 10.0
     tls: TlsConfig | None = None   # its server
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planner: correct the profile with the batch times workers report and "
                         "re-plan when they drift past 30 %% (default on; off: plan on the profile "
                         "as it is)")
+    p.add_argument("--burst", choices=("on", "off"), default="on",
+                   help="planner: name each task's burst variant in the plan (its cheapest "
+                        "capacity), which workers keep loaded beside the planned one and run a "
+                        "batch on when their queue says the plan is overrun (default on)")
     p.add_argument("--cooldown-s", type=float, default=15.0,
                    help="planner: re-plan for lower demand (fewer workers: the rest park) only when "
                         "the current plan is at least this old (default 15 s; higher demand "
@@ -159,7 +164,7 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                             profile=Path(a.profile) if a.profile else None, planner=a.planner,
                             headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
                             demand_tau_up_s=a.demand_tau_up_s, cooldown_s=a.cooldown_s,
-                            online_calibration=a.online_calibration == "on",
+                            online_calibration=a.online_calibration == "on", burst=a.burst == "on",
                             host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
                             heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json, tls=tls,
                             adopt_grace_s=a.adopt_grace_s, status_s=a.status_s, metrics_port=a.metrics_port,
@@ -266,7 +271,8 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
     if cfg.profile is not None:
         planner = PlannerPolicy.from_file(cfg.profile, spec.slo_ms, method=cfg.planner,
                                           headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps,
-                                          cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration)
+                                          cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration,
+                                          burst=cfg.burst)
         if cfg.hardware_only:
             planner.min_accuracy = full_accuracy_floor(planner.profile, spec.slo_ms)
             log.info("hardware_only", min_accuracy=round(planner.min_accuracy, 6))

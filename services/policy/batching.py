@@ -19,8 +19,9 @@ reference on random inputs).
 from __future__ import annotations
 
 import heapq
+import math
 import itertools
-from typing import Callable, Generic, Mapping, TypeVar
+from typing import Callable, Generic, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -29,6 +30,32 @@ def cannot_make_it(now: float, exec_s: float, reserve_s: float, deadline_s: floa
     """True when a query that starts ``now`` and runs ``exec_s`` would leave less than
     ``reserve_s`` (what the stages below still need) before ``deadline_s``."""
     return now + exec_s + reserve_s > deadline_s
+
+
+def overrun(now: float, queued: int, max_batch: int, batch_s: float, head_deadline: float,
+            last_deadline: float, reserve_s: float) -> bool:
+    """True when a worker's queue says its plan is overrun: draining the ``queued``
+    queries at ``max_batch`` per batch of ``batch_s`` (``expected_finish_s``) would end
+    later than halfway between the earliest and the latest deadline in the queue (less
+    the downstream reserve), so the newer half of what waits would be dropped or late.
+    The worker then runs its next batch on the plan's burst variant (``Plan.burst``):
+    cheaper, less accurate, loaded beside the planned one, so capacity follows a step in
+    demand at once instead of after a re-plan and a model load."""
+    if queued <= max_batch:
+        return False
+    finish = now + -(-queued // max_batch) * batch_s
+    return finish + reserve_s > (head_deadline + last_deadline) / 2.0
+
+
+def burst_batch(burst_s: Sequence[float], max_size: int, planned_batch_s: float) -> int:
+    """The burst variant's batch size: the largest whose time (``burst_s[size]``) fits in
+    the planned variant's full batch time, so a spilled batch delays no one more than a
+    planned one would (at least 1). ``burst_s`` is indexed by batch size (1..max_size)."""
+    best = 1
+    for size in range(1, max_size + 1):
+        if burst_s[size] <= planned_batch_s:
+            best = size
+    return best
 
 
 class EdfQueue(Generic[T]):
@@ -40,12 +67,17 @@ class EdfQueue(Generic[T]):
         self._heap: list[list] = []
         self._seq = itertools.count()
         self.queued = 0      # queries (not groups) waiting
+        self.last_deadline = -math.inf   # the latest deadline pushed since the queue was last empty
 
     def __len__(self) -> int:
         return self.queued
 
     def push(self, item: T, deadline_s: float, reserve_s: float = 0.0, count: int = 1) -> None:
         if count > 0:
+            if not self._heap:
+                self.last_deadline = deadline_s
+            elif deadline_s > self.last_deadline:
+                self.last_deadline = deadline_s
             heapq.heappush(self._heap, [deadline_s, next(self._seq), count, reserve_s, item])
             self.queued += count
 

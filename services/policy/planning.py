@@ -43,6 +43,25 @@ def on_grid(demand_qps: float, grid: float | None, floor: float = 0.5) -> float:
 Solver = Callable[[PlannerContext, "Plan | None"], PlanSolution]
 
 
+def burst_variant(task, budget_ms: float) -> str:
+    """A task's burst variant: the one with the most throughput at a batch size whose p95
+    fits ``budget_ms`` (the planner's path budget), i.e. the cheapest capacity it has."""
+    def best(v) -> float:
+        fits = [b for b in v.latency_ms if v.latency(b) <= budget_ms]
+        return max((v.throughput_qps(b) for b in fits), default=0.0)
+    return max(task.variants, key=lambda v: (best(v), v.accuracy, v.name)).name
+
+
+def with_burst_variants(plan: Plan, profile: PipelineProfile, slo_ms: float) -> Plan:
+    """``plan`` naming every task's burst variant, with its batch latencies."""
+    burst = {t.name: burst_variant(t, slo_ms / 2.0) for t in profile.tasks}
+    latency = {t: dict(vs) for t, vs in plan.latency_ms.items()}
+    for t, v in burst.items():
+        prof = profile.task(t).variant(v)
+        latency.setdefault(t, {})[v] = {b: p.p50_ms for b, p in sorted(prof.latency_ms.items())}
+    return replace(plan, burst=burst, latency_ms=latency)
+
+
 @dataclass
 class PlannerPolicy:
     profile: PipelineProfile
@@ -53,8 +72,14 @@ class PlannerPolicy:
     # headroom table) 1.25 / 2.0 / 3.0 give 9.5 / 1.1 / 0.05 % violations on the low-load
     # traffic-analysis trace, for 6.7 / 9.2 / 11.9 active workers off-peak.
     headroom: float = 2.0
+    # Off-peak headroom: below a quarter of the cluster's full-accuracy capacity the plan is
+    # for ``headroom_low`` x the estimate, rising linearly to ``headroom`` at half of it.
+    # Off-peak, headroom costs workers; at peak it only costs accuracy. With burst variants
+    # (``burst``) a step up is absorbed at once, so off-peak needs little. None: ``headroom``.
+    headroom_low: float | None = None
     min_demand_qps: float = 0.5     # plan for at least this (a cold start is not zero load)
     replan_threshold: float = 0.15
+    down_threshold: float = 0.30        # re-plan down when the target fell this far (after cooldown_s)
     cooldown_s: float = 15.0
     max_plan_age_s: float = 60.0
     node_limit: int = 5_000             # solver work per call: nodes, not seconds (reproducible)
@@ -62,6 +87,9 @@ class PlannerPolicy:
     min_accuracy: float | None = None   # floor on expected accuracy (hardware scaling only)
     demand_grid: float | None = 1.02
     calibrate: bool = True              # correct the profile with measured batch times
+    # name each task's burst variant in the plan (Plan.burst): workers keep it loaded beside
+    # the planned one and spill a batch to it when their queue says the plan is overrun
+    burst: bool = False
     solver: Solver = solve
     verbose: bool = True                # log every solve (the simulator turns it off)
     planned_demand: float | None = field(default=None, init=False)
@@ -69,6 +97,8 @@ class PlannerPolicy:
     planned_at: float = field(default=0.0, init=False)
     calibrator: LatencyCalibrator = field(init=False)
     in_use: PipelineProfile | None = field(default=None, init=False)   # the profile last planned on
+    full_capacity_qps: float | None = field(default=None, init=False)  # at full accuracy, last decide()
+    _capacity_of: tuple = field(default=(None, 0, 0.0), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.calibrator = LatencyCalibrator(self.profile)
@@ -91,8 +121,30 @@ class PlannerPolicy:
         self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
         self.planned_at = now
 
+    def headroom_for(self, estimate_qps: float) -> float:
+        c = self.full_capacity_qps
+        if self.headroom_low is None or not c:
+            return self.headroom
+        x = min(1.0, max(0.0, (estimate_qps - c / 4.0) / (c / 4.0)))
+        return self.headroom_low + x * (self.headroom - self.headroom_low)
+
     def target_demand(self, estimate_qps: float) -> float:
-        return max(self.min_demand_qps, self.headroom * estimate_qps)
+        return max(self.min_demand_qps, self.headroom_for(estimate_qps) * estimate_qps)
+
+    def _full_capacity(self, profile: PipelineProfile, n_workers: int, caps) -> float | None:
+        """The most demand ``n_workers`` carry at full accuracy (cached per profile object
+        and cluster size; two solves of the planner)."""
+        key = (n_workers, tuple(sorted(caps.items())) if caps else None)
+        held, k, cap = self._capacity_of
+        if held is profile and k == key:
+            return cap
+        best = self.solver(PlannerContext(profile, 1.0, n_workers, slo_ms=self.slo_ms, method=self.method,
+                                          task_workers=caps), None)
+        top = self.solver(PlannerContext(profile, 1e6, n_workers, slo_ms=self.slo_ms, method=self.method,
+                                         task_workers=caps, min_accuracy=best.max_accuracy * (1 - 1e-6)), None)
+        cap = top.served_qps if best.ok and top.ok else None
+        self._capacity_of = (profile, key, cap)
+        return cap
 
     def observe_timings(self, timings: Iterable[Timing]) -> None:
         """Batch times the workers measured (their heartbeats; the simulator's batches)."""
@@ -111,7 +163,7 @@ class PlannerPolicy:
         planned = max(self.planned_demand, 1e-9)
         if target > planned * (1 + self.replan_threshold):
             return True
-        return target < planned * (1 - 2 * self.replan_threshold) and now - self.planned_at >= self.cooldown_s
+        return target < planned * (1 - self.down_threshold) and now - self.planned_at >= self.cooldown_s
 
     def current_profile(self) -> PipelineProfile:
         """The profile to plan on: the calibrated one, re-scaled when the measurements
@@ -135,6 +187,8 @@ class PlannerPolicy:
         pool = sum(1 for w in workers if not w.task)
         profile = self.current_profile()
         caps = {t.name: bound[t.name] + pool for t in profile.tasks} if bound else None
+        if self.headroom_low is not None:
+            self.full_capacity_qps = self._full_capacity(profile, len(workers), caps)
         target = self.target_demand(estimate_qps)
         ctx = PlannerContext(profile, demand_qps=on_grid(target, self.demand_grid, self.min_demand_qps),
                              n_workers=len(workers), slo_ms=self.slo_ms, method=self.method,
@@ -158,6 +212,8 @@ class PlannerPolicy:
         plan = plan_from_solution(solution, workers, previous, version=version, now=now if version else None,
                                   profile=profile)
         plan = replace(plan, planned_for_qps=target)
+        if self.burst and self.min_accuracy is None:   # a burst variant would break the floor
+            plan = with_burst_variants(plan, profile, self.slo_ms)
         if self.calibrate and self.calibrator.host_factor() is not None:
             plan = replace(plan, calibration={f"{t}/{v}": round(f, 4)
                                               for (t, v), f in sorted(self.calibrator.in_use.items())})

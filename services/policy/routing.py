@@ -221,10 +221,20 @@ class StageRouting:
         """The compiled choice for ``path`` (None when the plan routes nothing for it)."""
         if path in self._tables:
             return self._tables[path]
-        weights = self._weights.get(path) or self._weights.get("*")
+        weights = self._weights.get(path) or self._weights.get("*") or self._any_path()
         t = self._maf.table(weights, self.load_ratio(path)) if weights else None
         self._tables[path] = t
         return t
+
+    def _any_path(self) -> dict[str, float]:
+        """Weights for an upstream path the plan did not foresee (a batch an upstream
+        worker ran on its burst variant): every worker of the stage, in proportion to its
+        planned share over all paths."""
+        merged: dict[str, float] = {}
+        for table in self._weights.values():
+            for wid, x in table.items():
+                merged[wid] = merged.get(wid, 0.0) + x
+        return merged
 
     def split(self, path: str, k: int, u: Callable[[], float]) -> dict[str, int]:
         """Choose a worker for each of ``k`` queries of ``path``: ``{worker: count}`` in

@@ -64,3 +64,44 @@ def peak_rate(arrivals_s: np.ndarray, window_s: float = 1.0) -> float:
         return 0.0
     counts = np.bincount((arrivals_s // window_s).astype(np.int64))
     return float(counts.max()) / window_s
+
+
+def shape_arrivals(shape, duration_s: float, seed: int) -> np.ndarray:
+    """Arrivals whose rate follows a load generator ``RateShape`` (constant, step, square,
+    diurnal): the loadgen's own :func:`~services.loadgen.schedule.shape_schedule`, so a
+    simulated square wave and a live one are the same requests."""
+    from services.loadgen.schedule import shape_schedule
+    return np.array([a.t_s for a in shape_schedule(shape, duration_s, seed)], dtype=float)
+
+
+def heavy_tail_bursts(base_rate: float, peak_rate: float, duration_s: float, seed: int,
+                      mean_gap_s: float = 30.0, mean_len_s: float = 8.0, alpha: float = 1.2) -> np.ndarray:
+    """Poisson arrivals at ``base_rate`` with bursts on top: burst starts are a Poisson
+    process (mean gap ``mean_gap_s``), lengths exponential (mean ``mean_len_s``), and each
+    burst multiplies the base rate by a Pareto(``alpha``) factor, heavy-tailed, capped so
+    the rate never exceeds ``peak_rate``. The largest burst of the run is raised to the
+    peak, so every seed reaches the same peak rate. Overlapping bursts take the larger."""
+    rng = np.random.default_rng([seed, 7])
+    starts, t = [], 0.0
+    while True:
+        t += rng.exponential(mean_gap_s)
+        if t >= duration_s:
+            break
+        starts.append(t)
+    lens = rng.exponential(mean_len_s, size=len(starts))
+    cap = peak_rate / base_rate
+    mult = np.minimum(1.5 * (rng.pareto(alpha, size=len(starts)) + 1.0), cap)
+    if len(starts):
+        top = int(np.argmax(mult))
+        mult[top] = cap
+        lens[top] = max(lens[top], 3.0)    # long enough to show in one-second counts
+    bursts = [(s, s + max(ln, 1.0), m) for s, ln, m in zip(starts, lens, mult)]
+
+    def rate(ts: np.ndarray) -> np.ndarray:
+        r = np.full_like(ts, base_rate, dtype=float)
+        for s, e, m in bursts:
+            inside = (ts >= s) & (ts < e)
+            r[inside] = np.maximum(r[inside], base_rate * m)
+        return r
+
+    return _inhomogeneous(rate, peak_rate, duration_s, seed)

@@ -35,7 +35,7 @@ import numpy as np
 from services.common.plan import Plan
 from services.planner.profile import PipelineProfile
 from services.policy.admission import TokenBucket
-from services.policy.batching import EdfQueue, ServiceTimeEstimator
+from services.policy.batching import EdfQueue, ServiceTimeEstimator, burst_batch, overrun
 from services.policy.calibration import Timing
 from services.policy.demand import DemandEstimator
 from services.policy.rates import RATE_TAU_S
@@ -85,7 +85,7 @@ class _Variant:
 
 class _Worker:
     __slots__ = ("wid", "var", "maxb", "queue", "est", "reserve", "busy", "busy_until", "ready_at",
-                 "draining", "active", "gen", "pending")
+                 "draining", "active", "gen", "pending", "burst", "burst_est")
 
     def __init__(self, wid: str) -> None:
         self.wid = wid
@@ -101,6 +101,8 @@ class _Worker:
         self.active = False
         self.gen = 0
         self.pending = None           # (variant, max batch, estimator) loading while the current one serves
+        self.burst: _Variant | None = None   # the plan's burst variant for this worker's task
+        self.burst_est = None
 
     def expected_finish(self, now: float, extra: int) -> float:
         """When ``extra`` more queries would be done here (p50 batches, no jitter)."""
@@ -141,6 +143,8 @@ class _Sim:
         self.heap: list = []
         self.seq = itertools.count()
         self.cancel = getattr(policy, "cancel_failed", False)
+        self.spill = getattr(policy, "spill", False)
+        self.spilled = 0              # batches run on a burst variant
         self.mkqueue = EdfQueue
         self.tree = {t.name: tuple(t.children) for t in profile.tasks}
         self.timings: dict[tuple[str, str, int], list] = {}   # batches since the last tick
@@ -238,6 +242,16 @@ class _Sim:
             w.ready_at = now if initial else now + v.load_s
             if not initial:
                 self.push(w.ready_at, SWAP, (w, w.gen))
+        if self.spill:
+            for wid, w in self.workers.items():
+                a = plan.workers.get(wid)
+                b = self.variants.get((a.task, plan.burst[a.task])) if a is not None and a.task in plan.burst else None
+                if b is not None and b.name == a.variant:
+                    b = None
+                if b is not w.burst:
+                    w.burst = b
+                    w.burst_est = ServiceTimeEstimator.seeded(
+                        {s: b.p50[s] for s in range(1, b.maxb + 1)}) if b is not None else None
         self.by_task = [[] for _ in self.tasks]
         for wid in sorted(plan.workers):
             self.by_task[self.workers[wid].var.ti].append(self.workers[wid])
@@ -283,7 +297,13 @@ class _Sim:
             w.draining.pop(0)
         if w.var is None or now < w.ready_at or not w.queue.queued:
             return
-        self._take(w, w.queue, w.var, w.maxb, w.est, now)
+        q, b = w.queue, w.burst
+        if b is not None and q.queued > w.maxb and b.ti == w.var.ti and overrun(
+                now, q.queued, w.maxb, w.est(w.maxb), q.peek_deadline(), q.last_deadline, w.reserve):
+            self.spilled += 1
+            self._take(w, q, b, burst_batch(b.p50, b.maxb, w.est(w.maxb)), w.burst_est, now)
+            return
+        self._take(w, q, w.var, w.maxb, w.est, now)
 
     def _take(self, w, q, v, maxb, est, now) -> bool:
         batch, dropped = q.take_batch(now, maxb, est)

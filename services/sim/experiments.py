@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from services.planner import load_profile
-from services.sim.arrivals import peak_rate, poisson_arrivals, trace_arrivals
+from services.loadgen.schedule import RateShape
+from services.sim.arrivals import heavy_tail_bursts, peak_rate, poisson_arrivals, shape_arrivals, trace_arrivals
 from services.sim.engine import SimConfig, simulate
 from services.sim.metrics import SimResult
 from services.sim.policies import POLICIES, OursPolicy, cached_solve, make_policy
@@ -86,6 +87,65 @@ def run_trace(pipeline: str, policies, n_workers: int, peak_x: float, seed: int,
         log(f"  {p:16s} viol {r.violation_ratio:.4f} acc {r.effective_accuracy:.4f} "
             f"active {r.mean_active_workers:.1f} ({r.wall_s:.1f} s)")
     return rows, info, results
+
+
+SHAPE_POLICIES = ("ours", "inferline", "proteus", "clipper-high")
+TRACES = {"twitter_medium": "traces/twitter_medium_normal.txt", "twitter_zipf": "traces/twitter_zipf_exponential.txt"}
+
+
+def shape_arrivals_for(shape: str, peak: float, seed: int, duration_s: float = 300.0) -> np.ndarray:
+    """The arrival shapes of issue 11, each peaking at ``peak`` req/s: on/off square waves
+    whose high phase is 3x, 7x or 10x the low one (period 60 s, half on), Poisson bursts
+    with heavy-tailed heights on a base of a fifth of the peak, a compressed diurnal cycle
+    (an eighth of the peak up to the peak and back), and the two shared Twitter traces
+    rate-scaled so their 1-second peak is ``peak``."""
+    if shape.startswith("square"):
+        k = float(shape[len("square"):-1])
+        return shape_arrivals(RateShape("square", rate=peak / k, peak_rate=peak, period_s=60.0, duty=0.5),
+                              duration_s, seed)
+    if shape == "bursts":
+        return heavy_tail_bursts(peak / 5.0, peak, duration_s, seed)
+    if shape == "diurnal":
+        return shape_arrivals(RateShape("diurnal", rate=peak / 8.0, peak_rate=peak, period_s=duration_s),
+                              duration_s, seed)
+    path = TRACES[shape]
+    s = peak / peak_rate(trace_arrivals(path))
+    for _ in range(2):
+        s *= peak / peak_rate(trace_arrivals(path, s, seed))
+    return trace_arrivals(path, s, seed)
+
+
+SHAPES = ("square3x", "square7x", "square10x", "bursts", "diurnal", "twitter_medium", "twitter_zipf")
+
+
+def off_peak_stats(r: SimResult, capacity: float) -> dict:
+    """Violations of requests that arrived in seconds whose demand was below half the
+    full-accuracy capacity (off-peak by arrivals, not by the policy's own estimate)."""
+    b = r.binned(1.0)
+    cold = b["demand"] < 0.5 * capacity
+    idx = (r.arrival_s // 1.0).astype(np.int64)
+    in_cold = cold[idx]
+    v = float(1 - np.mean(r.status[in_cold] == 1)) if in_cold.any() else float("nan")
+    return {"violation_ratio_off_peak": v, "off_peak_share": float(np.mean(in_cold)) if idx.size else 0.0}
+
+
+def shapes_table(pipeline: str, n_workers: int, peak_x: float, seed: int, log,
+                 shapes=SHAPES, policies=SHAPE_POLICIES, duration_s: float = 300.0) -> list[dict]:
+    prof = load_profile(f"profiles/{pipeline}.json")
+    cap = full_accuracy_capacity(prof, n_workers)
+    rows = []
+    for shape in shapes:
+        arr = shape_arrivals_for(shape, peak_x * cap, seed, duration_s)
+        for p in policies:
+            r = simulate(prof, arr, make_policy(p, prof, n_workers), SimConfig(n_workers=n_workers, seed=seed))
+            d = row(r, cap)
+            d.update(off_peak_stats(r, cap))
+            d.update({"shape": shape, "requests": r.requests, "peak_qps": peak_rate(arr)})
+            rows.append(d)
+            log(f"  {pipeline} {shape:14s} {p:12s} viol {r.violation_ratio:.4f} peak {d['violation_ratio_peak']:.4f} "
+                f"off {d['violation_ratio_off_peak']:.4f} acc {r.effective_accuracy:.4f} "
+                f"off-peak workers {d['active_off_peak']:.1f}")
+    return rows
 
 
 def sweep(pipeline: str, n_workers: int, multiples, duration: float, seed: int, log,

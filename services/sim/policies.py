@@ -77,7 +77,7 @@ def _solve_key(ctx: PlannerContext, previous: Plan | None) -> tuple:
         if previous is not None else None
     caps = tuple(sorted(ctx.task_workers.items())) if ctx.task_workers else None
     return (profile_key(ctx.profile), round(ctx.demand_qps, 6), ctx.n_workers, ctx.method,
-            ctx.min_accuracy, ctx.slo_ms, caps, prev)
+            ctx.min_accuracy, ctx.slo_ms, caps, ctx.accuracy_tolerance, prev)
 
 
 _PROFILE_KEYS: dict[int, tuple[PipelineProfile, str]] = {}
@@ -178,8 +178,9 @@ class OursPolicy(Policy):
                  early_drop: bool = True, reroute: bool = True, admission: bool = True,
                  full_accuracy_only: bool = False, name: str | None = None,
                  batch_budget: float = 0.5, headroom: float | None = None, cancel_failed: bool = False,
-                 calibrate: bool = True) -> None:
+                 calibrate: bool = True, spill: bool = True) -> None:
         super().__init__(profile, n_workers)
+        self.spill = spill
         self.cancel_failed = cancel_failed
         # the planner keeps the sum of batch latencies on a path within slo_ms / 2; planning
         # for slo_ms = 2 * batch_budget * SLO leaves (1 - batch_budget) * SLO for queueing
@@ -196,7 +197,7 @@ class OursPolicy(Policy):
         # the controller's own default headroom unless told otherwise
         kw = {} if headroom is None else {"headroom": headroom}
         self.planner = PlannerPolicy(profile, self.plan_slo_ms, method=method, min_accuracy=min_accuracy,
-                                     solver=caching_solver, calibrate=calibrate, verbose=False, **kw)
+                                     solver=caching_solver, calibrate=calibrate, verbose=False, burst=spill, **kw)
         self.members = pool(n_workers)
 
     def observe_timings(self, timings) -> None:
@@ -399,7 +400,7 @@ class ClipperPolicy(Policy):
         return self._plan_from_allocs(allocs, rates, obs.current, obs.now, self.name)
 
 
-POLICIES = ("ours", "ours-exact", "ours-no-drop", "ours-no-reroute", "inferline", "proteus", "infaas",
+POLICIES = ("ours", "ours-exact", "ours-no-drop", "ours-no-reroute", "ours-no-spill", "inferline", "proteus", "infaas",
             "clipper-high", "clipper-low")
 
 
@@ -418,8 +419,10 @@ def make_policy(name: str, profile: PipelineProfile, n_workers: int, profile_err
         return OursPolicy(profile, n_workers, early_drop=False, name=name)
     if name == "ours-no-reroute":
         return OursPolicy(profile, n_workers, reroute=False, name=name)
+    if name == "ours-no-spill":
+        return OursPolicy(profile, n_workers, spill=False, name=name)
     if name == "inferline":
-        return OursPolicy(profile, n_workers, admission=False, full_accuracy_only=True, name=name)
+        return OursPolicy(profile, n_workers, admission=False, full_accuracy_only=True, spill=False, name=name)
     if name == "proteus":
         return ProteusPolicy(profile, n_workers)
     if name == "infaas":

@@ -21,6 +21,13 @@ Guarantees:
   session and its memory: the allocator is asked to return freed pages to the OS).
   Queries sent to a worker while it loads the model the plan gave it wait for the load
   (within their deadline) instead of failing.
+- Burst variant (``Plan.burst``): once the planned model is loaded, the worker loads the
+  plan's burst variant for its task (its cheapest capacity) beside it, in the background,
+  and frees it when the plan stops naming it or the worker parks or moves. When the queue
+  says the plan is overrun (``services.policy.batching.overrun``) the next batch runs on
+  it (``burst_batch`` size), its items re-prepared from their raw payloads by the burst
+  variant's processor (inputs differ between variants); its results and batch timings
+  carry the burst variant's name, its estimator is its own. Without it nothing spills.
 - The batching rule and the drop test are the policy package's
   (``services.policy.batching``), the same code the simulator runs; the batch-time
   estimate starts from the plan's latency figures for the variant when it has them.
@@ -47,7 +54,7 @@ from services.common.onnx import create_session
 from services.common.processing import ItemResult, Prepared, Processor, make_processor
 from services.common.spec import TaskSpec, VariantSpec
 from services.common.tasks import supervise
-from services.policy.batching import EdfQueue, ServiceTimeEstimator, cannot_make_it
+from services.policy.batching import EdfQueue, ServiceTimeEstimator, burst_batch, cannot_make_it, overrun
 
 log = get_logger(__name__)
 
@@ -162,6 +169,7 @@ class _Pending:
     future: asyncio.Future
     arrived: float = 0.0        # perf_counter() at submit()
     prep_wall_s: float = 0.0    # the submission's pre-processing, wall time
+    payload: bytes = b""        # the raw input: a batch spilled to the burst variant re-prepares it
 
 
 @dataclass
@@ -190,7 +198,7 @@ class WorkerCore:
                  loader: Callable[[VariantSpec], ModelHost] | None = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, plugins: tuple[str, ...] = (),
                  prep_threads: int = 2, tasks: Mapping[str, TaskSpec] | None = None,
-                 linger_s: float = DEFAULT_LINGER_S) -> None:
+                 linger_s: float = DEFAULT_LINGER_S, burst: bool = True) -> None:
         if task is None and not tasks:
             raise ValueError("a worker needs a task or a set of tasks it may serve")
         self.worker_id = worker_id
@@ -222,8 +230,15 @@ class WorkerCore:
         self._loop_task: asyncio.Task | None = None
         self._holding: list[_Pending] = []     # the batch in flight (resolved INTERNAL if the loop dies)
         self.counters = {"arrivals": 0, "completed": 0, "dropped": 0, "errors": 0, "invalid": 0, "shed": 0,
-                         "loads": 0, "parks": 0}
+                         "loads": 0, "parks": 0, "spilled": 0}
         self.last_load_ms = 0.0
+        # the plan's burst variant for the current task (None: none named, or burst off)
+        self.burst_enabled = burst
+        self.burst: ModelHost | None = None
+        self._burst_want: tuple[str, str] | None = None   # (task, variant) the plan names
+        self._burst_s: list[float] = []     # its batch times by batch size (index 0 unused)
+        self._burst_load: asyncio.Task | None = None
+        self._reserve_s = 0.0               # the downstream reserve the current task's queries carry
         self._timings: dict[tuple[str, str, int], BatchTiming] = {}
         self.metrics = WorkerMetrics(self)   # counters, queue, state read when scraped
 
@@ -244,6 +259,8 @@ class WorkerCore:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
+        if self._burst_load is not None:
+            self._burst_load.cancel()
         for group, n in self.queue.drain():
             for _ in range(n):
                 self._resolve(group.popleft(), Status.INTERNAL, "worker shutting down")
@@ -298,6 +315,8 @@ class WorkerCore:
                     done.set_result(None)
             if latency_ms:
                 new.estimator = ServiceTimeEstimator.seeded({b: ms / 1000.0 for b, ms in latency_ms.items()})
+            if old_task is not None and old_task.name != name:
+                self._drop_burst("moved to another task")
             if old is not None and old_task is not None and old_task.name != name:
                 # moved to another task: the old model still serves stale-routed queries a while
                 self._lingering[old_task.name] = (old, time.monotonic() + self.linger_s)
@@ -318,6 +337,7 @@ class WorkerCore:
         (:meth:`release_lingering`). Returns True if the worker was holding a model."""
         async with self._apply_lock:
             self.plan_version = max(self.plan_version, plan_version)
+            self._drop_burst("parked")
             if self.host is None:
                 self.state = WorkerState.PARKED
                 return False
@@ -343,6 +363,78 @@ class WorkerCore:
         if gone:
             release_memory()
         return gone
+
+    # -- burst variant ---------------------------------------------------------------
+    def set_burst(self, task: str, variant: str | None, latency_ms: Mapping[int, float] | None) -> None:
+        """The plan names ``variant`` (None: none) as ``task``'s burst variant, with its
+        batch latencies (batch size -> ms). Call it after :meth:`apply` has loaded the
+        planned model: the burst model then loads in the background (never before or
+        instead of the planned one). A burst variant equal to the planned one, one of
+        another task, or one without latency figures (the spill rule needs them) is not
+        loaded; a burst model the plan no longer names is dropped."""
+        want = None
+        if (self.burst_enabled and variant and self.host is not None and task == self.task_name
+                and variant != self.host.variant.name):
+            if not latency_ms:
+                log.warning("burst_variant_without_latencies", worker_id=self.worker_id, task=task,
+                            variant=variant)
+            else:
+                want = (task, variant)
+                ms = {int(b): float(x) for b, x in latency_ms.items()}
+                known = sorted(ms)
+                # a batch size the plan has no figure for costs the next one it has (as in the simulator)
+                self._burst_s = [0.0] + [ms[next(k for k in known if k >= b)] / 1e3
+                                         for b in range(1, known[-1] + 1)]
+        if want == self._burst_want:
+            return
+        self._drop_burst("no longer named by the plan")
+        self._burst_want = want
+        if want is not None and (self._burst_load is None or self._burst_load.done()):
+            self._burst_load = asyncio.ensure_future(self._load_burst())
+
+    async def _load_burst(self) -> None:
+        """Load the burst variant the plan names now (again if it changed meanwhile)."""
+        while self._burst_want is not None and self.burst is None:
+            want = self._burst_want
+            task, name = want
+            t0 = time.perf_counter()
+            log.info("burst_variant_loading", worker_id=self.worker_id, task=task, variant=name)
+            try:
+                host = await asyncio.to_thread(self._loader, self.tasks[task].variant(name))
+            except Exception:
+                log.exception("burst_variant_load_failed", worker_id=self.worker_id, task=task, variant=name)
+                if self._burst_want == want:
+                    self._burst_want = None   # no burst until a plan names one again
+                return
+            if self._burst_want != want:
+                continue        # the plan changed while it loaded: discard it, load what it names now
+            host.estimator = ServiceTimeEstimator.seeded({b: x for b, x in enumerate(self._burst_s) if b})
+            self.burst = host
+            seconds = time.perf_counter() - t0
+            self.metrics.model_loaded(name, seconds)
+            log.info("burst_variant_loaded", worker_id=self.worker_id, task=task, variant=name,
+                     load_ms=round(seconds * 1e3, 1))
+
+    def _drop_burst(self, why: str) -> None:
+        """Forget the burst model (a batch running on it keeps it until that batch ends)."""
+        self._burst_want = None
+        if self.burst is not None:
+            log.info("burst_variant_released", worker_id=self.worker_id, variant=self.burst.variant.name,
+                     why=why)
+            self.burst = None
+            release_memory()
+
+    def _spill_to(self, host: ModelHost) -> ModelHost | None:
+        """The burst model, when the queue headed by ``host``'s queries says the plan is
+        overrun (``services.policy.batching.overrun``); else None."""
+        burst, q = self.burst, self.queue
+        if burst is None or host is not self.host or q.queued <= self.batch_size:
+            return None
+        head = q.peek_deadline()
+        if head is None or not overrun(self.clock(), q.queued, self.batch_size, host.estimator(self.batch_size),
+                                       head, q.last_deadline, self._reserve_s):
+            return None
+        return burst
 
     def _host_for(self, task: str | None) -> ModelHost | None:
         """The model that serves ``task`` now: the current one, else one still lingering."""
@@ -386,6 +478,8 @@ class WorkerCore:
             self.counters["shed"] += n
             raise Shed(f"worker queue full ({self.queue.queued} queued, bound {self.max_queue})")
         self.counters["arrivals"] += n
+        if host is self.host:
+            self._reserve_s = reserve_s
         now = self.clock()
         if cannot_make_it(now, host.estimator(1), reserve_s, deadline_s):
             # dropped on arrival: not even pre-processed
@@ -407,7 +501,7 @@ class WorkerCore:
         now = self.clock()
         group: deque[_Pending] = deque()
         outcomes: list[Outcome | asyncio.Future] = []
-        for (qid, _), prep in zip(queries, prepared):
+        for (qid, payload), prep in zip(queries, prepared):
             if isinstance(prep, InvalidInput):
                 self.counters["invalid"] += 1
                 outcomes.append(Outcome(qid, Status.INVALID, str(prep), host.variant.name))
@@ -416,7 +510,7 @@ class WorkerCore:
                 log.error("prepare_failed", worker_id=self.worker_id, query_id=qid, error=repr(prep))
                 outcomes.append(Outcome(qid, Status.INTERNAL, "pre-processing failed", host.variant.name))
             else:
-                p = _Pending(qid, host, prep[0], now, prep[1], loop.create_future(), arrived, prep_wall_s)
+                p = _Pending(qid, host, prep[0], now, prep[1], loop.create_future(), arrived, prep_wall_s, payload)
                 group.append(p)
                 outcomes.append(p.future)
         if group:
@@ -461,7 +555,14 @@ class WorkerCore:
         # the batch is timed by the model of its earliest query (after a move or while
         # parked, queued queries still run on the model they were prepared for)
         host = self.queue.peek()[0].host
-        batch, dropped = self.queue.take_batch(self.clock(), self.batch_size, host.estimator)
+        burst = self._spill_to(host)
+        if burst is None:
+            batch, dropped = self.queue.take_batch(self.clock(), self.batch_size, host.estimator)
+        else:
+            # overrun: this batch runs on the burst variant, as many as fit in the time of a
+            # planned batch, each dropped or kept by the burst variant's estimates
+            size = burst_batch(self._burst_s, len(self._burst_s) - 1, host.estimator(self.batch_size))
+            batch, dropped = self.queue.take_batch(self.clock(), size, burst.estimator)
         for group, n in dropped:
             for _ in range(n):
                 self._resolve(group.popleft(), Status.DROPPED_DEADLINE, "cannot make its deadline")
@@ -471,13 +572,47 @@ class WorkerCore:
         for p in self._holding:
             by_host.setdefault(id(p.host), []).append(p)
         for items in by_host.values():
-            await self._run_group(loop, items)
+            if burst is not None and items[0].host is host:
+                self.counters["spilled"] += 1
+                await self._run_spilled(loop, burst, items)
+            else:
+                await self._run_group(loop, items)
         self._holding = []
 
-    async def _run_group(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
-        host = items[0].host
+    async def _run_spilled(self, loop: asyncio.AbstractEventLoop, burst: ModelHost, items: list[_Pending]) -> None:
+        """Run ``items`` (prepared for the planned variant) on the burst variant: re-prepare
+        each from its raw payload with the burst variant's processor (input sizes differ
+        between variants), in the inference thread (a batch's time includes its items'
+        pre-processing, as in the profile), then run them as its batch."""
         started = self.clock()
         t0 = time.perf_counter()
+        try:
+            prepared = await loop.run_in_executor(self._infer_pool, contextvars.copy_context().run, _prepare_all,
+                                                  burst.processor.prepare, [p.payload for p in items])
+        except Exception:
+            log.exception("burst_prepare_failed", worker_id=self.worker_id, variant=burst.variant.name)
+            prepared = [RuntimeError("re-preparation failed")] * len(items)
+        ready: list[_Pending] = []
+        for p, prep in zip(items, prepared):
+            p.host = burst     # its outcome and timings carry the burst variant's name
+            if isinstance(prep, BaseException):
+                # it was prepared for the planned variant: a failure here is the worker's, not the input's
+                log.error("burst_prepare_failed", worker_id=self.worker_id, query_id=p.query_id,
+                          variant=burst.variant.name, error=repr(prep))
+                self._resolve(p, Status.INTERNAL, "pre-processing for the burst variant failed", started=started)
+            else:
+                p.prepared, p.prepare_s = prep
+                ready.append(p)
+        if ready:
+            await self._run_group(loop, ready, started=started, t0=t0)
+
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, items: list[_Pending],
+                         started: float | None = None, t0: float | None = None) -> None:
+        """Run ``items`` as one batch on their host (``started``/``t0``: when the batch
+        began, if before this call: a spilled batch's re-preparation counts)."""
+        host = items[0].host
+        started = self.clock() if started is None else started
+        t0 = time.perf_counter() if t0 is None else t0
         try:
             results, run_s, phases = await loop.run_in_executor(
                 self._infer_pool, contextvars.copy_context().run,

@@ -52,6 +52,7 @@ class WorkerConfig:
     tls: TlsConfig | None = None   # its server and its channel to the controller
     linger_s: float = DEFAULT_LINGER_S
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
+    burst: bool = True   # load the plan's burst variant beside the planned one and spill to it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the plan moves or parks the worker, its previous model still serves "
                         "queries routed by the previous plan this long before it is freed "
                         f"(default {DEFAULT_LINGER_S})")
+    p.add_argument("--burst", choices=("on", "off"), default="on",
+                   help="keep the plan's burst variant for the worker's task (Plan.burst, its "
+                        "cheapest capacity) loaded beside the planned one, after it, and run the "
+                        "next batch on it when the queue says the plan is overrun (default on)")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
     add_metrics_argument(p)
@@ -113,7 +118,7 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         advertise=a.advertise or "", controller=a.controller, redis_url=a.redis_url,
         models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
         heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, prep_threads=a.prep_threads, json_logs=a.log_json, tls=tls,
-        linger_s=a.linger_s, metrics_port=a.metrics_port)
+        linger_s=a.linger_s, metrics_port=a.metrics_port, burst=a.burst == "on")
 
 
 class WorkerApp:
@@ -132,7 +137,7 @@ class WorkerApp:
         self.core = WorkerCore(cfg.worker_id or "pending", task, cfg.models,
                                prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads,
                                max_queue=cfg.max_queue, plugins=self.spec.plugins,
-                               prep_threads=cfg.prep_threads, linger_s=cfg.linger_s,
+                               prep_threads=cfg.prep_threads, linger_s=cfg.linger_s, burst=cfg.burst,
                                tasks=None if task else {t.name: t for t in self.spec.tasks})
         self.server = make_server()
         self.health = health.aio.HealthServicer()
@@ -182,6 +187,9 @@ class WorkerApp:
             log.exception("plan_not_applied", worker_id=self.worker_id, plan_version=plan.version,
                           task=mine.task, variant=mine.variant)
             return  # keep serving the previous variant
+        burst = plan.burst.get(mine.task)
+        # after the planned model is loaded: the burst model loads in the background
+        self.core.set_burst(mine.task, burst, plan.latency_ms.get(mine.task, {}).get(burst) if burst else None)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     async def _release_loop(self) -> None:

@@ -417,3 +417,167 @@ def test_a_released_model_is_no_longer_referenced_anywhere():
         return alive
 
     assert asyncio.run(scenario()) is False
+
+
+# -- the burst variant: spilling a batch when the queue says the plan is overrun ------
+
+class VariantInputProcessor(FakeProcessor):
+    """Prepares an input only its own variant can run (as OCR det variants differ in
+    input size): a batch prepared by another variant's processor fails."""
+
+    def prepare(self, payload):
+        self.prepared = getattr(self, "prepared", 0) + 1
+        return Prepared((self.variant.name, payload))
+
+    def run_batch(self, session, items):
+        wrong = [p.data[0] for p in items if p.data[0] != self.variant.name]
+        if wrong:
+            raise ValueError(f"{self.variant.name} got inputs prepared for {wrong}")
+        self.batches.append(len(items))
+        time.sleep(self.delay_s * len(items))
+        return [ItemResult(regions=(RegionOut(text=f"{self.variant.name}:{p.data[1].decode()}"),),
+                           child_payloads=()) for p in items]
+
+
+PLANNED_MS = {1: 1000.0, 2: 1000.0}      # the plan says a batch of 2 on v1 takes 1 s
+BURST_MS = {1: 10.0, 4: 20.0, 8: 1200.0}   # v2: 4 fit in 1 s, 8 do not
+
+
+def make_burst_core(burst=True):
+    procs = {}
+
+    def loader(variant):
+        procs[variant.name] = VariantInputProcessor(variant, delay_s=0.001)
+        return ModelHost(variant, procs[variant.name], session=None, providers=["FakeProvider"])
+
+    return WorkerCore("w", SPEC.task("t"), ".", loader=loader, burst=burst), procs
+
+
+async def _burst_loaded(core):
+    for _ in range(200):
+        if core.burst is not None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the burst variant did not load")
+
+
+async def _run_queued(core, n, budget_s, burst="v2"):
+    """Plan v1 (batch 2) with ``burst``, queue ``n`` queries due in ``budget_s`` while the
+    batch loop is stopped, then start it and wait for every outcome."""
+    await core.apply("v1", 2, plan_version=1, latency_ms=PLANNED_MS)
+    core.set_burst("t", burst, BURST_MS if burst else None)
+    if burst == "v2" and core.burst_enabled:
+        await _burst_loaded(core)
+    else:
+        await asyncio.sleep(0.05)    # time enough for a (wrong) load to happen
+    outs = asyncio.ensure_future(core.submit([(f"q{i}", b"%d" % i) for i in range(n)], time.time() + budget_s))
+    while core.queue.queued < n:
+        await asyncio.sleep(0.01)
+    core.start()
+    done = await asyncio.wait_for(outs, 20)
+    await core.stop()
+    return done
+
+
+def test_an_overrun_queue_spills_batches_to_the_burst_variant_re_prepared_and_labelled():
+    async def scenario():
+        core, procs = make_burst_core()
+        # 40 queued, due in 10 s: at 2 per 1 s they would take 20 s, past half the span of
+        # their deadlines (all 10 s): overrun until 16 are left (8 batches = 8 s < 10 s;
+        # 2 s of margin for a busy machine)
+        outs = await _run_queued(core, 40, budget_s=10.0)
+        return core, procs, outs, core.take_timings()
+
+    core, procs, outs, timings = asyncio.run(scenario())
+    assert all(o.status is Status.OK for o in outs)
+    spilled = [o for o in outs if o.variant == "v2"]
+    # spills at 40, 36, 32, 28, 24, 20 queued (ceil(20 / 2) * 1 s = 10 s > 10 s - elapsed): 6 batches of 4
+    assert len(spilled) == 24 and procs["v2"].batches == [4] * 6 and core.counters["spilled"] == 6
+    assert all(o.batch_size == 4 for o in spilled)
+    # re-prepared by v2's processor from the raw payload (v2's run_batch refuses v1's inputs)
+    assert procs["v2"].prepared == 24
+    assert all(o.result.regions[0].text == f"v2:{o.query_id[1:]}" for o in spilled)
+    rest = [o for o in outs if o.variant == "v1"]
+    assert len(rest) == 16 and procs["v1"].batches == [2] * 8
+    assert all(o.result.regions[0].text.startswith("v1:") for o in rest)
+    # timings under each variant's own name (the first 3 batches of each host unreported)
+    by_variant = {(t.variant, t.batch_size): t.count for t in timings}
+    assert by_variant == {("v2", 4): 3, ("v1", 2): 5}
+    # each estimator learned from its own batches only: v1 never saw a batch of 4
+    assert 4 not in core.host.estimator.by_size and core.host.batches == 8
+
+
+def test_a_queue_that_is_not_overrun_never_spills():
+    async def scenario():
+        core, procs = make_burst_core()
+        # 40 queued due in 30 s: 20 batches of 1 s end at 20 s, before 30 s: not overrun
+        outs = await _run_queued(core, 40, budget_s=30.0)
+        return core, procs, outs
+
+    core, procs, outs = asyncio.run(scenario())
+    assert core.burst is not None and core.counters["spilled"] == 0   # loaded, never used
+    assert all(o.status is Status.OK and o.variant == "v1" for o in outs)
+    assert procs["v2"].batches == [] and getattr(procs["v2"], "prepared", 0) == 0
+
+
+def test_without_a_burst_model_an_overrun_queue_runs_on_the_planned_variant():
+    async def scenario():
+        results = []
+        for core, procs, burst in [(*make_burst_core(burst=False), "v2"),   # --burst off
+                                   (*make_burst_core(), None),              # the plan names none
+                                   (*make_burst_core(), "v1")]:             # it names the planned one
+            outs = await _run_queued(core, 40, budget_s=10.0, burst=burst)
+            results.append((core, procs, outs))
+        return results
+
+    for core, procs, outs in asyncio.run(scenario()):
+        assert core.burst is None and core.counters["spilled"] == 0 and "v2" not in procs
+        assert all(o.variant == "v1" for o in outs)
+        assert all(o.status in (Status.OK, Status.DROPPED_DEADLINE) for o in outs)
+        assert core.counters["errors"] == 0 and core.loop_restarts == 0
+
+
+def test_the_burst_model_loads_after_the_planned_one_and_is_released_when_not_named():
+    import gc
+    import weakref
+
+    async def scenario():
+        core, procs = make_burst_core()
+        core.set_burst("t", "v2", BURST_MS)          # no planned model yet: nothing loads
+        await asyncio.sleep(0.05)
+        assert core.burst is None and "v2" not in procs
+        await core.apply("v1", 2, plan_version=1, latency_ms=PLANNED_MS)
+        core.set_burst("t", "v2", BURST_MS)
+        await _burst_loaded(core)
+        ref = weakref.ref(core.burst)
+        assert core.burst.estimator(4) == pytest.approx(0.020)   # seeded from the plan's figures
+        core.set_burst("t", "v2", BURST_MS)          # the next plan names it again: kept
+        assert ref() is core.burst
+        core.set_burst("t", None, None)              # a plan that names none: released
+        gc.collect()
+        released = core.burst is None and ref() is None
+        core.set_burst("t", "v2", BURST_MS)
+        await _burst_loaded(core)
+        await core.park(plan_version=2)              # parking releases it too
+        parked = core.burst is None
+        await core.stop()
+        return released, parked
+
+    released, parked = asyncio.run(scenario())
+    assert released and parked
+
+
+def test_a_pool_worker_moving_to_another_task_releases_its_burst_model():
+    async def scenario():
+        core, procs, loads = make_pool_core()
+        await core.apply("b1", 2, plan_version=1, task="b")
+        core.set_burst("b", "b2", {1: 5.0})
+        await _burst_loaded(core)
+        await core.apply("a1", 1, plan_version=2, task="a")
+        moved = core.burst
+        core.set_burst("a", None, None)
+        await core.stop()
+        return moved, loads
+
+    moved, loads = asyncio.run(scenario())
+    assert moved is None and loads == ["b1", "b2", "a1"]
