@@ -44,7 +44,7 @@ from services.policy.routing import DEFAULT_FILL, REROUTE_SLACK, StageRouting, e
 from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
 from services.sim.policies import Decision, Observation, Policy, worker_ids
 
-BATCH, SWAP, TICK = 0, 1, 2
+BATCH, SWAP, TICK, HOP = 0, 1, 2, 3
 Z95 = 1.6448536269514722
 
 
@@ -58,6 +58,10 @@ class SimConfig:
     latency_jitter: bool = True         # False: every batch takes exactly its p50
     rate_tau_s: float = RATE_TAU_S      # time constant of the routers' per-path rate (MostAccurateFirst)
     route_fill: float = DEFAULT_FILL    # MostAccurateFirst's utilisation cap per worker
+    # transport: each router -> worker dispatch reaches the worker's queue this much later
+    # (a stage's hop: the message, the router's work and the result's way back; measured on
+    # the real routers by bench/bench_breakdown.py). 0: instantaneous.
+    hop_s: float = 0.0
 
 
 class _Variant:
@@ -125,6 +129,7 @@ class _Sim:
         self.profile, self.arr, self.policy, self.cfg = profile, arrivals, policy, cfg
         self.slo = (cfg.slo_ms if cfg.slo_ms is not None else profile.slo_ms) / 1000.0
         self.reroute_slack = REROUTE_SLACK * self.slo
+        self.hop = float(cfg.hop_s)
         self.tasks = [t.name for t in profile.tasks]
         tix = {t: i for i, t in enumerate(self.tasks)}
         self.chains = [tuple(tix[t] for t in c) for c in profile.chains()]
@@ -352,8 +357,11 @@ class _Sim:
         deadline = self.deadline[r]
         item = (r, path)
         for w, c in groups.items():
-            if self.policy.reroute and w.expected_finish(now, c) + w.reserve + self.reroute_slack > deadline:
-                w = self._reroute(ti, w, c, now, deadline)
+            if self.policy.reroute and w.expected_finish(now + self.hop, c) + w.reserve + self.reroute_slack > deadline:
+                w = self._reroute(ti, w, c, now + self.hop, deadline)
+            if self.hop:
+                self.push(now + self.hop, HOP, (w, item, deadline, c))
+                continue
             w.queue.push(item, deadline, w.reserve, c)
             if not w.busy:
                 self.start(w, now)
@@ -507,6 +515,11 @@ class _Sim:
                 t, _, _, kind, payload = heapq.heappop(heap)
                 if kind == BATCH:
                     self.on_batch(t, payload)
+                elif kind == HOP:
+                    w, item, deadline, c = payload
+                    w.queue.push(item, deadline, w.reserve, c)
+                    if not w.busy:
+                        self.start(w, t)
                 elif kind == SWAP:
                     w, gen = payload
                     if gen == w.gen:

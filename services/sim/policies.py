@@ -119,6 +119,14 @@ def pool(n: int) -> list[RegisteredWorker]:
     return [RegisteredWorker(w, f"sim:{w}", "") for w in worker_ids(n)]
 
 
+def bound_workers(counts: Mapping[str, int], n: int) -> list[RegisteredWorker]:
+    """``n`` workers registered for tasks: the first ``counts[t0]`` for t0, and so on."""
+    if sum(counts.values()) != n:
+        raise ValueError(f"task-bound worker counts {dict(counts)} must add up to {n}")
+    tasks = [t for t, k in counts.items() for _ in range(k)]
+    return [RegisteredWorker(w, f"sim:{w}", t) for w, t in zip(worker_ids(n), tasks)]
+
+
 def planned_rates(plan: Plan) -> dict[tuple[str, str], float]:
     """The plan's planned query rate per (task, upstream path), as MostAccurateFirst reads it."""
     return {(t, p): q for t, paths in plan.planned_qps.items() for p, q in paths.items()}
@@ -178,7 +186,8 @@ class OursPolicy(Policy):
                  early_drop: bool = True, reroute: bool = True, admission: bool = True,
                  full_accuracy_only: bool = False, name: str | None = None,
                  batch_budget: float = 0.5, headroom: float | None = None, cancel_failed: bool = False,
-                 calibrate: bool = True, spill: bool = True) -> None:
+                 calibrate: bool = True, spill: bool = True, min_accuracy: float | None = None,
+                 task_bound: Mapping[str, int] | None = None) -> None:
         super().__init__(profile, n_workers)
         self.spill = spill
         self.cancel_failed = cancel_failed
@@ -190,7 +199,6 @@ class OursPolicy(Policy):
         self.reroute = reroute
         self.admission = admission
         self.name = name or self.name
-        min_accuracy = None
         if full_accuracy_only:
             best = cached_solve(profile, 1.0, n_workers, method, slo_ms=self.plan_slo_ms).max_accuracy
             min_accuracy = best * (1 - 1e-6)
@@ -198,7 +206,9 @@ class OursPolicy(Policy):
         kw = {} if headroom is None else {"headroom": headroom}
         self.planner = PlannerPolicy(profile, self.plan_slo_ms, method=method, min_accuracy=min_accuracy,
                                      solver=caching_solver, calibrate=calibrate, verbose=False, burst=spill, **kw)
-        self.members = pool(n_workers)
+        # a pool (workers go where the plan needs them) or, with ``task_bound``, workers
+        # registered for a task each (task -> count), as a cluster of task-bound workers runs
+        self.members = pool(n_workers) if not task_bound else bound_workers(task_bound, n_workers)
 
     def observe_timings(self, timings) -> None:
         self.planner.observe_timings(timings)

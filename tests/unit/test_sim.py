@@ -153,3 +153,39 @@ def test_the_inlined_rerouting_estimate_decides_like_expected_finish(monkeypatch
     assert len(calls) > 100                  # the run does consider moving groups
     assert np.array_equal(fast.status, slow.status)
     assert np.array_equal(fast.latency_s, slow.latency_s, equal_nan=True)
+
+
+def test_burst_variants_absorb_a_square_wave_step_that_a_re_plan_cannot():
+    from services.loadgen.schedule import RateShape
+    from services.sim.arrivals import shape_arrivals
+    arr = shape_arrivals(RateShape("square", rate=60.0, peak_rate=420.0, period_s=30.0, duty=0.5), 60.0, 5)
+    with_spill = simulate(TRAFFIC, arr, make_policy("ours", TRAFFIC, 20), SimConfig(n_workers=20, seed=5))
+    without = simulate(TRAFFIC, arr, make_policy("ours-no-spill", TRAFFIC, 20), SimConfig(n_workers=20, seed=5))
+    assert without.violation_ratio > 0.02                          # the step outruns re-planning
+    assert with_spill.violation_ratio < 0.5 * without.violation_ratio
+    assert with_spill.effective_accuracy < without.effective_accuracy   # bought with accuracy
+
+
+def test_a_hop_delay_adds_to_every_stage_and_zero_changes_nothing():
+    base = run(rate=40.0, duration=10.0)
+    zero = run(rate=40.0, duration=10.0, hop_s=0.0)
+    assert np.array_equal(base.latency_s, zero.latency_s, equal_nan=True)
+    slow = run(rate=40.0, duration=10.0, hop_s=0.01)
+    ok = (base.status == OK) & (slow.status == OK)
+    # two stages on every path: at least two hops more per request, on the median
+    assert np.median(slow.latency_s[ok] - base.latency_s[ok]) >= 0.02 - 1e-9
+
+
+def test_task_bound_workers_stay_on_their_task():
+    from services.sim.policies import OursPolicy
+    bound = {"object_detection": 12, "car_classification": 4, "facial_recognition": 4}
+    arr = poisson_arrivals(150.0, 20.0, 2)
+    r = simulate(TRAFFIC, arr, OursPolicy(TRAFFIC, 20, task_bound=bound), SimConfig(n_workers=20, seed=2))
+    per_task: dict[str, np.ndarray] = {}
+    for name, col in r.variant_mix.items():       # workers per variant per tick
+        task = name.split(":")[0]
+        per_task[task] = per_task.get(task, 0) + np.asarray(col)
+    assert set(per_task) == set(bound)
+    assert all(int(per_task[t].max()) <= k for t, k in bound.items())
+    with pytest.raises(ValueError, match="add up"):
+        OursPolicy(TRAFFIC, 20, task_bound={"object_detection": 3})
