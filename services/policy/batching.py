@@ -32,6 +32,9 @@ def cannot_make_it(now: float, exec_s: float, reserve_s: float, deadline_s: floa
     return now + exec_s + reserve_s > deadline_s
 
 
+OVERRUN_AT = 0.5     # where between the earliest (0) and latest (1) queued deadline the drain may end
+
+
 def overrun(now: float, queued: int, max_batch: int, batch_s: float, head_deadline: float,
             last_deadline: float, reserve_s: float) -> bool:
     """True when a worker's queue says its plan is overrun: draining the ``queued``
@@ -44,7 +47,7 @@ def overrun(now: float, queued: int, max_batch: int, batch_s: float, head_deadli
     if queued <= max_batch:
         return False
     finish = now + -(-queued // max_batch) * batch_s
-    return finish + reserve_s > (head_deadline + last_deadline) / 2.0
+    return finish + reserve_s > head_deadline + OVERRUN_AT * (last_deadline - head_deadline)
 
 
 def burst_batch(burst_s: Sequence[float], max_size: int, planned_batch_s: float) -> int:

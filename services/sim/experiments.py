@@ -591,15 +591,39 @@ def main(argv=None) -> None:
                           "too optimistic); the simulated workers run the true ones")
     one.add_argument("--no-calibrate", action="store_true",
                      help="ours: do not correct the profile from measured batch times")
+    one.add_argument("--shape", choices=SHAPES, default=None,
+                     help="one of the reproduce run's arrival shapes (300 s) instead of the trace, peaking "
+                          "at --peak-x times the full-accuracy capacity")
+    one.add_argument("--peak-x", type=float, default=2.5, help="with --shape: the peak (default 2.5)")
+    one.add_argument("--hop-ms", type=float, default=0.0,
+                     help="transport: each router-to-worker dispatch arrives this much later (default 0)")
+    one.add_argument("--task-bound", default=None, metavar="TASK=N,...",
+                     help="ours: workers registered for tasks (e.g. object_detection=12,car_classification=4,"
+                          "facial_recognition=4) instead of a pool; the counts must add up to --workers")
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
         reproduce(Path(a.out), quick=a.quick)
         return
     prof = load_profile(a.profile)
-    arr = (poisson_arrivals(a.poisson, a.duration, a.seed) if a.poisson
-           else trace_arrivals(a.trace, a.rate_scale, a.seed))
-    policy = make_policy(a.policy, prof, a.workers, profile_error=a.profile_error)
+    cap = full_accuracy_capacity(prof, a.workers)
+    if a.shape:
+        arr = shape_arrivals_for(a.shape, a.peak_x * cap, a.seed)
+    else:
+        arr = (poisson_arrivals(a.poisson, a.duration, a.seed) if a.poisson
+               else trace_arrivals(a.trace, a.rate_scale, a.seed))
+    if a.task_bound:
+        if a.policy != "ours":
+            ap.error("--task-bound is for --policy ours")
+        try:
+            bound = {t: int(n) for t, n in (kv.split("=", 1) for kv in a.task_bound.split(","))}
+            policy = OursPolicy(prof, a.workers, task_bound=bound)
+        except ValueError as exc:
+            ap.error(f"--task-bound: {exc}")
+    else:
+        policy = make_policy(a.policy, prof, a.workers, profile_error=a.profile_error)
     if a.no_calibrate and hasattr(policy, "planner"):
         policy.planner.calibrate = False
-    r = simulate(prof, arr, policy, SimConfig(n_workers=a.workers, seed=a.seed))
-    print(json.dumps(r.summary(), indent=1, default=float))
+    r = simulate(prof, arr, policy, SimConfig(n_workers=a.workers, seed=a.seed, hop_s=a.hop_ms / 1000.0))
+    d = row(r, cap)
+    d.update(off_peak_stats(r, cap))
+    print(json.dumps(d, indent=1, default=float))
