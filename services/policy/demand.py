@@ -22,8 +22,10 @@ from collections import deque
 
 class DemandEstimator:
     def __init__(self, tau_s: float = 3.0, window_s: float = 5.0, stale_s: float = 10.0,
-                 tau_up_s: float | None = 1.0, rise_window_s: float | None = 1.0, rise_sigmas: float = 3.0) -> None:
+                 tau_up_s: float | None = 1.0, rise_window_s: float | None = 1.0, rise_sigmas: float = 3.0,
+                 rise_min_count: int = 10) -> None:
         self.tau_s = tau_s
+        self.rise_min_count = rise_min_count
         self.rise_window_s = rise_window_s
         self.rise_sigmas = rise_sigmas
         self.tau_up_s = tau_s if tau_up_s is None else tau_up_s
@@ -67,7 +69,10 @@ class DemandEstimator:
         if t1 - ta <= 0:
             return windowed
         expected = windowed * (t1 - ta)
-        if (c1 - ca) > expected + self.rise_sigmas * math.sqrt(max(expected, 1.0)):
+        # at a few requests a second a Poisson clump looks like a step (4 arrivals after
+        # none); only a rise of at least ``rise_min_count`` requests counts
+        if (c1 - ca) >= self.rise_min_count and \
+                (c1 - ca) > expected + self.rise_sigmas * math.sqrt(max(expected, 1.0)):
             return (c1 - ca) / (t1 - ta)
         return windowed
 

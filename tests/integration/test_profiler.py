@@ -96,7 +96,8 @@ def test_committed_ocr_profile_covers_the_spec_and_plans():
     assert len(p.path_accuracy) == len(spec.task("det").variants) * len(spec.task("rec").variants)
     assert all(v.providers for t in p.tasks for v in t.variants)
     sol = solve(PlannerContext(p, demand_qps=2.0, n_workers=2, method="exact"))
-    assert sol.ok and sol.served_qps == pytest.approx(2.0)
+    # served to within the planner's documented relative slack (EPS = 1e-6) and float noise
+    assert sol.ok and sol.served_qps == pytest.approx(2.0, rel=1.5e-6)
 
 
 def test_latency_point_interpolates():
