@@ -110,3 +110,20 @@ def test_heavy_tailed_bursts_reach_the_peak_and_repeat_for_a_seed():
     assert np.array_equal(a, b)
     assert 0.8 * 400 <= peak_rate(a) <= 1.2 * 400
     assert 45.0 < np.median(np.bincount(a.astype(int))) < 60.0   # mostly the base rate
+
+
+def test_the_off_peak_headroom_rises_to_the_peak_headroom_between_a_quarter_and_half_capacity():
+    prof = load_profile("profiles/social_media.json")
+    p = PlannerPolicy(prof, prof.slo_ms, verbose=False, headroom=2.0)
+    assert p.headroom_for(10.0) == 2.0                      # no off-peak headroom: one headroom
+    p.headroom_low = 1.25
+    assert p.headroom_for(10.0) == 2.0                      # capacity not known yet (no decide)
+    from services.common.plan import RegisteredWorker
+    pool = [RegisteredWorker(f"w{i}", f"h:{i}", "") for i in range(20)]
+    p.decide(pool, 10.0, None, now=0.0, version=1)
+    c = p.full_capacity_qps
+    assert c and c > 0
+    assert p.headroom_for(0.2 * c) == pytest.approx(1.25)
+    assert p.headroom_for(0.375 * c) == pytest.approx(1.625)
+    assert p.headroom_for(0.6 * c) == pytest.approx(2.0)
+    assert p.target_demand(0.2 * c) == pytest.approx(1.25 * 0.2 * c)
