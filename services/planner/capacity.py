@@ -25,16 +25,17 @@ UNBOUNDED_QPS = 1e7
 def max_demand(profile: PipelineProfile, n_workers: int, slo_ms: float | None = None,
                min_accuracy: float | None = None, full_accuracy: bool = False,
                method: str = "exact", quantile: str = "p95", node_limit: int = 50_000,
-               task_workers: dict[str, int] | None = None) -> PlanSolution:
+               task_workers: dict[str, int] | None = None, solver=solve) -> PlanSolution:
     """The plan that serves the most demand under an accuracy floor (phase 1 of the
-    planner with an unbounded demand). ``task_workers``: per-task caps (task-bound workers)."""
+    planner with an unbounded demand). ``task_workers``: per-task caps (task-bound workers);
+    ``solver``: ``solve`` or a caller's wrapper of it (the simulator caches solves)."""
     ctx = PlannerContext(profile, UNBOUNDED_QPS, n_workers, slo_ms=slo_ms, method=method,
                          latency_quantile=quantile, node_limit=node_limit, min_accuracy=min_accuracy,
                          task_workers=task_workers)
     if full_accuracy:
-        probe = solve(replace(ctx, demand_qps=0.0))
+        probe = solver(replace(ctx, demand_qps=0.0), None)
         ctx = replace(ctx, min_accuracy=probe.max_accuracy * (1 - 1e-6))
-    return solve(ctx)
+    return solver(ctx, None)
 
 
 @dataclass(frozen=True)

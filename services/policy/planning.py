@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 from services.common.logging import get_logger
 from services.common.plan import ANY_PATH, Plan, RegisteredWorker
 from services.planner import PlannerContext, PlanSolution, load_profile, plan_from_solution, solve
+from services.planner.capacity import max_demand
 from services.planner.profile import PipelineProfile
 from services.policy.calibration import LatencyCalibrator, Timing
 
@@ -138,11 +139,9 @@ class PlannerPolicy:
         held, k, cap = self._capacity_of
         if held is profile and k == key:
             return cap
-        best = self.solver(PlannerContext(profile, 1.0, n_workers, slo_ms=self.slo_ms, method=self.method,
-                                          task_workers=caps), None)
-        top = self.solver(PlannerContext(profile, 1e6, n_workers, slo_ms=self.slo_ms, method=self.method,
-                                         task_workers=caps, min_accuracy=best.max_accuracy * (1 - 1e-6)), None)
-        cap = top.served_qps if best.ok and top.ok else None
+        top = max_demand(profile, n_workers, slo_ms=self.slo_ms, full_accuracy=True, method=self.method,
+                         task_workers=caps, solver=self.solver)
+        cap = top.served_qps if top.ok else None
         self._capacity_of = (profile, key, cap)
         return cap
 
