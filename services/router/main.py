@@ -180,16 +180,25 @@ class RouterApp:
             await client.aclose()
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop within ``grace_s`` plus a second: in-flight requests get ``grace_s`` to be
+        answered (then they are cancelled); once the server has stopped no call of ours is
+        in flight, so the outgoing channels close at once. Each phase's time is logged."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        log.info("router_stopping", task=self.cfg.task)
         await self.health.enter_graceful_shutdown()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        t1 = loop.time()
         await self.server.stop(grace_s)
-        await self.workers.close()
-        await self.child_client.close()
+        t2 = loop.time()
+        await self.workers.close(grace_s=0.5)
+        await self.child_client.close(grace_s=0.5)
         if self.metrics_server is not None:
             self.metrics_server.close()
-        log.info("router_stopped", task=self.cfg.task)
+        log.info("router_stopped", task=self.cfg.task, tasks_s=round(t1 - t0, 3),
+                 server_s=round(t2 - t1, 3), channels_s=round(loop.time() - t2, 3))
 
 
 async def serve(cfg: RouterConfig) -> None:

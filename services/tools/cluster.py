@@ -69,6 +69,7 @@ class LocalCluster:
         self.redis: RedisServer | None = None
         self.redis_url = cfg.redis_url or ""
         self.procs: dict[str, Proc] = {}
+        self.killed_on_stop: list[str] = []   # processes SIGKILLed after their grace time
         self.controller_address = ""
         self.router_addresses: dict[str, str] = {}
         self.front_door = ""
@@ -250,9 +251,31 @@ class LocalCluster:
             try:
                 p.popen.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait()
+                # what it was stuck on goes to its log before the kill (faulthandler)
+                p.popen.send_signal(signal.SIGUSR1)
+                try:
+                    p.popen.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                if p.popen.poll() is None:
+                    p.popen.kill()
+                    p.popen.wait()
+                    self.killed_on_stop.append(name)
+                    with open(p.log_path, "a") as log:
+                        log.write(f"[cluster] {name} did not stop within {grace_s:g}s of SIGTERM; "
+                                  "SIGKILLed (its stacks are above)\n")
         return p.popen.returncode
+
+    def exit_report(self, codes: dict[str, int | None], tail_chars: int = 4000) -> str:
+        """What a test says when ``codes`` (from :meth:`stop`) are not all 0: each unclean
+        exit with the end of its log (for one killed on stop, the stacks it was stuck on)."""
+        parts = [f"unclean exits: {codes}"]
+        for name, code in codes.items():
+            if code != 0:
+                log_path = self.cfg.log_dir / f"{name}.log"
+                tail = log_path.read_text(errors="replace")[-tail_chars:] if log_path.exists() else ""
+                parts.append(f"--- {name} (exit {code}), end of {log_path}:\n{tail}")
+        return "\n".join(parts)
 
     def stop(self) -> dict[str, int | None]:
         codes = {}

@@ -43,7 +43,7 @@ def cluster(models_dir, tmp_path_factory):
     c.start(ready_timeout_s=120)
     yield c
     codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
+    assert all(code == 0 for code in codes.values()), c.exit_report(codes)
 
 
 @pytest.fixture()

@@ -33,7 +33,7 @@ def cluster(tmp_path_factory):
     c.ready_s = time.monotonic() - t0
     yield c
     codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
+    assert all(code == 0 for code in codes.values()), c.exit_report(codes)
 
 
 def test_a_request_goes_through_both_stages_and_its_bytes_come_back(cluster):

@@ -55,7 +55,7 @@ def cluster(tmp_path_factory):
     c.start(ready_timeout_s=90)
     yield c
     codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
+    assert all(code == 0 for code in codes.values()), c.exit_report(codes)
 
 
 def test_square_wave_run_writes_records_plan_history_and_figures(cluster, tmp_path):

@@ -81,7 +81,7 @@ def cluster(tmp_path_factory):
     c.start(ready_timeout_s=90)
     yield c
     codes = c.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
+    assert all(code == 0 for code in codes.values()), c.exit_report(codes)
 
 
 def wait_for(check, timeout_s: float = 60.0, what: str = "condition"):
