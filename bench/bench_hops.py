@@ -75,17 +75,18 @@ tasks:
       - {name: echo_a, model: echo/identity.onnx, processor: echo, input_names: [x], output_names: [y]}
 """
 PATHS = ["direct", "raw_hop", "raw_fwd", "raw_fwd_opts", "router", "front_door"]
+UVLOOP_PATHS = ["router_uvloop", "front_door_uvloop"]   # with --uvloop: a second router on uvloop
 SIZES = {"1KB": 1024, "200KB": 200 * 1024}
 
 
-def start_router(spec: Path, redis_url: str, log: Path) -> Child:
+def start_router(spec: Path, redis_url: str, log: Path, loop: str = "asyncio", name: str = "router") -> Child:
     port = free_port()
-    env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1", PIPESERVE_EVENT_LOOP=loop)
     with open(log, "ab") as f:
         p = subprocess.Popen([sys.executable, "-m", "services.router.main", "--spec", str(spec), "--task", "a",
                               "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                              start_new_session=True)
-    return Child("router", p, port, log)
+    return Child(name, p, port, log)
 
 
 async def publish_plan(redis_url: str, worker_address: str) -> None:
@@ -127,57 +128,65 @@ def make_calls(channels: dict[str, grpc.aio.Channel], payload: bytes) -> dict:
     hop = channels["raw_hop"].unary_unary(RAW_METHOD)
     fwd = channels["raw_fwd"].unary_unary(RAW_METHOD)
     fwd_opts = channels["raw_fwd_opts"].unary_unary(RAW_METHOD)
-    router = pb_grpc.RouterStub(channels["router"]).Route
-    front = ipb_grpc.GRPCInferenceServiceStub(channels["front_door"]).ModelInfer
 
-    async def check_router():
-        resp = await router(route, timeout=30)
-        assert resp.results[0].status == pb.OK, resp
-        return resp
+    def router_call(channel):
+        stub = pb_grpc.RouterStub(channel).Route
 
-    async def check_front():
-        resp = await front(model_infer, timeout=30)
-        return resp
+        async def check_router():
+            resp = await stub(route, timeout=30)
+            assert resp.results[0].status == pb.OK, resp
+            return resp
+        return check_router
 
-    return {
+    def front_call(channel):
+        stub = ipb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        return lambda: stub(model_infer, timeout=30)
+
+    calls = {
         "direct": lambda: worker(infer, timeout=30),
         "raw_hop": lambda: hop(raw, timeout=30),
         "raw_fwd": lambda: fwd(raw, timeout=30),
         "raw_fwd_opts": lambda: fwd_opts(raw, timeout=30),
-        "router": check_router,
-        "front_door": check_front,
+        "router": router_call(channels["router"]),
+        "front_door": front_call(channels["front_door"]),
     }
+    if "router_uvloop" in channels:
+        calls["router_uvloop"] = router_call(channels["router_uvloop"])
+        calls["front_door_uvloop"] = front_call(channels["front_door_uvloop"])
+    return calls
 
 
 async def measure(args, addresses: dict[str, str], pids: dict[str, int]) -> dict:
+    paths = PATHS + (UVLOOP_PATHS if "router_uvloop" in addresses else [])
     channels = {k: grpc.aio.insecure_channel(a, options=CLIENT_OPTIONS) for k, a in addresses.items()}
     out: dict = {}
     try:
         for label, size in SIZES.items():
             payload = png_payload(size)
             calls = make_calls(channels, payload)
-            for k in PATHS:                                   # warm every path (channels, caches)
+            for k in paths:                                   # warm every path (channels, caches)
                 await sequential(calls[k], 50)
-            lat: dict[str, list[float]] = {k: [] for k in PATHS}
+            lat: dict[str, list[float]] = {k: [] for k in paths}
             for rnd in range(args.rounds):
-                order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
+                order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
                 for k in order:
                     lat[k] += await sequential(calls[k], args.calls)
-            tput: dict[str, list] = {k: [] for k in PATHS}
+            tput: dict[str, list] = {k: [] for k in paths}
             measured_pid = {"direct": "fakeworker", "raw_hop": "raw_hop", "raw_fwd": "raw_fwd",
-                            "raw_fwd_opts": "raw_fwd_opts", "router": "router", "front_door": "router"}
+                            "raw_fwd_opts": "raw_fwd_opts", "router": "router", "front_door": "router",
+                            "router_uvloop": "router_uvloop", "front_door_uvloop": "router_uvloop"}
             for rnd in range(args.tput_rounds):
-                order = PATHS[rnd % len(PATHS):] + PATHS[:rnd % len(PATHS)]
+                order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
                 for k in order:
                     tput[k].append(await closed_loop(calls[k], args.concurrency, args.seconds, pids))
             p50 = {k: pct(v, 0.5) for k, v in lat.items()}
             p99 = {k: pct(v, 0.99) for k, v in lat.items()}
-            res = {"latency_ms": {k: {"p50": r(p50[k]), "p99": r(p99[k]), "n": len(lat[k])} for k in PATHS},
+            res = {"latency_ms": {k: {"p50": r(p50[k]), "p99": r(p99[k]), "n": len(lat[k])} for k in paths},
                    "added_ms": {k: {"p50": r(p50[k] - p50["direct"]), "p99": r(p99[k] - p99["direct"])}
-                                for k in ("raw_fwd", "raw_fwd_opts", "router", "front_door")},
+                                for k in paths if k not in ("direct", "raw_hop")},
                    "throughput": {}}
             per_core = {}
-            for k in PATHS:
+            for k in paths:
                 runs = tput[k]
                 req = sum(t.requests for t in runs)
                 secs = sum(t.seconds for t in runs)
@@ -203,6 +212,14 @@ async def measure(args, addresses: dict[str, str], pids: dict[str, int]) -> dict
                 "router_per_core_over_raw_fwd_per_core": r(per_core["router"] / per_core["raw_fwd"]),
                 "front_door_per_core_over_raw_fwd_per_core": r(per_core["front_door"] / per_core["raw_fwd"]),
             }
+            if "router_uvloop" in paths:
+                for kind in ("router", "front_door"):
+                    res["ratios"][f"{kind}_uvloop_added_p50_over_asyncio"] = r(
+                        (p50[f"{kind}_uvloop"] - p50["direct"]) / (p50[kind] - p50["direct"]))
+                    res["ratios"][f"{kind}_uvloop_added_p50_over_raw_hop_p50"] = r(
+                        (p50[f"{kind}_uvloop"] - p50["direct"]) / p50["raw_hop"])
+                    res["ratios"][f"{kind}_uvloop_per_core_over_asyncio"] = r(
+                        per_core[f"{kind}_uvloop"] / per_core[kind])
             res["targets"] = {
                 "router_adds_le_1.5x_raw_hop_p50": res["ratios"]["router_added_p50_over_raw_hop_p50"] <= 1.5,
                 "front_door_adds_le_1.5x_raw_hop_p50": res["ratios"]["front_door_added_p50_over_raw_hop_p50"] <= 1.5,
@@ -224,6 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tput-rounds", type=int, default=2, help="throughput rounds (default 2)")
     ap.add_argument("--seconds", type=float, default=2.5, help="closed-loop seconds per path per round")
     ap.add_argument("--concurrency", type=int, default=16, help="closed-loop callers (default 16)")
+    ap.add_argument("--uvloop", action="store_true",
+                    help="also measure a second router process on uvloop (PIPESERVE_EVENT_LOOP=uvloop; "
+                         "needs the uvloop extra)")
     a = ap.parse_args(argv)
     configure_logging("bench", level="warning")   # stdout is for the JSON only
     info = machine()
@@ -244,6 +264,11 @@ def main(argv=None) -> int:
             asyncio.run(wait_front_door(router.address, router))
             addresses = {"direct": fake.address, "raw_hop": hop.address, "raw_fwd": fwd.address,
                          "raw_fwd_opts": fwd2.address, "router": router.address, "front_door": router.address}
+            if a.uvloop:
+                uv = start_router(spec, redis.url, Path(tmp) / "router_uvloop.log", loop="uvloop",
+                                  name="router_uvloop"); children.append(uv)
+                asyncio.run(wait_front_door(uv.address, uv))
+                addresses.update(router_uvloop=uv.address, front_door_uvloop=uv.address)
             pids = {c.name: c.pid for c in children}
             t0 = time.perf_counter()
             results = asyncio.run(measure(a, addresses, pids))
@@ -254,14 +279,16 @@ def main(argv=None) -> int:
             redis.stop()
     print(json.dumps({
         "benchmark": "router hop", "machine": info, "seconds": round(took, 1),
-        "settings": {"rounds": a.rounds, "calls": a.calls, "tput_rounds": a.tput_rounds,
+        "settings": {"uvloop": a.uvloop, "rounds": a.rounds, "calls": a.calls, "tput_rounds": a.tput_rounds,
                      "seconds": a.seconds, "concurrency": a.concurrency},
         "paths": {"direct": "client -> fake worker (InferBatch, protobuf)",
                   "raw_hop": "client -> raw grpc.aio server (bytes, 64-byte answer)",
                   "raw_fwd": "client -> raw grpc.aio forwarder (bytes) -> fake worker",
                   "raw_fwd_opts": "raw_fwd with pipeserve's channel options (retries on)",
                   "router": "client -> pipeserve router (Route) -> fake worker",
-                  "front_door": "client -> pipeserve router (OIP ModelInfer) -> fake worker"},
+                  "front_door": "client -> pipeserve router (OIP ModelInfer) -> fake worker",
+                  "router_uvloop": "router, the same code on uvloop (--uvloop)",
+                  "front_door_uvloop": "front_door, the same code on uvloop (--uvloop)"},
         "results": results,
     }, indent=1))
     return 0

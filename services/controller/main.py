@@ -22,6 +22,7 @@ from services.common.plan_channel import PlanPublisher, connect, frontdoor_patte
 from services.common.redis_auth import RedisAuthError, check_credentials, redact_url
 from services.common.redis_server import RedisServer
 from services.common.spec import load_spec
+from services.common.eventloop import EventLoopError, run_service
 from services.controller.core import ControllerCore
 from services.controller.scaler import (DeploymentScaler, KubeScaleApi, ScalePolicy, ScalerUnavailable,
                                         split_pool)
@@ -370,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     configure_logging("controller", json_logs=cfg.json_logs)
     try:
-        asyncio.run(serve(cfg))
+        run_service(serve(cfg))
+    except EventLoopError as exc:
+        log.error("event_loop_unavailable", error=str(exc))
+        return 2
     except SpecError as exc:
         log.error("invalid_input_file", error=str(exc))
         return 2

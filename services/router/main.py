@@ -26,6 +26,7 @@ from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.tasks import supervise
+from services.common.eventloop import EventLoopError, run_service
 from services.router.clients import ChildRouterClient, WorkerClient
 from services.router.core import RouterCore
 from services.router.servicer import (FrontDoorServicer, RouterServicer, add_front_door_to_server,
@@ -219,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     configure_logging(f"router-{cfg.task}", json_logs=cfg.json_logs)
     try:
-        asyncio.run(serve(cfg))
+        run_service(serve(cfg))
+    except EventLoopError as exc:
+        log.error("event_loop_unavailable", error=str(exc))
+        return 2
     except SpecError as exc:
         log.error("invalid_input_file", error=str(exc))
         return 2

@@ -26,6 +26,7 @@ from services.common.spec import load_spec
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.tasks import supervise
+from services.common.eventloop import EventLoopError, run_service
 from services.worker.core import DEFAULT_LINGER_S, DEFAULT_MAX_QUEUE, WorkerCore
 from services.worker.servicer import WorkerServicer, stats_to_proto
 
@@ -275,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     configure_logging("worker", json_logs=cfg.json_logs)
     try:
-        asyncio.run(serve(cfg))
+        run_service(serve(cfg))
+    except EventLoopError as exc:
+        log.error("event_loop_unavailable", error=str(exc))
+        return 2
     except SpecError as exc:
         log.error("invalid_input_file", error=str(exc))
         return 2

@@ -87,3 +87,28 @@ def test_the_cluster_starts_quickly(cluster):
     # target is < 3 s on a quiet machine, bench/bench_noop_chain.py measures it; this is a
     # loose bound so a busy CI machine does not fail it
     assert cluster.ready_s < 30
+
+
+def test_the_whole_cluster_runs_on_uvloop(tmp_path, monkeypatch):
+    """PIPESERVE_EVENT_LOOP=uvloop (inherited by every process the cluster starts): gRPC's
+    asyncio server and client work on it end to end, and every service stops cleanly."""
+    monkeypatch.setenv("PIPESERVE_EVENT_LOOP", "uvloop")
+    write_identity_model(tmp_path / "models" / "echo" / "identity.onnx")
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    c = LocalCluster(ClusterConfig(spec=SPEC, plan_file=tmp_path / "plan.yaml", models=tmp_path / "models",
+                                   log_dir=tmp_path / "logs"))
+    c.start(ready_timeout_s=90)
+    try:
+        images = [png(16 + i, seed=100 + i) for i in range(12)]
+        with grpc.insecure_channel(c.front_door) as ch:
+            stub = ipb_grpc.GRPCInferenceServiceStub(ch)
+            with ThreadPoolExecutor(4) as pool:
+                resps = list(pool.map(lambda im: stub.ModelInfer(
+                    oip.build_image_request("echo", im), timeout=30), images))
+        assert [oip.parse_ocr_response(r)[0].text for r in resps] == [digest(im) for im in images]
+    finally:
+        codes = c.stop()
+    assert all(code == 0 for code in codes.values()), c.exit_report(codes)
+    for name in codes:
+        log = (tmp_path / "logs" / f"{name}.log").read_text()
+        assert "event_loop" in log and "kind=uvloop" in log, f"{name} did not say it ran on uvloop"
