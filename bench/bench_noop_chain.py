@@ -95,13 +95,16 @@ def gen_proto(out: Path) -> None:
 # -- the three systems ----------------------------------------------------------------------
 
 class Pipeserve:
-    name = "pipeserve"
+    """``inline``: one router process routes both stages (``--inline-children``), so the
+    chain is client -> front door -> worker a, front door -> worker b (three RPCs in series
+    where the per-stage layout has four)."""
 
-    def __init__(self, tmp: Path, models: Path) -> None:
+    def __init__(self, tmp: Path, models: Path, inline: bool = False) -> None:
+        self.name = "pipeserve_inline" if inline else "pipeserve"
         plan = tmp / "echo-plan.yaml"
         plan.write_text(PLAN)
         self.cluster = LocalCluster(ClusterConfig(spec=SPEC, plan_file=plan, models=models,
-                                                  log_dir=tmp / "pipeserve-logs"))
+                                                  log_dir=tmp / f"{self.name}-logs", inline_routers=inline))
 
     def start(self) -> None:
         self.cluster.start(ready_timeout_s=120)
@@ -330,23 +333,31 @@ async def measure(a, systems: list, pids: dict) -> dict:
                                         "system_cpu_ms_per_req": r(cpu / req * 1e3, 3) if req else None,
                                         "system_cpu_s_per_s": r(cpu / secs, 2),
                                         "errors": sum(t.errors for t in tput[n])}
-                if n == "pipeserve":        # where pipeserve's CPU goes, per process
-                    parts = sorted({k.split(":", 1)[1] for t in tput[n] for k in t.cpu_s if k.startswith("ps:")})
+                if n.startswith("pipeserve"):        # where pipeserve's CPU goes, per process
+                    parts = sorted({k.split(":", 1)[1] for t in tput[n] for k in t.cpu_s
+                                    if k.startswith(f"{n}:")})
                     res["throughput"][n]["cpu_ms_per_req_by_process"] = {
-                        k: r(sum(t.cpu_s[f"ps:{k}"] for t in tput[n]) / req * 1e3, 3) for k in parts}
-            ps, raw = "pipeserve", "raw_chain"
-            ratios = {"p50_over_raw_chain": r(p50[ps] / p50[raw]),
-                      "req_per_s_over_raw_chain": r(rps[ps] / rps[raw])}
-            targets = {"p50_le_2.5x_raw_chain": ratios["p50_over_raw_chain"] <= 2.5,
-                       "req_per_s_ge_60pct_raw_chain": ratios["req_per_s_over_raw_chain"] >= 0.6}
-            if "ray_serve" in names:
-                ratios["ray_p50_over_pipeserve_p50"] = r(p50["ray_serve"] / p50[ps])
-                ratios["pipeserve_req_per_s_over_ray"] = r(rps[ps] / rps["ray_serve"])
-                targets["p50_5x_better_than_ray"] = ratios["ray_p50_over_pipeserve_p50"] >= 5
-                targets["req_per_s_5x_ray"] = ratios["pipeserve_req_per_s_over_ray"] >= 5
+                        k: r(sum(t.cpu_s[f"{n}:{k}"] for t in tput[n]) / req * 1e3, 3) for k in parts}
+            raw = "raw_chain"
+            ratios, targets = {}, {}
+            for ps in [n for n in names if n.startswith("pipeserve")]:
+                sfx = "" if ps == "pipeserve" else ps.removeprefix("pipeserve")   # "", "_inline"
+                ratios[f"p50_over_raw_chain{sfx}"] = r(p50[ps] / p50[raw])
+                ratios[f"req_per_s_over_raw_chain{sfx}"] = r(rps[ps] / rps[raw])
+                targets[f"p50_le_2.5x_raw_chain{sfx}"] = ratios[f"p50_over_raw_chain{sfx}"] <= 2.5
+                targets[f"req_per_s_ge_60pct_raw_chain{sfx}"] = ratios[f"req_per_s_over_raw_chain{sfx}"] >= 0.6
+                if "ray_serve" in names:
+                    ratios[f"ray_p50_over_pipeserve_p50{sfx}"] = r(p50["ray_serve"] / p50[ps])
+                    ratios[f"pipeserve_req_per_s_over_ray{sfx}"] = r(rps[ps] / rps["ray_serve"])
+                    targets[f"p50_5x_better_than_ray{sfx}"] = ratios[f"ray_p50_over_pipeserve_p50{sfx}"] >= 5
+                    targets[f"req_per_s_5x_ray{sfx}"] = ratios[f"pipeserve_req_per_s_over_ray{sfx}"] >= 5
+            if "pipeserve" in names and "pipeserve_inline" in names:
+                ratios["inline_p50_over_per_stage"] = r(p50["pipeserve_inline"] / p50["pipeserve"])
+                ratios["inline_req_per_s_over_per_stage"] = r(rps["pipeserve_inline"] / rps["pipeserve"])
             res["ratios"], res["targets"] = ratios, targets
-            ps_sys = next(s for s in systems if s.name == "pipeserve")
-            res["pipeserve_breakdown"] = await pipeserve_breakdown(ps_sys, payload, a.rounds, a.calls // 2)
+            ps_sys = next((s for s in systems if s.name == "pipeserve"), None)
+            if ps_sys is not None:
+                res["pipeserve_breakdown"] = await pipeserve_breakdown(ps_sys, payload, a.rounds, a.calls // 2)
             out[label] = res
     finally:
         for ch in channels.values():
@@ -363,6 +374,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="closed-loop seconds per system per round")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--cold-starts", type=int, default=1, help="cold starts of each system (the last stays up)")
+    ap.add_argument("--layouts", type=lambda s: s.split(","), default=["per-stage", "inline"],
+                    help="pipeserve layouts to measure: per-stage (a router process per stage) "
+                         "and/or inline (one router process routes both stages); default both")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--ray-python", default=str(ROOT / "runs" / "ray-venv" / "bin" / "python"))
     ap.add_argument("--models", type=Path, default=ROOT / "models")
@@ -383,7 +397,14 @@ def main(argv=None) -> int:
         tmp = Path(tmp_s)
         try:
             gen_proto(tmp)
-            factories = [("pipeserve", lambda: Pipeserve(tmp, a.models)), ("raw_chain", RawChain)]
+            bad = set(a.layouts) - {"per-stage", "inline"}
+            if bad or not a.layouts:
+                raise SystemExit(f"--layouts takes per-stage and/or inline, got {a.layouts}")
+            factories = [(name, lambda inline=inline: Pipeserve(tmp, a.models, inline=inline))
+                         for layout, name, inline in (("per-stage", "pipeserve", False),
+                                                      ("inline", "pipeserve_inline", True))
+                         if layout in a.layouts]
+            factories.append(("raw_chain", RawChain))
             if not a.no_ray:
                 if Path(a.ray_python).exists():
                     factories.append(("ray_serve", lambda: RayServe(a.ray_python, tmp, tmp / "ray.log")))
@@ -413,7 +434,7 @@ def main(argv=None) -> int:
             idle = {n: r((f() - idle[n]) / 2, 3) for n, f in pids.items()}
             for s in started:
                 if isinstance(s, Pipeserve):
-                    pids.update({f"ps:{k}": v for k, v in s.pids().items()})
+                    pids.update({f"{s.name}:{k}": v for k, v in s.pids().items()})
             result["idle_cpu_s_per_s"] = idle
             result["cold_start_s"] = {n: {"min": r(min(v)), "max": r(max(v)), "runs": [r(x) for x in v]}
                                       for n, v in cold.items()}
@@ -422,9 +443,12 @@ def main(argv=None) -> int:
             for s in reversed(started):
                 s.stop()
     cs = result["cold_start_s"]
-    result["cold_start"] = {"pipeserve_s": cs["pipeserve"]["min"], "target_lt_3s": cs["pipeserve"]["min"] < 3.0}
-    if "ray_serve" in cs:
-        result["cold_start"]["ray_over_pipeserve"] = r(cs["ray_serve"]["min"] / cs["pipeserve"]["min"])
+    result["cold_start"] = {}
+    for ps in [n for n in cs if n.startswith("pipeserve")]:
+        result["cold_start"][f"{ps}_s"] = cs[ps]["min"]
+        result["cold_start"][f"{ps}_target_lt_3s"] = cs[ps]["min"] < 3.0
+        if "ray_serve" in cs:
+            result["cold_start"][f"ray_over_{ps}"] = r(cs["ray_serve"]["min"] / cs[ps]["min"])
     if ray_error:
         result["ray_error"] = ray_error
     result["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -3,13 +3,18 @@ Failures become :class:`CallFailed` with the QueryStatus their queries get."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import grpc
 
+from services.common.errors import ServingError
 from services.common.grpc_utils import TlsConfig, make_channel
+from services.common.logging import get_logger
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.router.core import CallFailed
+
+log = get_logger(__name__)
 
 _CODE_TO_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: pb.DROPPED_DEADLINE,
@@ -20,6 +25,9 @@ _CODE_TO_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: pb.SHED,
     grpc.StatusCode.CANCELLED: pb.UNAVAILABLE,
 }
+
+# the same for a child router served in this process: its ServingError's gRPC code name
+_STATUS_OF_ERROR = {code.name: status for code, status in _CODE_TO_STATUS.items()}
 
 
 def _failed(exc: grpc.aio.AioRpcError, who: str) -> CallFailed:
@@ -111,3 +119,46 @@ class ChildRouterClient:
         they are cancelled at once)."""
         stubs, self._stubs = list(self._stubs.values()), {}
         await asyncio.gather(*(channel.close(grace=grace_s) for channel, _ in stubs))
+
+
+@dataclass
+class LocalRouteResponse:
+    """What :class:`InlineChildClient` answers: a ``RouteResponse``'s two fields, the
+    results not copied into a message."""
+    results: list
+    plan_version: int
+
+
+class InlineChildClient:
+    """Child stages served in this process (``pipeserve-router --inline-children``): a
+    call to one of ``local``'s tasks runs its :class:`RouterCore` directly, without a
+    gRPC hop; any other child task goes to ``remote``. Failures become the same
+    :class:`CallFailed` statuses a gRPC call to a child router would give."""
+
+    def __init__(self, local: dict, remote: ChildRouterClient) -> None:
+        self.local = local   # task -> RouterCore
+        self.remote = remote
+
+    async def route(self, task: str, request: pb.RouteRequest, timeout_s: float):
+        core = self.local.get(task)
+        if core is None:
+            return await self.remote.route(task, request, timeout_s)
+        if not request.queries:
+            raise CallFailed(pb.INTERNAL, f"router {task}: no queries in request")
+        try:
+            results = await asyncio.wait_for(
+                core.route(request.request_id, request.deadline_unix_s, list(request.queries),
+                           request.upstream_path), timeout_s)
+        except asyncio.TimeoutError:
+            raise CallFailed(pb.DROPPED_DEADLINE, f"router {task}: deadline exceeded") from None
+        except ServingError as exc:
+            raise CallFailed(_STATUS_OF_ERROR.get(exc.code, pb.INTERNAL), f"router {task}: {exc}") from None
+        except CallFailed:
+            raise
+        except Exception:
+            log.exception("inline_child_failed", child=task)
+            raise CallFailed(pb.INTERNAL, f"router {task}: internal error") from None
+        return LocalRouteResponse(results, core.plan.version if core.plan is not None else 0)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        await self.remote.close(grace_s)

@@ -27,7 +27,7 @@ from services.common.spec import load_spec
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.tasks import supervise
 from services.common.eventloop import EventLoopError, run_service
-from services.router.clients import ChildRouterClient, WorkerClient
+from services.router.clients import ChildRouterClient, InlineChildClient, WorkerClient
 from services.router.core import RouterCore
 from services.router.servicer import (FrontDoorServicer, RouterServicer, add_front_door_to_server,
                                       receive_limit_bytes)
@@ -48,6 +48,7 @@ class RouterConfig:
     tls: TlsConfig | None = None   # its server (front door included) and its channels
     max_inflight_mib: float | None = None   # front door: bytes of requests in flight (None: 3 x max_bytes)
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
+    inline_children: bool = False   # child stages without a --child address run in this process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "password: command lines are visible to local users)")
     p.add_argument("--child", action="append", default=[], metavar="TASK=HOST:PORT",
                    help="address of a child stage's router; once per child task")
+    p.add_argument("--inline-children", action="store_true",
+                   help="route the child stages that have no --child address in this process too "
+                        "(the whole subtree, one process, no gRPC hop between the stages; each "
+                        "stage keeps its own routing, metrics and early dropping)")
     p.add_argument("--downstream-reserve-ms", type=float, default=None,
                    help="time the later stages need, used by workers to drop early (default: the "
                         "plan's latency figures, else the fastest recent successful child round trip)")
@@ -96,7 +101,8 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
     tls = tls_from_args(a, p)
     return RouterConfig(spec=Path(a.spec), task=a.task, host=a.host, port=a.port, redis_url=a.redis_url,
                         children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json,
-                        tls=tls, max_inflight_mib=a.max_inflight_mib, metrics_port=a.metrics_port)
+                        tls=tls, max_inflight_mib=a.max_inflight_mib, metrics_port=a.metrics_port,
+                        inline_children=a.inline_children)
 
 
 class RouterApp:
@@ -107,13 +113,28 @@ class RouterApp:
             task = self.spec.task(cfg.task)
         except KeyError as exc:
             raise SystemExit(f"error: {exc.args[0]}; tasks: {self.spec.task_names()}") from None
-        missing = [c for c in task.children if c not in cfg.children]
+        # the tasks this process routes: its own, and with --inline-children every stage
+        # below it that no --child address sends elsewhere
+        hosted, todo = [task.name], list(task.children)
+        while todo and cfg.inline_children:
+            child = todo.pop(0)
+            if child not in cfg.children:
+                hosted.append(child)
+                todo.extend(self.spec.task(child).children)
+        missing = sorted({c for t in hosted for c in self.spec.task(t).children}
+                         - set(hosted) - set(cfg.children))
         if missing:
-            raise SystemExit(f"error: task {task.name!r} has child tasks {missing} without --child addresses")
+            raise SystemExit(f"error: task {task.name!r} has child tasks {missing} without --child "
+                             "addresses (give them, or --inline-children to route them in this process)")
         self.workers = WorkerClient(tls=cfg.tls)
-        self.child_client = ChildRouterClient(cfg.children, tls=cfg.tls)
-        self.core = RouterCore(self.spec, cfg.task, self.workers, self.child_client, reserve_ms=cfg.reserve_ms,
-                               on_newer_plan=self._newer_plan_seen)
+        remote = ChildRouterClient(cfg.children, tls=cfg.tls)
+        self.child_client = InlineChildClient({}, remote) if len(hosted) > 1 else remote
+        self.cores = {t: RouterCore(self.spec, t, self.workers, self.child_client,
+                                    reserve_ms=cfg.reserve_ms if t == task.name else None,
+                                    on_newer_plan=self._newer_plan_seen) for t in hosted}
+        self.core = self.cores[task.name]
+        if isinstance(self.child_client, InlineChildClient):
+            self.child_client.local.update({t: c for t, c in self.cores.items() if t != task.name})
         self.subscriber: PlanSubscriber | None = None
         self.is_root = self.spec.root.name == cfg.task
         self.admission = TokenBucket(None)
@@ -126,11 +147,12 @@ class RouterApp:
         self.metrics_server: MetricsServer | None = None
 
     async def _on_plan(self, plan: Plan) -> None:
-        self.core.set_plan(plan)
+        for core in self.cores.values():
+            core.set_plan(plan)
         if self.is_root:
             self.admission.set_rate(plan.admission_rate_qps)
-        await self.workers.retain({w.address for w in plan.workers_of(self.cfg.task)})
-        status = (health_pb2.HealthCheckResponse.SERVING if self.core.ready()
+        await self.workers.retain({w.address for t in self.cores for w in plan.workers_of(t)})
+        status = (health_pb2.HealthCheckResponse.SERVING if all(c.ready() for c in self.cores.values())
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", status)
 
@@ -148,7 +170,8 @@ class RouterApp:
         await self.server.start()
         self.metrics_server = serve_metrics(self.cfg.metrics_port, self.cfg.host, self.cfg.tls)
         log.info("router_started", task=self.cfg.task, address=f"{self.cfg.host}:{self.port}",
-                 front_door=self.is_root, children=self.cfg.children, tls=tls_mode(self.cfg.tls))
+                 front_door=self.is_root, children=self.cfg.children, inline=[t for t in self.cores if t != self.cfg.task] or None,
+                 tls=tls_mode(self.cfg.tls))
         self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
                                          validate=lambda plan: validate_plan(plan, self.spec))
         self._tasks.append(supervise("plan-subscriber", self.subscriber.run))

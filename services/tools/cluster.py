@@ -50,6 +50,7 @@ class ClusterConfig:
     metrics: bool = False                 # every service serves /metrics on a free port
     controller_port: int | None = None    # fixed ports (``pipeserve up``); None: free ones
     front_door_port: int | None = None
+    inline_routers: bool = False          # one router process for every stage (--inline-children)
 
 
 @dataclass
@@ -165,14 +166,18 @@ class LocalCluster:
             "--spec", str(self.cfg.spec), *source, "--port", str(cport),
             "--heartbeat-timeout-s", str(self.cfg.heartbeat_timeout_s), *self.cfg.controller_args],
             address=self.controller_address)
-        for t in self.spec.tasks:
+        # with inline routers, the root's process routes every stage (no child routers)
+        routed = [self.spec.root] if self.cfg.inline_routers else list(self.spec.tasks)
+        for t in routed:
             fixed = self.cfg.front_door_port if t.name == self.spec.root.name else None
             self.router_addresses[t.name] = f"127.0.0.1:{fixed or free_port()}"
         # children first, so a parent's first call finds its child listening
-        for t in reversed(self.spec.tasks):
+        for t in reversed(routed):
             args = ["--spec", str(self.cfg.spec), "--task", t.name, "--port",
                     self.router_addresses[t.name].rsplit(":", 1)[1]]
-            for c in t.children:
+            if self.cfg.inline_routers:
+                args.append("--inline-children")
+            for c in t.children if not self.cfg.inline_routers else ():
                 args += ["--child", f"{c}={self.router_addresses[c]}"]
             self._spawn(f"router-{t.name}", "services.router.main", args, address=self.router_addresses[t.name])
         for t in self.spec.tasks:

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="use this Redis (default $REDIS_URL; unset: an embedded one on a free port)")
     p.add_argument("--log-dir", default=None, help="where process logs go (default runs/up-<time>)")
+    p.add_argument("--inline-routers", action="store_true",
+                   help="one router process routes every stage (the front door's; no gRPC hop "
+                        "between stages' routers) instead of one router process per stage")
     p.add_argument("--ready-timeout", type=float, default=180.0, metavar="S",
                    help="give up when the cluster does not serve within S seconds (default 180)")
     add_tls_arguments(p)
@@ -110,7 +113,8 @@ def run(a: argparse.Namespace) -> int:
     cfg = ClusterConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
                         profile=Path(profile) if profile else None, models=Path(a.models), workers=workers,
                         log_dir=log_dir, redis_url=a.redis_url or None, tls=tls,
-                        controller_port=a.controller_port, front_door_port=a.port)
+                        controller_port=a.controller_port, front_door_port=a.port,
+                        inline_routers=a.inline_routers)
     cluster = LocalCluster(cfg)
 
     def interrupt(signum, _frame) -> None:   # SIGTERM as Ctrl-C: the same clean stop
@@ -118,7 +122,8 @@ def run(a: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, interrupt)
     print(f"starting {'' if a.redis_url else 'redis, '}the controller, {sum(workers.values())} workers "
-          f"({', '.join(f'{n} {t}' for t, n in workers.items())}) and {len(spec.tasks)} routers "
+          f"({', '.join(f'{n} {t}' for t, n in workers.items())}) and "
+          f"{'1 router (all stages)' if a.inline_routers else f'{len(spec.tasks)} routers'} "
           f"(logs: {log_dir}) ...", flush=True)
     t0 = time.monotonic()
     rc = 0

@@ -112,3 +112,35 @@ def test_the_whole_cluster_runs_on_uvloop(tmp_path, monkeypatch):
     for name in codes:
         log = (tmp_path / "logs" / f"{name}.log").read_text()
         assert "event_loop" in log and "kind=uvloop" in log, f"{name} did not say it ran on uvloop"
+
+
+def test_one_router_process_can_route_both_stages(tmp_path):
+    """ClusterConfig(inline_routers=True): the front door's process routes stage b itself
+    (``--inline-children``), with no router process or gRPC hop for b; the answers are the
+    same, stage b's result included, and it stops cleanly."""
+    write_identity_model(tmp_path / "models" / "echo" / "identity.onnx")
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    c = LocalCluster(ClusterConfig(spec=SPEC, plan_file=tmp_path / "plan.yaml", models=tmp_path / "models",
+                                   log_dir=tmp_path / "logs", inline_routers=True))
+    c.start(ready_timeout_s=90)
+    try:
+        assert sorted(n for n in c.procs if n.startswith("router-")) == ["router-a"]
+        images = [png(12 + 5 * i, seed=200 + i) for i in range(12)]
+        with grpc.insecure_channel(c.front_door) as ch:
+            stub = ipb_grpc.GRPCInferenceServiceStub(ch)
+            with ThreadPoolExecutor(4) as pool:
+                resps = list(pool.map(lambda im: stub.ModelInfer(
+                    oip.build_image_request("echo", im), timeout=30), images))
+            route = pb_grpc.RouterStub(ch).Route(pb.RouteRequest(
+                request_id="i1", deadline_unix_s=time.time() + 10,
+                queries=[pb.Query(query_id="i1", payload=images[0])]), timeout=30)
+        assert [oip.parse_ocr_response(r)[0].text for r in resps] == [digest(im) for im in images]
+        assert {oip.read_parameters(r.parameters)["variant_path"] for r in resps} == {"echo_a/echo_b"}
+        [root] = route.results
+        [child] = root.children
+        assert child.status == pb.OK and child.task == "b" and child.variant == "echo_b"
+        assert child.query_id == "i1.0" and [r.text for r in child.regions] == [digest(images[0])]
+    finally:
+        codes = c.stop()
+    assert all(code == 0 for code in codes.values()), c.exit_report(codes)
+    assert "inline=['b']" in (tmp_path / "logs" / "router-a.log").read_text()
