@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import grpc
+
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -180,6 +182,7 @@ class Throughput:
     seconds: float
     cpu_s: dict[str, float] = field(default_factory=dict)   # process name -> CPU seconds used
     errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)   # "<type>: <first line>" -> count
 
     @property
     def rps(self) -> float:
@@ -198,6 +201,7 @@ async def closed_loop(call: Call, concurrency: int, seconds: float,
     stop_at = 0.0
     counting = False
     done = errors = 0
+    kinds: dict[str, int] = {}
 
     async def caller():
         nonlocal done, errors
@@ -209,9 +213,14 @@ async def closed_loop(call: Call, concurrency: int, seconds: float,
                 await call()
                 if counting:
                     done += 1
-            except Exception:
+            except Exception as exc:
                 if counting:
                     errors += 1
+                    if isinstance(exc, grpc.aio.AioRpcError):
+                        kind = f"{exc.code().name}: {(exc.details() or '')[:160]}"
+                    else:
+                        kind = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+                    kinds[kind] = kinds.get(kind, 0) + 1
 
     t0 = time.perf_counter()
     stop_at = t0 + warmup_s + seconds
@@ -227,7 +236,7 @@ async def closed_loop(call: Call, concurrency: int, seconds: float,
     elapsed = time.perf_counter() - start
     cpu1 = {k: read(p) for k, p in pids.items()}
     await asyncio.gather(*tasks)
-    return Throughput(done, elapsed, {k: cpu1[k] - cpu0[k] for k in pids}, errors)
+    return Throughput(done, elapsed, {k: cpu1[k] - cpu0[k] for k in pids}, errors, kinds)
 
 
 def r(x: float, nd: int = 3) -> float:
