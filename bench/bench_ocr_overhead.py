@@ -9,7 +9,8 @@
    model and pre/post-processing time.
 2. **Cluster**: the same pages through the front door of a local cluster (Redis,
    controller, one detection and one recognition worker, two routers) running the same two
-   variants, one request at a time.
+   variants, one request at a time; with ``--layouts`` (default both) also a second cluster
+   whose one router process routes both stages (``inline``).
 
 Prints JSON: p50/p90 of both, and the cluster's p50 as a ratio to the alone p50 (machines
 differ up to ~4x in speed: the ratio is the figure that carries over). Both halves run in
@@ -81,32 +82,51 @@ def main(argv=None) -> int:
     ap.add_argument("--rec", default="rec_v6tiny")
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "eval")
+    ap.add_argument("--layouts", type=lambda v: v.split(","), default=["per-stage", "inline"],
+                    help="router layouts to measure, each its own cluster, rounds alternating: "
+                         "per-stage (a router process per stage) and/or inline (one router "
+                         "process routes both stages); default both")
     a = ap.parse_args(argv)
+    if not a.layouts or set(a.layouts) - {"per-stage", "inline"}:
+        ap.error(f"--layouts takes per-stage and/or inline, got {a.layouts}")
     spec_path = ROOT / "pipelines" / "ocr.yaml"
     spec = load_spec(spec_path)
     pages = [p.png for p in load_pages(a.data)[: a.pages]]
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / "plan.yaml"
         plan.write_text(PLAN.format(det=a.det, rec=a.rec))
-        cluster = LocalCluster(ClusterConfig(spec=spec_path, plan_file=plan, models=a.models,
-                                             log_dir=Path(tmp) / "logs"))
-        cluster.start()
+        clusters = {layout: LocalCluster(ClusterConfig(spec=spec_path, plan_file=plan, models=a.models,
+                                                       log_dir=Path(tmp) / f"logs-{layout}",
+                                                       inline_routers=layout == "inline"))
+                    for layout in a.layouts}
+        channels = {}
         try:
-            a_ms, c_ms = [], []
-            with grpc.insecure_channel(cluster.front_door, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-                stub = ipb_grpc.GRPCInferenceServiceStub(ch)
-                for _ in range(a.rounds):
-                    a_ms += alone(spec, a.models, a.det, a.rec, pages)
-                    c_ms += through_cluster(stub, pages)
+            for layout, cluster in clusters.items():
+                cluster.start()
+                channels[layout] = grpc.insecure_channel(
+                    cluster.front_door, options=[("grpc.max_send_message_length", 64 << 20)])
+            a_ms: list[float] = []
+            c_ms: dict[str, list[float]] = {layout: [] for layout in clusters}
+            for _ in range(a.rounds):
+                a_ms += alone(spec, a.models, a.det, a.rec, pages)
+                for layout in clusters:
+                    c_ms[layout] += through_cluster(ipb_grpc.GRPCInferenceServiceStub(channels[layout]), pages)
         finally:
-            cluster.stop()
-    p50a, p50c = statistics.median(a_ms), statistics.median(c_ms)
-    print(json.dumps({
-        "variants": f"{a.det}/{a.rec}", "pages": len(pages), "rounds": a.rounds,
-        "alone_p50_ms": round(p50a, 1), "alone_p90_ms": round(pct(a_ms, 0.9), 1),
-        "cluster_p50_ms": round(p50c, 1), "cluster_p90_ms": round(pct(c_ms, 0.9), 1),
-        "added_p50_ms": round(p50c - p50a, 1), "cluster_over_alone_p50": round(p50c / p50a, 3),
-    }, indent=1))
+            for ch in channels.values():
+                ch.close()
+            for cluster in clusters.values():
+                cluster.stop()
+    p50a = statistics.median(a_ms)
+    out = {"variants": f"{a.det}/{a.rec}", "pages": len(pages), "rounds": a.rounds,
+           "alone_p50_ms": round(p50a, 1), "alone_p90_ms": round(pct(a_ms, 0.9), 1)}
+    for layout, ms in c_ms.items():
+        key = "cluster" if layout == "per-stage" else "cluster_inline"
+        p50c = statistics.median(ms)
+        out.update({f"{key}_p50_ms": round(p50c, 1), f"{key}_p90_ms": round(pct(ms, 0.9), 1),
+                    f"{key}_added_p50_ms": round(p50c - p50a, 1),
+                    f"{key}_over_alone_p50": round(p50c / p50a, 3),
+                    f"{key}_within_15pct": p50c / p50a <= 1.15})
+    print(json.dumps(out, indent=1))
     return 0
 
 
