@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from services.common.logging import get_logger
 from services.common.plan import Plan
+from services.common.tasks import raise_if_cancel_requested
 
 log = get_logger(__name__)
 
@@ -190,6 +191,7 @@ class PlanSubscriber:
             if left <= 0:
                 return
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(0.25, left))
+            raise_if_cancel_requested()   # a stop that redis-py's wait may have swallowed
             if msg is not None:
                 return
 
@@ -215,7 +217,9 @@ class PlanSubscriber:
                     await self._wait_for_news(pubsub)
                     self._poke.clear()
                     # On a notification, a poke or a quiet poll interval, re-read the key.
-                    await self._apply_raw(await client.get(plan_key(self.pipeline)))
+                    raw = await client.get(plan_key(self.pipeline))
+                    raise_if_cancel_requested()
+                    await self._apply_raw(raw)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:

@@ -28,6 +28,40 @@ class Supervisor:
     last_error: str = ""
 
 
+def cancel_requested() -> bool:
+    """True once the running task has been asked to stop (``Task.cancel()``), even when
+    the ``CancelledError`` was swallowed on the way: Python 3.11's ``asyncio.wait_for``
+    (redis-py awaits commands through it) drops a cancel that lands just as the awaited
+    call completes (CPython gh-86296), and a loop that only waits for the exception then
+    runs on for ever. Long-running loops check this after each such await."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)   # Python 3.11+
+    return bool(cancelling is not None and cancelling())
+
+
+def raise_if_cancel_requested() -> None:
+    if cancel_requested():
+        raise asyncio.CancelledError()
+
+
+async def stop_tasks(tasks: list[asyncio.Task], timeout_s: float = 2.0) -> list[str]:
+    """Cancel ``tasks`` and wait at most ``timeout_s`` for them; a task still running
+    after that is logged (``tasks_did_not_stop``) and left behind, so a stuck loop cannot
+    hold up a service's shutdown. Returns the names of those left behind."""
+    for t in tasks:
+        t.cancel()
+    if not tasks:
+        return []
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for t in done:
+        if not t.cancelled():
+            t.exception()   # retrieved: no "exception was never retrieved" at exit
+    names = sorted(t.get_name() for t in pending)
+    if names:
+        log.error("tasks_did_not_stop", tasks=names, waited_s=timeout_s)
+    return names
+
+
 async def _run(sup: Supervisor, factory: Callable[[], Awaitable[object]], min_backoff_s: float,
                max_backoff_s: float, healthy_s: float) -> None:
     loop = asyncio.get_running_loop()
@@ -36,11 +70,13 @@ async def _run(sup: Supervisor, factory: Callable[[], Awaitable[object]], min_ba
         started = loop.time()
         try:
             await factory()
+            raise_if_cancel_requested()   # it returned because it was stopped: no restart
             sup.last_error = "returned"
             log.error("task_exited", task=sup.name, restart_in_s=backoff)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            raise_if_cancel_requested()
             sup.last_error = repr(exc)
             log.exception("task_crashed", task=sup.name, restart_in_s=backoff)
         if loop.time() - started >= healthy_s:

@@ -25,7 +25,7 @@ from services.common.plan_channel import PlanSubscriber, connect, frontdoor_key
 from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2_grpc as pb_grpc
-from services.common.tasks import supervise
+from services.common.tasks import raise_if_cancel_requested, stop_tasks, supervise
 from services.common.eventloop import EventLoopError, run_service
 from services.router.clients import ChildRouterClient, InlineChildClient, WorkerClient
 from services.router.core import RouterCore
@@ -194,6 +194,7 @@ class RouterApp:
                 try:
                     await client.hset(key, mapping={**self.front_door.counts, "ts": time.time()})
                     await client.expire(key, 10)
+                    raise_if_cancel_requested()   # a stop redis-py's wait may have swallowed
                     failing = False
                 except (RedisError, OSError) as exc:
                     if not failing:
@@ -211,9 +212,7 @@ class RouterApp:
         t0 = loop.time()
         log.info("router_stopping", task=self.cfg.task)
         await self.health.enter_graceful_shutdown()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         t1 = loop.time()
         await self.server.stop(grace_s)
         t2 = loop.time()

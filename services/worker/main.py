@@ -25,7 +25,7 @@ from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
-from services.common.tasks import supervise
+from services.common.tasks import stop_tasks, supervise
 from services.common.eventloop import EventLoopError, run_service
 from services.worker.core import DEFAULT_LINGER_S, DEFAULT_MAX_QUEUE, WorkerCore
 from services.worker.servicer import WorkerServicer, stats_to_proto
@@ -248,9 +248,7 @@ class WorkerApp:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         await self.server.stop(grace_s)   # lets in-flight InferBatch calls finish
         await self.core.stop()
         if self.metrics_server is not None:
