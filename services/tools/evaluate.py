@@ -21,6 +21,8 @@ Steps:
    * ``static``: an operator plan file provisioned for the peak at full accuracy: every
      worker on the plan that serves the most at full accuracy (``max_demand(...,
      full_accuracy=True)``), never changed;
+   * ``planner-no-burst`` (only when ``--policies`` names it): the planner with burst
+     variants off (``--burst off`` on the controller and the workers);
 
 5. the simulator (services/sim) on the same arrival times, the same profile and the same
    number of workers, with the matching policies (the controller's planner object, the
@@ -57,9 +59,10 @@ from pathlib import Path
 
 import numpy as np
 
-POLICIES = ("planner", "hardware-only", "static")
+POLICIES = ("planner", "hardware-only", "static", "planner-no-burst")
+DEFAULT_POLICIES = ("planner", "hardware-only", "static")
 SIM_POLICY = {"planner": "ours (PlannerPolicy)", "hardware-only": "ours, full-accuracy floor",
-              "static": "static plan"}
+              "static": "static plan", "planner-no-burst": "ours, no burst variants"}
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window for the offered rate, peak and off-peak (default 5 s; --quick 1 s)")
     p.add_argument("--duration", type=float, default=None, help="cut the replay after this many seconds")
     p.add_argument("--pool", type=int, default=3, help="pool workers (default 3)")
-    p.add_argument("--policies", default=",".join(POLICIES),
-                   help=f"comma-separated subset of {', '.join(POLICIES)}")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                   help=f"comma-separated subset of {', '.join(POLICIES)} (default "
+                        f"{','.join(DEFAULT_POLICIES)}; planner-no-burst: the planner with "
+                        "burst variants off, on the controller and the workers)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--log-dir", default="runs/evaluate",
                    help="service logs (a folder per policy), records and plan histories (default %(default)s)")
@@ -234,9 +239,10 @@ def run_policy(policy: str, a, profile_path: Path, plan_path: Path, schedule, tr
         extra: tuple[str, ...] = ()
     else:
         source = {"profile": profile_path}
-        extra = ("--hardware-only",) if policy == "hardware-only" else ()
+        extra = {"hardware-only": ("--hardware-only",), "planner-no-burst": ("--burst", "off")}.get(policy, ())
+    worker_extra = ("--burst", "off") if policy == "planner-no-burst" else ()
     cfg = ClusterConfig(spec=Path(a.spec), models=Path(a.models), pool=a.pool, log_dir=log_dir,
-                        controller_args=extra, **source)
+                        controller_args=extra, worker_args=worker_extra, **source)
     t0 = time.monotonic()
     with LocalCluster(cfg) as cluster:
         if policy == "static":   # ready can come before the last worker registered: wait for all
@@ -275,6 +281,8 @@ def simulate_policy(policy: str, profile, arrivals: np.ndarray, n: int, seed: in
 
     if policy == "planner":
         pol = OursPolicy(profile, n)
+    elif policy == "planner-no-burst":
+        pol = OursPolicy(profile, n, spill=False, name="planner-no-burst")
     elif policy == "hardware-only":
         pol = OursPolicy(profile, n, full_accuracy_only=True, name="hardware-only")
     else:
@@ -463,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
               f" ({wall:.0f} s)", flush=True)
     if not a.no_sim:
         # the factors of the planner's run (all of its variants) unless a run has its own
-        fallback = next((calibrations[p] for p in ("planner", "hardware-only") if calibrations.get(p)), {})
+        fallback = next((calibrations[p] for p in ("planner", "planner-no-burst", "hardware-only")
+                         if calibrations.get(p)), {})
         for policy in policies:
             r = results["runs"][policy]
             res = simulate_policy(policy, profile, times, a.pool, a.seed)

@@ -26,7 +26,7 @@ def test_quick_evaluation_writes_consistent_results(models_dir, eval_pages, tmp_
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     n = res["trace"]["requests"]
-    assert n > 0 and set(res["runs"]) == set(evaluate.POLICIES)
+    assert n > 0 and set(res["runs"]) == set(evaluate.DEFAULT_POLICIES)
     assert res["trace"]["peak_qps"] >= res["trace"]["full_capacity_qps"]   # the trace peaks above capacity
     for policy, r in res["runs"].items():
         records = read_records(tmp_path / "logs" / f"{policy}.records.jsonl")
@@ -54,7 +54,7 @@ def test_quick_evaluation_writes_consistent_results(models_dir, eval_pages, tmp_
     for name in (*FIGURES, "cluster_vs_sim.png"):
         assert (out / "figures" / name).stat().st_size > 0
     md = (out / "results.md").read_text()
-    assert all(f"| {p} | cluster |" in md and f"| {p} | simulator |" in md for p in evaluate.POLICIES)
+    assert all(f"| {p} | cluster |" in md and f"| {p} | simulator |" in md for p in evaluate.DEFAULT_POLICIES)
 
 
 def test_bad_arguments_fail_clearly(capsys):
