@@ -39,8 +39,11 @@ def run_service(coro: Coroutine[Any, Any, Any]) -> Any:
             except ImportError:
                 raise EventLoopError(f"{ENV}=uvloop needs the uvloop package "
                                      "(pip install 'pipeserve[uvloop]')") from None
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                return runner.run(coro)
+            if hasattr(asyncio, "Runner"):   # Python 3.11+
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    return runner.run(coro)
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())   # Python 3.10
+            return asyncio.run(coro)
     except BaseException:
         coro.close()   # never awaited: no "coroutine was never awaited" warning on top
         raise

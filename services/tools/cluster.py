@@ -201,7 +201,10 @@ class LocalCluster:
                 raise RuntimeError(f"{p.name} exited with code {p.popen.returncode}; log tail:\n{tail}")
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until the front door says the pipeline model is ready."""
+        """Block until the front door says the pipeline model is ready, every worker this
+        cluster started has registered with the controller, and every worker of the plan
+        serves. (A plan can be served before the last worker registered: on a busy machine
+        a slow worker would otherwise join the plan after ``start`` returned.)"""
         deadline = time.monotonic() + timeout_s
         with self.channel(self.front_door) as ch:
             stub = ipb_grpc.GRPCInferenceServiceStub(ch)
@@ -209,12 +212,46 @@ class LocalCluster:
                 self.check_alive()
                 try:
                     if stub.ModelReady(ipb.ModelReadyRequest(name=self.spec.name), timeout=1).ready \
-                            and self.all_workers_serving():
+                            and not self.unregistered_workers() and self.all_workers_serving():
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.2)
-        raise TimeoutError(f"cluster not ready within {timeout_s}s; logs in {self.cfg.log_dir}")
+        missing = self.unregistered_workers()
+        raise TimeoutError(f"cluster not ready within {timeout_s}s"
+                           + (f" (not registered with the controller: {sorted(missing)})" if missing else "")
+                           + f"; logs in {self.cfg.log_dir}")
+
+    def unregistered_workers(self) -> set[str]:
+        """Worker ids this cluster started (and are running) that the controller does not
+        list yet (all of them when it cannot be asked)."""
+        import json
+
+        from services.gen import pipeserve_pb2 as pb
+        from services.gen import pipeserve_pb2_grpc as pb_grpc
+
+        started = {p.name.removeprefix("worker-") for p in self.procs.values()
+                   if p.name.startswith("worker-") and p.popen.poll() is None}
+        if not started:
+            return set()
+        with self.channel(self.controller_address) as ch:
+            try:
+                raw = pb_grpc.ControllerStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=2).status_json
+            except grpc.RpcError:
+                return started
+        return started - {w["worker_id"] for w in json.loads(raw).get("workers", [])}
+
+    def wait_planned(self, count: int, timeout_s: float = 120.0) -> None:
+        """Block until the controller's plan uses ``count`` workers and they serve (an
+        operator plan's replicas are filled as workers register)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.planned_worker_ids() or ()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the plan did not take {count} workers within {timeout_s:g} s "
+                                   f"(it has {sorted(self.planned_worker_ids() or ())}); logs in {self.cfg.log_dir}")
+            self.check_alive()
+            time.sleep(0.2)
+        self.wait_ready(max(1.0, deadline - time.monotonic()))
 
     def planned_worker_ids(self) -> set[str] | None:
         """The workers the controller's current plan uses (None: no plan yet)."""

@@ -245,14 +245,8 @@ def run_policy(policy: str, a, profile_path: Path, plan_path: Path, schedule, tr
                         controller_args=extra, worker_args=worker_extra, **source)
     t0 = time.monotonic()
     with LocalCluster(cfg) as cluster:
-        if policy == "static":   # ready can come before the last worker registered: wait for all
-            deadline = time.monotonic() + 120
-            while len(cluster.planned_worker_ids() or ()) < a.pool:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the static plan did not take all {a.pool} workers within 120 s")
-                cluster.check_alive()
-                time.sleep(0.2)
-            cluster.wait_ready(120)
+        if policy == "static":   # every pool worker in the plan before the load starts
+            cluster.wait_planned(a.pool, 120)
         ready = time.monotonic() - t0
         config = LoadConfig(target=cluster.front_door, pipeline=cluster.spec.name, trace=trace.path,
                             time_scale=trace.time_scale, rate_scale=trace.rate_scale, seed=trace.seed,

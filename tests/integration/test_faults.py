@@ -72,6 +72,8 @@ def start_cluster(tmp_path, models_dir, planner: bool = False, profile: Path = P
     c = LocalCluster(ClusterConfig(spec=spec, **source, models=models_dir, workers={"det": 2, "rec": 2},
                                    log_dir=tmp_path / "logs", heartbeat_timeout_s=3.0, controller_args=extra))
     c.start(ready_timeout_s=120)
+    if not planner:
+        c.wait_planned(4, 120)   # the operator plan's four replicas, before any fault
     return c
 
 
