@@ -25,8 +25,8 @@ from services.common.plan_channel import PlanSubscriber, connect, frontdoor_key
 from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2_grpc as pb_grpc
-from services.common.tasks import raise_if_cancel_requested, stop_tasks, supervise
 from services.common.eventloop import EventLoopError, run_service
+from services.common.tasks import raise_if_cancel_requested, stop_tasks, supervise
 from services.router.clients import ChildRouterClient, InlineChildClient, WorkerClient
 from services.router.core import RouterCore
 from services.router.servicer import (FrontDoorServicer, RouterServicer, add_front_door_to_server,
@@ -205,9 +205,10 @@ class RouterApp:
             await client.aclose()
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop within ``grace_s`` plus a second: in-flight requests get ``grace_s`` to be
-        answered (then they are cancelled); once the server has stopped no call of ours is
-        in flight, so the outgoing channels close at once. Each phase's time is logged."""
+        """Stop within ``grace_s`` plus at most 3 s: background loops get 2 s
+        (:func:`stop_tasks`), in-flight requests ``grace_s`` to be answered (then they are
+        cancelled); once the server has stopped no call of ours is in flight, so the
+        outgoing channels close at once (0.5 s grace). Each phase's time is logged."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         log.info("router_stopping", task=self.cfg.task)
