@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from services.common import oip
+from services.common.tasks import raise_if_cancel_requested
 from services.loadgen import report as rep
 from services.loadgen.runner import (STOP_GRACE_S, LoadConfig, LoadPage, _Pending, _Sender,
                                      quiet_gc, request_budget_ms)
@@ -265,9 +266,11 @@ async def _message(child: _Child, deadline: float) -> tuple:
     for fd in fds:
         loop.add_reader(fd, wake)
     try:
-        await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
-    except asyncio.TimeoutError:
-        raise SenderError(f"{child.name()} did not report in time; stopped it") from None
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for drops a cancel (Ctrl-C) that
+        # lands as a message arrives (CPython gh-86296), and the run then went on sending
+        done, _ = await asyncio.wait({ready}, timeout=max(0.0, deadline - loop.time()))
+        if not done:
+            raise SenderError(f"{child.name()} did not report in time; stopped it")
     finally:
         for fd in fds:
             loop.remove_reader(fd)
@@ -288,6 +291,7 @@ async def _message(child: _Child, deadline: float) -> tuple:
 async def _expect(child: _Child, kind: str, deadline: float, bar=None) -> tuple:
     while True:
         message = await _message(child, deadline)
+        raise_if_cancel_requested()   # a Ctrl-C swallowed on the way still stops the run
         if message[0] == kind:
             return message
         if message[0] == "progress":
