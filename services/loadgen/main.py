@@ -58,7 +58,8 @@ examples:
       --tls-ca certs/ca.pem --tls-cert certs/client.pem --tls-key certs/client.key   # mutual TLS
 
 exit status: 0 when the run completed (whatever the violation ratio), 2 on bad arguments,
-1 when the run could not start (e.g. missing pages) or a --procs sender process failed.
+1 when the run could not start (e.g. missing pages) or a --procs sender process failed,
+130 when interrupted (Ctrl-C: no report).
 """
 
 
@@ -255,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, SenderError) as exc:
         print(f"pipeserve-loadgen: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("pipeserve-loadgen: interrupted (Ctrl-C) before the run ended: no report", file=sys.stderr)
+        return 130
     print(format_report(report))
     if args.json is not None:
         write_json(report, args.json)

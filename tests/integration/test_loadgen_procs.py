@@ -111,7 +111,9 @@ def test_ctrl_c_stops_the_sender_processes(cluster, tmp_path):   # noqa: F811
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    assert proc.returncode == 130
+    err = proc.stderr.read()
+    assert "interrupted (Ctrl-C) before the run ended: no report" in err and "Traceback" not in err, err
     end = time.monotonic() + 10
     while any(_alive(p) for p in senders) and time.monotonic() < end:
         time.sleep(0.1)
