@@ -91,10 +91,19 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+# The CLI as a terminal's foreground job has it: SIGINT at its default. A shell starts
+# background jobs with SIGINT ignored, Python then keeps it ignored, and the test suite may
+# well run as one (`bash .ci/run &`): the CLI would never see the Ctrl-C.
+FOREGROUND = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'pipeserve-loadgen'; "
+              "runpy.run_module('services.loadgen.main', run_name='__main__', alter_sys=True)")
+
+
 def test_ctrl_c_stops_the_sender_processes(cluster, tmp_path):   # noqa: F811
     write_echo_pages(tmp_path / "pages", count=1)
-    proc = subprocess.Popen(_cli(cluster, tmp_path / "pages", "--procs", "2", "--rate", "5",
-                                 "--duration", "600"),
+    cmd = _cli(cluster, tmp_path / "pages", "--procs", "2", "--rate", "5", "--duration", "600")
+    assert cmd[1:3] == ["-m", "services.loadgen.main"]
+    proc = subprocess.Popen([cmd[0], "-c", FOREGROUND, *cmd[3:]],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         senders: set[int] = set()
