@@ -46,8 +46,10 @@ def raise_if_cancel_requested() -> None:
 
 async def stop_tasks(tasks: list[asyncio.Task], timeout_s: float = 2.0) -> list[str]:
     """Cancel ``tasks`` and wait at most ``timeout_s`` for them; a task still running
-    after that is logged (``tasks_did_not_stop``) and left behind, so a stuck loop cannot
-    hold up a service's shutdown. Returns the names of those left behind."""
+    after that is logged (``tasks_did_not_stop``) and left behind, so the rest of a
+    service's shutdown (its server, its channels) goes on. ``asyncio.run`` cancels it once
+    more at exit and waits for it there: a loop that swallows every cancel still holds
+    the exit, with its name in the log. Returns the names of those left behind."""
     for t in tasks:
         t.cancel()
     if not tasks:
