@@ -70,7 +70,6 @@ class LocalCluster:
         self.redis: RedisServer | None = None
         self.redis_url = cfg.redis_url or ""
         self.procs: dict[str, Proc] = {}
-        self.killed_on_stop: list[str] = []   # processes SIGKILLed after their grace time
         self.controller_address = ""
         self.router_addresses: dict[str, str] = {}
         self.front_door = ""
@@ -302,7 +301,6 @@ class LocalCluster:
                 if p.popen.poll() is None:
                     p.popen.kill()
                     p.popen.wait()
-                    self.killed_on_stop.append(name)
                     with open(p.log_path, "a") as log:
                         log.write(f"[cluster] {name} did not stop within {grace_s:g}s of SIGTERM; "
                                   "SIGKILLed (its stacks are above)\n")
