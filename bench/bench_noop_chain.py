@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,14 +303,6 @@ async def pipeserve_breakdown(ps: "Pipeserve", payload: bytes, rounds: int, call
                 "front_door_oip (front_door - router_a_route)": r(p50["front_door"] - p50["router_a_route"])}}
 
 
-def merge_kinds(parts) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for part in parts:
-        for k, v in part.items():
-            out[k] = out.get(k, 0) + v
-    return out
-
-
 async def measure(a, systems: list, pids: dict) -> dict:
     channels = {s.name: grpc.aio.insecure_channel(s.address, options=CLIENT_OPTIONS) for s in systems}
     names = [s.name for s in systems]
@@ -341,7 +334,8 @@ async def measure(a, systems: list, pids: dict) -> dict:
                                         "system_cpu_ms_per_req": r(cpu / req * 1e3, 3) if req else None,
                                         "system_cpu_s_per_s": r(cpu / secs, 2),
                                         "errors": sum(t.errors for t in tput[n]),
-                                        "error_kinds": merge_kinds(t.error_kinds for t in tput[n])}
+                                        "error_kinds": dict(sum((Counter(t.error_kinds) for t in tput[n]),
+                                                                Counter()))}
                 if n.startswith("pipeserve"):        # where pipeserve's CPU goes, per process
                     parts = sorted({k.split(":", 1)[1] for t in tput[n] for k in t.cpu_s
                                     if k.startswith(f"{n}:")})
