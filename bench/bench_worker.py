@@ -47,6 +47,7 @@ from services.common.logging import configure_logging  # noqa: E402
 from benchlib import closed_loop, machine, r  # noqa: E402
 from raw_grpc import CLIENT_OPTIONS  # noqa: E402
 from services.common.onnx import create_session  # noqa: E402
+from services.worker.core import _TimedSession  # noqa: E402
 from services.common.processing import make_processor  # noqa: E402
 from services.common.spec import load_spec  # noqa: E402
 from services.gen import pipeserve_pb2 as pb  # noqa: E402
@@ -55,7 +56,7 @@ from services.ocr.pages import load_pages  # noqa: E402
 from services.tools.cluster import ClusterConfig, LocalCluster  # noqa: E402
 
 SPEC = ROOT / "pipelines" / "ocr.yaml"
-PAIRS = [("det_v6tiny_320", "rec_v6tiny"), ("det_v6small_320", "rec_v6small")]
+PAIRS = {"tiny": ("det_v6tiny_320", "rec_v6tiny"), "small": ("det_v6small_320", "rec_v6small")}
 PLAN = """
 pipeline: ocr
 allocations:
@@ -76,6 +77,7 @@ class Bare:
         self.sess, _ = create_session(self.proc.model_path, prefer_gpu=False, intra_op_threads=1)
         self.i = 0
         self.run_batch_s = 0.0    # time in run_batch (the model + post-processing), summed
+        self.model_s = 0.0        # of which in the session's run (ONNX Runtime alone)
         self.batches = 0
 
     def round(self, payloads: list[bytes], q: int, seconds: float) -> tuple[int, float, float]:
@@ -88,9 +90,11 @@ class Bare:
             batch = [payloads[(self.i + k) % len(payloads)] for k in range(q)]
             self.i += q
             prepared = [p.prepare(x) for x in batch]
+            timed = _TimedSession(self.sess)
             t = time.perf_counter()
-            out = p.run_batch(self.sess, prepared)
+            out = p.run_batch(timed, prepared)
             self.run_batch_s += time.perf_counter() - t
+            self.model_s += timed.run_s
             self.batches += 1
             assert len(out) == q
             items += q
@@ -112,8 +116,8 @@ def worker_call(stub, task: str, payloads: list[bytes], q: int, batches: dict):
         if bad:
             raise RuntimeError(f"{len(bad)} queries not OK: {pb.QueryStatus.Name(bad[0].status)} {bad[0].message}")
         if batches.get("on"):
-            for x in resp.results:      # one entry per batch: its size and run_batch time
-                batches.setdefault("seen", {})[(x.batch_size, x.service_ms)] = True
+            for x in resp.results:      # one entry per batch: its size, run_batch and model time
+                batches.setdefault("seen", {})[(x.batch_size, x.service_ms, x.model_ms)] = True
     return call
 
 
@@ -125,7 +129,7 @@ async def run_worker_rounds(address: str, task: str, payloads, q: int, a, pid: i
         for _ in range(3):                       # warm-up (first batches load lazily)
             await call()
         bare.round(payloads, q, 0.5)
-        bare.run_batch_s, bare.batches = 0.0, 0
+        bare.run_batch_s, bare.model_s, bare.batches = 0.0, 0.0, 0
         w_items = w_secs = w_cpu = b_items = b_secs = b_cpu = 0.0
         errors = 0
         for rnd in range(a.rounds):
@@ -146,8 +150,9 @@ async def run_worker_rounds(address: str, task: str, payloads, q: int, a, pid: i
                     b_cpu += c
     w_rate, b_rate = w_items / w_secs, b_items / b_secs
     seen = list(batches.get("seen", {}))
-    w_batch_ms = sum(ms for _, ms in seen) / len(seen) if seen else float("nan")
-    w_batch_items = sum(b for b, _ in seen) / len(seen) if seen else float("nan")
+    w_batch_ms = sum(ms for _, ms, _ in seen) / len(seen) if seen else float("nan")
+    w_model_ms = sum(ms for _, _, ms in seen) / len(seen) if seen else float("nan")
+    w_batch_items = sum(b for b, _, _ in seen) / len(seen) if seen else float("nan")
     # the worker's model thread: busy (run_batch) for batch_ms per batch; the rest of each
     # batch's share of the wall time it waits for the event loop and the hand-offs
     w_period_ms = w_batch_items / w_rate * 1e3
@@ -156,6 +161,8 @@ async def run_worker_rounds(address: str, task: str, payloads, q: int, a, pid: i
             "worker_mean_batch": r(w_batch_items, 2),
             "worker_run_batch_ms": r(w_batch_ms, 2),
             "bare_run_batch_ms": r(bare.run_batch_s / bare.batches * 1e3, 2) if bare.batches else None,
+            "worker_model_ms": r(w_model_ms, 2),
+            "bare_model_ms": r(bare.model_s / bare.batches * 1e3, 2) if bare.batches else None,
             "worker_ms_per_batch_wall": r(w_period_ms, 2),
             "worker_model_thread_busy": r(w_batch_ms / w_period_ms, 3) if seen else None,
             "worker_cpu_ms_per_item": r(w_cpu / w_items * 1e3, 2) if w_items else None,
@@ -163,10 +170,22 @@ async def run_worker_rounds(address: str, task: str, payloads, q: int, a, pid: i
             "worker_errors": errors}
 
 
+def _pairs(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in PAIRS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown pair {', '.join(unknown) or text!r}; choose from "
+                                         f"{', '.join(PAIRS)}")
+    return names
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-request", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
                     help="queries per request = the plan's batch size (default 1,4)")
+    ap.add_argument("--pairs", type=_pairs, default=["tiny", "small"],
+                    help="which (det, rec) pairs: tiny (det_v6tiny_320 + rec_v6tiny), small "
+                         "(det_v6small_320 + rec_v6small); default both")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=3, help="requests in flight to the worker")
@@ -183,7 +202,7 @@ def main(argv=None) -> int:
     crops = real_crops(spec, a.models, a.crops_from, pages)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
-        for det, rec in PAIRS:
+        for det, rec in [PAIRS[name] for name in a.pairs]:
             bares = {det: Bare(spec, a.models, det), rec: Bare(spec, a.models, rec)}
             for q in a.per_request:
                 plan = Path(tmp) / f"plan-{det}-{q}.yaml"
@@ -204,7 +223,7 @@ def main(argv=None) -> int:
                     cluster.stop()
     print(json.dumps({
         "benchmark": "worker efficiency", "machine": info,
-        "settings": {"per_request": a.per_request, "rounds": a.rounds, "seconds": a.seconds,
+        "settings": {"pairs": a.pairs, "per_request": a.per_request, "rounds": a.rounds, "seconds": a.seconds,
                      "concurrency": a.concurrency, "pages": len(pages), "crops": len(crops),
                      "crops_from": a.crops_from, "intra_op_threads": 1},
         "results": results, "seconds": round(time.perf_counter() - t_start, 1)}, indent=1))

@@ -160,7 +160,7 @@ def _fill_worker(core: Any, f: dict[str, Metric]) -> None:
     for outcome, key in _WORKER_OUTCOMES:
         f["queries"].add_metric([wid, outcome], counts.get(key, 0))
     f["parks"].add_metric([wid], counts.get("parks", 0))
-    f["queue"].add_metric([wid], core.queue.queued)
+    f["queue"].add_metric([wid], core.waiting)
     f["plan"].add_metric([wid], core.plan_version)
     state = core.state
     for s in type(state):                    # every state of the enum, the current one 1

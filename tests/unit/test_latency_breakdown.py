@@ -109,7 +109,7 @@ def test_a_batch_is_split_into_assembly_model_postprocessing_and_encoding():
         return [ItemResult(encode_s=0.005) for _ in items]
 
     session = FakeSession(0.03)
-    results, total_s, ph = _run_timed(run_batch, session, [1, 2])
+    results, total_s, ph, _ = _run_timed(run_batch, session, [1, 2])
     assert len(results) == 2 and session.calls == 1
     assert ph.model_ms >= 30.0 and ph.assemble_ms >= 10.0
     assert ph.encode_ms == pytest.approx(10.0)                # 2 items x 5 ms

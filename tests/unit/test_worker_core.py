@@ -208,11 +208,11 @@ def test_queries_held_by_a_crashing_batch_loop_get_internal_not_a_hang():
         real = core._run_group
         calls = {"n": 0}
 
-        async def crash_once(loop, items):
+        async def crash_once(loop, items, **kwargs):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("injected bug after the batch was taken")
-            return await real(loop, items)
+            return await real(loop, items, **kwargs)
 
         core._run_group = crash_once
         held = await asyncio.wait_for(core.submit([("a", b"x"), ("b", b"x")], time.time() + 10), 5)
@@ -581,3 +581,84 @@ def test_a_pool_worker_moving_to_another_task_releases_its_burst_model():
 
     moved, loads = asyncio.run(scenario())
     assert moved is None and loads == ["b1", "b2", "a1"]
+
+
+# -- a full batch waiting is queued behind the running one (WorkerCore._prefetch) ------
+
+def test_a_full_batch_waiting_is_queued_behind_the_running_one_and_timed_from_its_own_start():
+    async def scenario():
+        core, procs = make_core(delay_s=0.04)   # 80 ms per batch of 2
+        core.start()
+        await core.apply("v1", 2, 1)
+        outs = await core.submit([(f"q{i}", b"x") for i in range(6)], time.time() + 10)
+        await core.stop()
+        return core, procs["v1"], outs
+
+    core, proc, outs = asyncio.run(scenario())
+    assert [o.status for o in outs] == [Status.OK] * 6
+    assert proc.batches == [2, 2, 2]
+    assert core.counters["queued_ahead"] == 2       # the 2nd and 3rd batches were handed over early
+    by_batch = [outs[0], outs[2], outs[4]]
+    # each batch's service time is its own run (80 ms), not the wait behind the one before it
+    assert all(70 <= o.service_ms < 150 for o in by_batch), [o.service_ms for o in by_batch]
+    # ... and its queue time runs until the thread took it up: one and two batches' worth
+    assert by_batch[1].queue_ms >= 70 and by_batch[2].queue_ms >= 150, [o.queue_ms for o in by_batch]
+
+
+def test_a_partial_batch_is_not_taken_early_arrivals_while_the_model_runs_fill_it():
+    async def scenario():
+        core, procs = make_core(delay_s=0.03)
+        core.start()
+        await core.apply("v1", 4, 1)
+        first = asyncio.create_task(core.submit([(f"a{i}", b"x") for i in range(4)], time.time() + 10))
+        await asyncio.sleep(0.02)                   # the first batch (120 ms) runs
+        second = asyncio.create_task(core.submit([("b0", b"x"), ("b1", b"x")], time.time() + 10))
+        await asyncio.sleep(0.02)
+        assert core.counters["queued_ahead"] == 0   # 2 of 4 waiting: not handed over early
+        third = asyncio.create_task(core.submit([("c0", b"x"), ("c1", b"x")], time.time() + 10))
+        outs = await first + await second + await third
+        await core.stop()
+        return core, procs["v1"], outs
+
+    core, proc, outs = asyncio.run(scenario())
+    assert [o.status for o in outs] == [Status.OK] * 8
+    assert proc.batches == [4, 4]
+    assert core.counters["queued_ahead"] == 1       # once full, the second batch was
+
+
+def test_a_batch_queued_ahead_drops_what_cannot_make_it_after_the_running_batch():
+    async def scenario():
+        core, procs = make_core(delay_s=0.1)
+        core.start()
+        await core.apply("v1", 1, 1, latency_ms={1: 100.0})
+        first = asyncio.create_task(core.submit([("a", b"x")], time.time() + 10))
+        await asyncio.sleep(0.02)                   # "a" runs until ~100 ms
+        # 150 ms left: alone now it would make it (100 ms), after "a" it cannot (~180 ms)
+        late = await core.submit([("late", b"x")], time.time() + 0.15)
+        outs = await first + late
+        await core.stop()
+        return procs["v1"], outs
+
+    proc, outs = asyncio.run(scenario())
+    assert [o.status for o in outs] == [Status.OK, Status.DROPPED_DEADLINE]
+    assert proc.batches == [1]
+
+
+def test_batches_queued_ahead_count_against_the_queue_bound_and_get_an_answer_on_stop():
+    from services.common.errors import Shed
+
+    async def scenario():
+        core, procs = make_core(delay_s=0.2)
+        core.max_queue = 5
+        core.start()
+        await core.apply("v1", 2, 1)
+        first = asyncio.create_task(core.submit([(f"a{i}", b"x") for i in range(4)], time.time() + 10))
+        await asyncio.sleep(0.05)                   # a0, a1 run; a2, a3 are queued ahead
+        assert core.waiting == 2 and core.queue.queued == 0 and core.stats()["queue_length"] == 2
+        with pytest.raises(Shed, match="queue full"):
+            await core.submit([(f"b{i}", b"x") for i in range(4)], time.time() + 10)   # 2 + 4 > 5
+        await core.stop()                           # while a0, a1 run and a2, a3 wait behind
+        return await asyncio.wait_for(first, 5)
+
+    outs = asyncio.run(scenario())
+    assert [o.status for o in outs] == [Status.INTERNAL] * 4
