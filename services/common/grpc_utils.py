@@ -245,15 +245,24 @@ def make_sync_channel(address: str, tls: TlsConfig | None = None,
     return grpc.secure_channel(address, tls.channel_credentials(), options=options)
 
 
-def make_server(max_receive_bytes: int | None = None) -> grpc.aio.Server:
+def make_server(max_receive_bytes: int | None = None, bdp_probe: bool = True) -> grpc.aio.Server:
     """An asyncio server; TLS is chosen per port by :func:`bind`. ``max_receive_bytes``
     lowers the largest message it accepts (default MAX_MESSAGE_BYTES); gRPC refuses a
-    larger one itself with RESOURCE_EXHAUSTED."""
-    options = SERVER_OPTIONS
+    larger one itself with RESOURCE_EXHAUSTED. ``bdp_probe=False`` turns off HTTP/2
+    bandwidth-delay probing, which otherwise grows the flow-control windows, and so what
+    the transport buffers of streams not read yet (the front door, docs/reliability.md)."""
+    return grpc.aio.server(options=server_options(max_receive_bytes, bdp_probe))
+
+
+def server_options(max_receive_bytes: int | None = None, bdp_probe: bool = True) -> list[tuple[str, Any]]:
+    """The channel arguments :func:`make_server` gives its server."""
+    options = list(SERVER_OPTIONS)
     if max_receive_bytes is not None:
-        options = [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", int(max_receive_bytes)))
-    return grpc.aio.server(options=options)
+    if not bdp_probe:
+        options.append(("grpc.http2.bdp_probe", 0))
+    return options
 
 
 def bind(server: grpc.aio.Server, host: str, port: int, tls: TlsConfig | None = None) -> int:

@@ -213,6 +213,9 @@ def _frontdoor_families() -> dict[str, Metric]:
                                         labels=["pipeline"]),
         "inflight": GaugeMetricFamily("pipeserve_frontdoor_inflight_bytes",
                                       "Bytes of requests read and not answered yet", labels=["pipeline"]),
+        "receiving": GaugeMetricFamily("pipeserve_frontdoor_receiving", "Request bodies being read "
+                                       "now, and arrivals waiting for a slot to read theirs",
+                                       labels=["pipeline", "state"]),
         "admission": GaugeMetricFamily("pipeserve_frontdoor_admission_rate_qps", "Admission rate "
                                        "the plan sets (no sample: unlimited)", labels=["pipeline"]),
     }
@@ -229,6 +232,8 @@ def _fill_frontdoor(servicer: Any, f: dict[str, Metric]) -> None:
     f["received"].add_metric([name], counts.get("received", 0))
     f["accepted"].add_metric([name], counts.get("accepted", 0))
     f["inflight"].add_metric([name], servicer.inflight_bytes)
+    f["receiving"].add_metric([name, "reading"], servicer.receiving)
+    f["receiving"].add_metric([name, "waiting"], servicer.waiting_to_receive)
     rate = getattr(servicer.admission, "rate", None)
     if rate is not None:
         f["admission"].add_metric([name], rate)

@@ -47,6 +47,7 @@ class RouterConfig:
     json_logs: bool
     tls: TlsConfig | None = None   # its server (front door included) and its channels
     max_inflight_mib: float | None = None   # front door: bytes of requests in flight (None: 3 x max_bytes)
+    bdp_probe: bool = False                 # front door: HTTP/2 bandwidth-delay probing (window growth)
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
     inline_children: bool = False   # child stages without a --child address run in this process
 
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="front door: requests read and not answered yet may hold at most this many "
                         "MiB; beyond it new ones are shed with RESOURCE_EXHAUSTED before their body "
                         "is read (default: 3 x the spec's input.max_bytes, 24 MiB for the OCR spec)")
+    p.add_argument("--http2-bdp-probe", choices=("on", "off"), default="off",
+                   help="front door: gRPC's HTTP/2 bandwidth-delay probing, which grows the flow-control "
+                        "windows so that one upload uses a long, fast link fully, and with them what "
+                        "the transport buffers for requests not read yet. Off (the default) keeps "
+                        "gRPC's 64 KB windows: a burst of large requests costs less memory, and an "
+                        "upload over a link with a long round trip is slower (about 64 KB per round "
+                        "trip and stream). Routers of later stages always probe")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
     add_metrics_argument(p)
@@ -101,7 +109,8 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
     tls = tls_from_args(a, p)
     return RouterConfig(spec=Path(a.spec), task=a.task, host=a.host, port=a.port, redis_url=a.redis_url,
                         children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json,
-                        tls=tls, max_inflight_mib=a.max_inflight_mib, metrics_port=a.metrics_port,
+                        tls=tls, max_inflight_mib=a.max_inflight_mib, bdp_probe=a.http2_bdp_probe == "on",
+                        metrics_port=a.metrics_port,
                         inline_children=a.inline_children)
 
 
@@ -140,7 +149,8 @@ class RouterApp:
         self.admission = TokenBucket(None)
         self.front_door: FrontDoorServicer | None = None
         # the front door takes messages up to twice the spec's max_bytes (gRPC refuses larger)
-        self.server = make_server(receive_limit_bytes(self.spec) if self.is_root else None)
+        self.server = make_server(receive_limit_bytes(self.spec) if self.is_root else None,
+                                  bdp_probe=cfg.bdp_probe or not self.is_root)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._tasks: list[asyncio.Task] = []

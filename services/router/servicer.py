@@ -8,6 +8,7 @@ import json
 import re
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -107,8 +108,27 @@ INFLIGHT_FACTOR = 3
 spec's ``input.max_bytes`` (24 MiB for pipelines/ocr.yaml)."""
 
 MAX_RECEIVING = 8
-"""At most this many request bodies are read at the same time; more arrivals at once are
+"""At most this many request bodies are read at the same time. More arrivals at once wait
+for a slot when the recent bodies were small (``MAX_WAITING_TO_RECEIVE``), else they are
 shed before their bodies are read."""
+
+MAX_WAITING_TO_RECEIVE = 16
+"""How many arrivals may wait for a slot to read their body, each until its deadline
+leaves less than ``min_budget_ms``. Waiting is allowed while the bodies being read and
+waiting, at ``WAIT_HEADROOM`` times the largest of the last ``RECENT_BODIES``, would fit
+in the room left in flight: a burst of small requests (16 callers of 1 KB or 200 KB
+images) then waits a few hundred microseconds instead of being shed, and a burst of large
+ones is shed at once as before (reading them late would only hold their bytes longer).
+Waiting holds no body, but gRPC's transport buffers what a waiting stream's client sends
+meanwhile (flow-control windows, up to megabytes per stream), so the number waiting is
+capped, and the headroom keeps a burst of bodies larger than the recent ones from waiting."""
+
+WAIT_HEADROOM = 4
+"""How much larger than the largest recent body the bodies read and waiting are assumed to
+be when deciding whether an arrival may wait for a read slot (MAX_WAITING_TO_RECEIVE)."""
+
+RECENT_BODIES = 16
+"""How many of the last request bodies' sizes the waiting rule looks at (their largest)."""
 
 VALIDATION_THREADS = 2
 """Threads that validate raw UINT8 pixels and re-encode them as PNG, off the event loop
@@ -227,7 +247,9 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
     1. before the body is read: an expired gRPC deadline (DEADLINE_EXCEEDED); no room in
        flight for one more request of the largest allowed size (the requests in flight
        hold more than ``max_inflight_bytes - max_bytes``), or ``max_receiving`` bodies
-       are being read already (RESOURCE_EXHAUSTED);
+       are being read already and the recent bodies were large or too many wait already
+       (RESOURCE_EXHAUSTED); a wait for a slot that outlasts the deadline
+       (DEADLINE_EXCEEDED);
     2. once read: its size would take the bytes in flight past ``max_inflight_bytes``
        (RESOURCE_EXHAUSTED); not a ModelInferRequest (INVALID_ARGUMENT); unknown model
        (NOT_FOUND); the deadline leaves less than ``min_budget_ms`` (DEADLINE_EXCEEDED,
@@ -254,6 +276,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
                  min_budget_ms: float = DEFAULT_MIN_BUDGET_MS,
                  max_inflight_bytes: int | None = None,
                  max_receiving: int = MAX_RECEIVING,
+                 max_waiting_to_receive: int = MAX_WAITING_TO_RECEIVE,
                  validation_threads: int = VALIDATION_THREADS) -> None:
         self.core = core
         self.spec = core.spec
@@ -263,8 +286,11 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         self.max_inflight_bytes = (max_inflight_bytes if max_inflight_bytes is not None
                                    else INFLIGHT_FACTOR * self.spec.input.max_bytes)
         self.max_receiving = max_receiving
+        self.max_waiting_to_receive = max_waiting_to_receive
         self.inflight_bytes = 0   # requests read and not answered yet
         self.receiving = 0        # request bodies being read
+        self._waiting: deque[asyncio.Future] = deque()   # arrivals waiting for a slot to read
+        self._recent_sizes: deque[int] = deque(maxlen=RECENT_BODIES)
         self._pool = ThreadPoolExecutor(max_workers=validation_threads,
                                         thread_name_prefix="frontdoor-validate")
         self.counts = {"received": 0, "accepted": 0, "ok": 0, "dropped": 0, "shed": 0, "invalid": 0,
@@ -274,6 +300,11 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def waiting_to_receive(self) -> int:
+        """Arrivals waiting for a slot to read their body."""
+        return len(self._waiting)
 
     def _check_model(self, name: str, version: str = "") -> None:
         if name != self.spec.name:
@@ -458,16 +489,17 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         if grpc_left is not None and grpc_left <= 0:   # expired: not even read
             self._check_budget(grpc_left, "on arrival")
         room = self.max_inflight_bytes - self.spec.input.max_bytes
-        if self.receiving >= self.max_receiving or (self.inflight_bytes > 0 and self.inflight_bytes > room):
+        if self.inflight_bytes > 0 and self.inflight_bytes > room:
             raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight and "
                              f"{self.receiving} being received")
-        self.receiving += 1
+        await self._receive_slot(grpc_left)
         try:
             request = await read()
+            raw = request if isinstance(request, RawInferRequest) else None
+            size = raw.size if raw is not None else request.ByteSize()
+            self._recent_sizes.append(size)
         finally:
-            self.receiving -= 1
-        raw = request if isinstance(request, RawInferRequest) else None
-        size = raw.size if raw is not None else request.ByteSize()
+            self._release_slot()
         if self.inflight_bytes > 0 and self.inflight_bytes + size > self.max_inflight_bytes:
             raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight, this "
                              f"one ({size / 2**20:.1f} MiB) would pass the limit")
@@ -490,6 +522,62 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
             return await self._serve(held, raw, request_id, now, now + budget_s, note)
         finally:
             self.inflight_bytes -= size
+
+    async def _receive_slot(self, grpc_left: float | None) -> None:
+        """Take one of the ``max_receiving`` slots to read a body, waiting for one when the
+        recent bodies were small (MAX_WAITING_TO_RECEIVE); raises Shed or DeadlineMissed."""
+        if self.receiving < self.max_receiving and not self._waiting:
+            self.receiving += 1
+            return
+        budget_s = self.spec.slo_ms / 1e3 if grpc_left is None else min(self.spec.slo_ms / 1e3, grpc_left)
+        wait_s = budget_s - self.min_budget_s
+        if wait_s <= 0 or len(self._waiting) >= self.max_waiting_to_receive or not self._may_wait():
+            raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight and "
+                             f"{self.receiving} being received")
+        loop = asyncio.get_running_loop()
+        slot = loop.create_future()   # its result: "granted", "expired" or "shed"
+        self._waiting.append(slot)
+        timer = loop.call_later(wait_s, lambda: slot.done() or slot.set_result("expired"))
+        try:
+            outcome = await slot
+        except BaseException:         # cancelled (the client went away)
+            if slot.done() and not slot.cancelled() and slot.result() == "granted":
+                self._release_slot()  # handed a slot as it was cancelled: pass it on
+            raise
+        finally:
+            timer.cancel()
+            if slot in self._waiting:
+                self._waiting.remove(slot)
+        if outcome == "expired":
+            raise DeadlineMissed(f"the request's deadline passed while it waited for one of the "
+                                 f"{self.max_receiving} slots to read its body; dropped before it "
+                                 "was read")
+        if outcome == "shed":
+            raise self._busy(f"large requests arrived while it waited to be read; "
+                             f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight")
+
+    def _may_wait(self) -> bool:
+        """Whether an arrival may wait for a read slot: the bodies being read and waiting,
+        and its own, at WAIT_HEADROOM times the largest recent one, fit in the room left in
+        flight (MAX_WAITING_TO_RECEIVE)."""
+        largest = WAIT_HEADROOM * max(self._recent_sizes, default=self.spec.input.max_bytes)
+        bodies = self.receiving + len(self._waiting) + 1
+        return bodies * largest <= self.max_inflight_bytes - self.inflight_bytes
+
+    def _release_slot(self) -> None:
+        """A body is read (or its read failed): its slot goes to the first arrival waiting."""
+        if self._waiting and not self._may_wait():
+            # large bodies now: the arrivals waiting are shed, unread, as new ones would be
+            while self._waiting:
+                slot = self._waiting.popleft()
+                if not slot.done():
+                    slot.set_result("shed")
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result("granted")   # the slot passes on: ``receiving`` stays
+                return
+        self.receiving -= 1
 
     async def _serve(self, held: list, raw: "RawInferRequest | None", request_id: str, now: float,
                      deadline: float, note: dict) -> ipb.ModelInferResponse:

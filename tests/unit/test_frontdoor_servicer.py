@@ -285,6 +285,121 @@ def test_bodies_read_at_once_are_limited_and_checked_against_the_cap_once_read(m
     assert s.inflight_bytes == 0 and s.receiving == 0
 
 
+def test_after_small_bodies_arrivals_over_the_read_limit_wait_for_a_slot_instead_of_being_shed(make_servicer):
+    body = request().SerializeToString()     # a 1 KB-class request: 2 of them fit the room many times
+    s = make_servicer(max_receiving=2)
+
+    async def scenario():
+        first = FakeContext(body=body)
+        await asyncio.wait_for(_stream(s, first), 10)     # one small body seen: waiting allowed
+        gate = asyncio.Event()
+        ctxs = [FakeContext(body=body, gate=gate) for _ in range(6)]
+        tasks = [asyncio.create_task(_stream(s, c)) for c in ctxs]
+        while s.waiting_to_receive < 4:                        # two read at once, four wait
+            await asyncio.sleep(0.001)
+        reading = sum(c.reads for c in ctxs)
+        assert s.receiving == 2 and reading == 2
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return first, ctxs
+
+    first, ctxs = asyncio.run(scenario())
+    assert [c.code for c in [first, *ctxs]] == [None] * 7 and all(c.reads == 1 for c in ctxs)
+    assert outcomes(s) == {"ok": 7}
+    assert s.receiving == 0 and not s.waiting_to_receive and s.inflight_bytes == 0
+
+
+def test_a_wait_for_a_read_slot_ends_at_the_deadline_and_the_wait_queue_is_bounded(make_servicer):
+    body = request().SerializeToString()
+    s = make_servicer(max_receiving=1, max_waiting_to_receive=1)
+
+    async def scenario():
+        await asyncio.wait_for(_stream(s, FakeContext(body=body)), 10)   # a small body seen
+        gate = asyncio.Event()
+        reading = FakeContext(body=body, gate=gate)
+        held = asyncio.create_task(_stream(s, reading))
+        while s.receiving < 1:
+            await asyncio.sleep(0.001)
+        # 50 ms left, 20 ms the least a request needs: waits up to 30 ms, then dropped unread
+        waiter = FakeContext(body=body, time_remaining=0.05)
+        waiting = asyncio.create_task(_stream(s, waiter))
+        while not s.waiting_to_receive:
+            await asyncio.sleep(0.001)
+        extra = FakeContext(body=body)
+        await asyncio.wait_for(_stream(s, extra), 10)     # the one waiting place is taken: shed
+        t0 = time.perf_counter()
+        await asyncio.wait_for(waiting, 10)
+        waited = time.perf_counter() - t0
+        gate.set()
+        await asyncio.wait_for(held, 10)
+        return reading, waiter, extra, waited
+
+    reading, waiter, extra, waited = asyncio.run(scenario())
+    assert reading.code is None
+    assert waiter.code == grpc.StatusCode.DEADLINE_EXCEEDED and waiter.reads == 0
+    assert "waited for one of the 1 slots" in waiter.details and waited < 5
+    assert extra.code == grpc.StatusCode.RESOURCE_EXHAUSTED and extra.reads == 0
+    assert outcomes(s) == {"ok": 2, "dropped": 1, "shed": 1}
+    assert s.receiving == 0 and not s.waiting_to_receive
+
+
+def test_arrivals_waiting_for_a_read_slot_are_shed_unread_once_a_large_body_is_read(make_servicer):
+    small = request().SerializeToString()
+    big = request(PNG + b"\0" * 300_000).SerializeToString()
+    s = make_servicer(max_receiving=3, max_inflight_bytes=int(2.5 * len(big)))
+
+    async def scenario():
+        await asyncio.wait_for(_stream(s, FakeContext(body=small)), 10)   # small bodies so far
+        gate = asyncio.Event()
+        reading = [FakeContext(body=b, gate=gate) for b in (big, small, small)]
+        tasks = [asyncio.create_task(_stream(s, c)) for c in reading]
+        while s.receiving < 3:
+            await asyncio.sleep(0.001)
+        waiters = [FakeContext(body=small) for _ in range(3)]
+        waiting = [asyncio.create_task(_stream(s, c)) for c in waiters]
+        while s.waiting_to_receive < 3:
+            await asyncio.sleep(0.001)
+        gate.set()     # the big body is read first: 3 x big no longer fits 2.5 x big
+        await asyncio.wait_for(asyncio.gather(*tasks, *waiting), 10)
+        return reading, waiters
+
+    reading, waiters = asyncio.run(scenario())
+    assert [c.code for c in reading] == [None] * 3
+    assert [c.code for c in waiters] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert all(c.reads == 0 and "large requests arrived" in c.details for c in waiters)
+    assert outcomes(s) == {"ok": 4, "shed": 3}
+    assert s.receiving == 0 and not s.waiting_to_receive
+
+
+def test_a_slot_handed_to_a_waiter_as_it_is_cancelled_passes_on(make_servicer):
+    body = request().SerializeToString()
+    s = make_servicer(max_receiving=1)
+
+    async def scenario():
+        await asyncio.wait_for(_stream(s, FakeContext(body=body)), 10)
+        gate = asyncio.Event()
+        held = asyncio.create_task(_stream(s, FakeContext(body=body, gate=gate)))
+        while s.receiving < 1:
+            await asyncio.sleep(0.001)
+        gone = asyncio.create_task(_stream(s, FakeContext(body=body)))   # its client goes away
+        last = FakeContext(body=body)
+        waiting = asyncio.create_task(_stream(s, last))
+        while s.waiting_to_receive < 2:
+            await asyncio.sleep(0.001)
+        s.receiving += 1           # one more read ends (a slot for it, so the count stays whole):
+        s._release_slot()          # its slot is handed to `gone` ...
+        gone.cancel()              # ... which is cancelled before it runs: the slot passes on
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(held, waiting), 10)
+        return last
+
+    last = asyncio.run(scenario())
+    assert last.code is None and last.reads == 1
+    assert s.receiving == 0 and not s.waiting_to_receive
+
+
 def test_expired_grpc_deadline_is_dropped_before_the_body_is_read(make_servicer):
     s = make_servicer()
     ctx = FakeContext(time_remaining=-0.01, body=request().SerializeToString())

@@ -42,7 +42,7 @@ class State(str, Enum):
 
 def fake_worker(wid: str, **counters) -> SimpleNamespace:
     base = {"arrivals": 0, "completed": 0, "dropped": 0, "errors": 0, "invalid": 0, "shed": 0, "parks": 0}
-    return Obj(worker_id=wid, counters={**base, **counters}, queue=SimpleNamespace(queued=0),
+    return Obj(worker_id=wid, counters={**base, **counters}, waiting=0,
                            plan_version=0, state=State.IDLE, host=None, task=None, batch_size=1)
 
 
@@ -51,7 +51,7 @@ def test_a_worker_s_counters_queue_and_state_are_read_when_scraped():
     core.metrics = WorkerMetrics(core)
     core.counters["completed"] += 7          # the core's own counting, nothing else
     core.counters["shed"] += 2
-    core.queue.queued = 5
+    core.waiting = 5                          # queued, or in a batch queued behind the running one
     core.plan_version = 3
     core.state = State.PARKED
     assert get("pipeserve_worker_queries_total", worker="mw-1", outcome="ok") == 7
@@ -109,13 +109,16 @@ def test_a_router_counts_its_stage_s_outcomes_and_reroutes():
 
 def test_the_front_door_s_counts_and_latency():
     fd = Obj(spec=SimpleNamespace(name="mp"), counts={"received": 5, "accepted": 4, "ok": 3, "shed": 1},
-                         inflight_bytes=1024, admission=SimpleNamespace(rate=None))
+                         inflight_bytes=1024, receiving=8, waiting_to_receive=3,
+                         admission=SimpleNamespace(rate=None))
     fd.metrics = FrontDoorMetrics(fd)
     fd.metrics.answered(0.2)
     assert get("pipeserve_frontdoor_requests_total", pipeline="mp", outcome="ok") == 3
     assert get("pipeserve_frontdoor_requests_total", pipeline="mp", outcome="cancelled") == 0
     assert get("pipeserve_frontdoor_received_total", pipeline="mp") == 5
     assert get("pipeserve_frontdoor_inflight_bytes", pipeline="mp") == 1024
+    assert get("pipeserve_frontdoor_receiving", pipeline="mp", state="reading") == 8
+    assert get("pipeserve_frontdoor_receiving", pipeline="mp", state="waiting") == 3
     assert get("pipeserve_frontdoor_admission_rate_qps", pipeline="mp") is None   # unlimited
     fd.admission.rate = 12.5
     assert get("pipeserve_frontdoor_admission_rate_qps", pipeline="mp") == 12.5
