@@ -563,11 +563,7 @@ class WorkerCore:
         try:
             while True:
                 if self._next:
-                    # a batch queued behind the last one in the inference thread: the thread
-                    # has started on it already, without waiting for this loop
-                    launch = self._next.pop(0)
-                    launch.began = time.perf_counter()
-                    await self._finish(launch, prefetch=not self._next)
+                    await self._finish_next()
                     continue
                 if not self.queue.queued:
                     self._wake.clear()
@@ -611,6 +607,14 @@ class WorkerCore:
             else:
                 await self._run_group(loop, items, prefetch=len(by_host) == 1)
         self._holding = []
+
+    async def _finish_next(self) -> None:
+        """Finish the batch queued behind the last one in the inference thread (the thread
+        has started on it already, without waiting for this loop). A method of its own, as
+        ``_next_batch``: the batch, which holds its model, must not stay in the loop's locals."""
+        launch = self._next.pop(0)
+        launch.began = time.perf_counter()
+        await self._finish(launch, prefetch=not self._next)
 
     def _prefetch(self) -> None:
         """While a batch runs in the inference thread, queue the next one behind it when a

@@ -419,6 +419,28 @@ def test_a_released_model_is_no_longer_referenced_anywhere():
     assert asyncio.run(scenario()) is False
 
 
+def test_a_released_model_is_not_held_by_a_batch_that_was_queued_ahead():
+    import gc
+    import weakref
+
+    async def scenario():
+        core, _, _ = make_pool_core(linger_s=0.0)
+        core.start()
+        await core.apply("b1", 2, plan_version=1, task="b")
+        await core.submit([(f"q{i}", b"x") for i in range(4)], time.time() + 10, task="b")
+        assert core.counters["queued_ahead"] == 1   # the last batch ran queued ahead
+        ref = weakref.ref(core.host)
+        await core.park(plan_version=2)
+        core.release_lingering(now=time.monotonic() + 1)
+        await asyncio.sleep(0.05)      # the batch loop is idle, waiting for work
+        gc.collect()
+        alive = ref() is not None
+        await core.stop()
+        return alive
+
+    assert asyncio.run(scenario()) is False
+
+
 # -- the burst variant: spilling a batch when the queue says the plan is overrun ------
 
 class VariantInputProcessor(FakeProcessor):
