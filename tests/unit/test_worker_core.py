@@ -609,7 +609,7 @@ def test_a_pool_worker_moving_to_another_task_releases_its_burst_model():
 
 def test_a_full_batch_waiting_is_queued_behind_the_running_one_and_timed_from_its_own_start():
     async def scenario():
-        core, procs = make_core(delay_s=0.04)   # 80 ms per batch of 2
+        core, procs = make_core(delay_s=0.1)    # 200 ms per batch of 2
         core.start()
         await core.apply("v1", 2, 1)
         outs = await core.submit([(f"q{i}", b"x") for i in range(6)], time.time() + 10)
@@ -621,19 +621,20 @@ def test_a_full_batch_waiting_is_queued_behind_the_running_one_and_timed_from_it
     assert proc.batches == [2, 2, 2]
     assert core.counters["queued_ahead"] == 2       # the 2nd and 3rd batches were handed over early
     by_batch = [outs[0], outs[2], outs[4]]
-    # each batch's service time is its own run (80 ms), not the wait behind the one before it
-    assert all(70 <= o.service_ms < 150 for o in by_batch), [o.service_ms for o in by_batch]
+    # each batch's service time is its own run (200 ms), not also the wait behind the one
+    # before it (400 ms)
+    assert all(190 <= o.service_ms < 300 for o in by_batch), [o.service_ms for o in by_batch]
     # ... and its queue time runs until the thread took it up: one and two batches' worth
-    assert by_batch[1].queue_ms >= 70 and by_batch[2].queue_ms >= 150, [o.queue_ms for o in by_batch]
+    assert by_batch[1].queue_ms >= 190 and by_batch[2].queue_ms >= 390, [o.queue_ms for o in by_batch]
 
 
 def test_a_partial_batch_is_not_taken_early_arrivals_while_the_model_runs_fill_it():
     async def scenario():
-        core, procs = make_core(delay_s=0.03)
+        core, procs = make_core(delay_s=0.1)
         core.start()
         await core.apply("v1", 4, 1)
         first = asyncio.create_task(core.submit([(f"a{i}", b"x") for i in range(4)], time.time() + 10))
-        await asyncio.sleep(0.02)                   # the first batch (120 ms) runs
+        await asyncio.sleep(0.02)                   # the first batch (400 ms) runs
         second = asyncio.create_task(core.submit([("b0", b"x"), ("b1", b"x")], time.time() + 10))
         await asyncio.sleep(0.02)
         assert core.counters["queued_ahead"] == 0   # 2 of 4 waiting: not handed over early
@@ -650,13 +651,13 @@ def test_a_partial_batch_is_not_taken_early_arrivals_while_the_model_runs_fill_i
 
 def test_a_batch_queued_ahead_drops_what_cannot_make_it_after_the_running_batch():
     async def scenario():
-        core, procs = make_core(delay_s=0.1)
+        core, procs = make_core(delay_s=0.3)
         core.start()
-        await core.apply("v1", 1, 1, latency_ms={1: 100.0})
+        await core.apply("v1", 1, 1, latency_ms={1: 300.0})
         first = asyncio.create_task(core.submit([("a", b"x")], time.time() + 10))
-        await asyncio.sleep(0.02)                   # "a" runs until ~100 ms
-        # 150 ms left: alone now it would make it (100 ms), after "a" it cannot (~180 ms)
-        late = await core.submit([("late", b"x")], time.time() + 0.15)
+        await asyncio.sleep(0.02)                   # "a" runs until ~300 ms
+        # 450 ms left: alone now it would make it (300 ms), after "a" it cannot (~580 ms)
+        late = await core.submit([("late", b"x")], time.time() + 0.45)
         outs = await first + late
         await core.stop()
         return procs["v1"], outs
