@@ -43,6 +43,7 @@ allocations:
   - {task: rec, variant: rec_v6tiny, batch_size: 16, replicas: 2}
 """
 PLAN_B = PLAN.replace("det_v6tiny_320", "det_v6small_320")
+SWAP_WINDOW_S = 3.0  # a detector swap (model load) on a busy 2-core machine, with room
 # terminal answers a client can get; anything else (a client-side timeout, a request
 # still pending at the end) would mean the system left a request without an answer
 TERMINAL = {rep.OK, rep.DROPPED, rep.SHED, rep.INVALID, "UNAVAILABLE", "INTERNAL"}
@@ -183,9 +184,16 @@ def test_redis_killed_and_restarted_empty_loses_no_request(tmp_path, models_dir,
     every_request_answered_once(report)
     killed_t, restarted_t = report.fault_times
     # the plan made after the restart reached the data plane: answers carry its version
-    # and variant (subscribers reconnected by themselves, the controller republished)
+    # and variant (subscribers reconnected by themselves, the controller republished).
+    # Routers and workers read the plan on their own, so for about one model load a request
+    # routed with it can still run on the detector being replaced (queued work runs on the
+    # model it was prepared for); after that, every answer is the new plan's.
     new = [r for r in report.results if r.plan_version is not None and r.plan_version >= applied["version"]]
-    assert new and all("det_v6small_320" in (r.variant_path or "") for r in new)
+    assert new, "no answer carries the plan set after the restart"
+    settled = [r for r in new if r.t_s > min(x.t_s for x in new) + SWAP_WINDOW_S]
+    assert settled and all("det_v6small_320" in (r.variant_path or "") for r in settled), \
+        [(round(r.t_s, 1), r.code, r.variant_path) for r in new]
+    assert any("det_v6small_320" in (r.variant_path or "") for r in new)
     reconnect_s = min(r.t_s for r in new) - restarted_t
     f = figures("SIGKILL Redis, restart empty", report, killed_t, outage_s=round(restarted_t - killed_t, 1),
                 new_plan_served_after_restart_s=round(reconnect_s, 1))
