@@ -397,48 +397,40 @@ def test_timings_name_their_task():
     assert timings and all(t.task == "a" and t.variant == "a1" for t in timings)
 
 
-def test_a_released_model_is_no_longer_referenced_anywhere():
+async def _released_model_alive(submit) -> bool:
+    """Whether the model of a pool worker that ran ``submit(core)`` and then parked is
+    still referenced anywhere once its linger ended and the batch loop is idle."""
     import gc
     import weakref
 
-    async def scenario():
-        core, _, _ = make_pool_core(linger_s=0.0)
-        core.start()
-        await core.apply("b1", 2, plan_version=1, task="b")
+    core, _, _ = make_pool_core(linger_s=0.0)
+    core.start()
+    await core.apply("b1", 2, plan_version=1, task="b")
+    await submit(core)
+    ref = weakref.ref(core.host)
+    await core.park(plan_version=2)
+    core.release_lingering(now=time.monotonic() + 1)
+    await asyncio.sleep(0.05)      # the batch loop is idle, waiting for work
+    gc.collect()
+    alive = ref() is not None
+    await core.stop()
+    return alive
+
+
+def test_a_released_model_is_no_longer_referenced_anywhere():
+    async def one_by_one(core):
         for i in range(3):
             await core.submit([(f"q{i}", b"x")], time.time() + 10, task="b")
-        ref = weakref.ref(core.host)
-        await core.park(plan_version=2)
-        core.release_lingering(now=time.monotonic() + 1)
-        await asyncio.sleep(0.05)      # the batch loop is idle, waiting for work
-        gc.collect()
-        alive = ref() is not None
-        await core.stop()
-        return alive
 
-    assert asyncio.run(scenario()) is False
+    assert asyncio.run(_released_model_alive(one_by_one)) is False
 
 
 def test_a_released_model_is_not_held_by_a_batch_that_was_queued_ahead():
-    import gc
-    import weakref
-
-    async def scenario():
-        core, _, _ = make_pool_core(linger_s=0.0)
-        core.start()
-        await core.apply("b1", 2, plan_version=1, task="b")
+    async def four_at_once(core):
         await core.submit([(f"q{i}", b"x") for i in range(4)], time.time() + 10, task="b")
         assert core.counters["queued_ahead"] == 1   # the last batch ran queued ahead
-        ref = weakref.ref(core.host)
-        await core.park(plan_version=2)
-        core.release_lingering(now=time.monotonic() + 1)
-        await asyncio.sleep(0.05)      # the batch loop is idle, waiting for work
-        gc.collect()
-        alive = ref() is not None
-        await core.stop()
-        return alive
 
-    assert asyncio.run(scenario()) is False
+    assert asyncio.run(_released_model_alive(four_at_once)) is False
 
 
 # -- the burst variant: spilling a batch when the queue says the plan is overrun ------
