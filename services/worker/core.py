@@ -184,9 +184,6 @@ class _Launch:
     estimate_s: float = 0.0     # its expected run time
     began: float = 0.0          # perf_counter() when it became the batch in the thread, as this loop saw it
 
-    def __post_init__(self) -> None:
-        self.began = self.began or self.t0
-
 
 @dataclass
 class BatchTiming:
@@ -688,7 +685,7 @@ class WorkerCore:
                                       _run_timed, host.processor.run_batch, host.session,
                                       [p.prepared for p in items])
         return _Launch(items, future, self.clock() if started is None else started, t0, behind,
-                       host.estimator(len(items)))
+                       host.estimator(len(items)), began=t0)
 
     async def _finish(self, launch: "_Launch", prefetch: bool = False) -> None:
         """Wait for ``launch``'s batch and resolve its items; meanwhile (``prefetch``) the
