@@ -101,7 +101,7 @@ def profiled(py_spy, pid, name, seconds, call, concurrency) -> dict:
     return {"load": load, "profile": summarize(OUT / f"{name}.txt")}
 
 
-def scenario_router(py_spy: str, seconds: float) -> dict:
+def scenario_router(py_spy: str, seconds: float, payload_bytes: int = 1024) -> dict:
     import bench_hops as bh
     from services.common.redis_server import RedisServer
 
@@ -127,9 +127,9 @@ def scenario_router(py_spy: str, seconds: float) -> dict:
                                                           else fake.address, options=CLIENT_OPTIONS)
                              for k in ("direct", "router", "front_door")}
                     chans.update(raw_hop=chans["direct"], raw_fwd=chans["direct"], raw_fwd_opts=chans["direct"])
-                    holder["calls"] = bh.make_calls(chans, png_payload(1024))
+                    holder["calls"] = bh.make_calls(chans, png_payload(payload_bytes))
                 return await holder["calls"][path]()
-            out[path] = profiled(py_spy, router.pid, path, seconds, call, 16)
+            out[path] = profiled(py_spy, router.pid, f"{path}_{payload_bytes // 1024}kb", seconds, call, 16)
     finally:
         for k in reversed(kids):
             k.stop()
@@ -344,6 +344,8 @@ def main(argv=None) -> int:
     ap.add_argument("--py-spy", default=str(ROOT / "runs" / "ray-venv" / "bin" / "py-spy"))
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rate", type=float, default=2000.0, help="loadgen scenario's request rate")
+    ap.add_argument("--payload-kb", type=int, default=1,
+                    help="size of the PNG the router and front_door scenarios send (KiB; the hop benchmark uses 1 and 200)")
     a = ap.parse_args(argv)
     configure_logging("bench", level="warning")
     needs_spy = [s for s in a.scenarios if s not in ("micro", "handlers", "loadgen_gc")]
@@ -357,7 +359,7 @@ def main(argv=None) -> int:
     if "loadgen_gc" in a.scenarios:
         out["loadgen_gc"] = loadgen_gc(a.seconds / 2, a.rate)
     if {"router", "front_door"} & set(a.scenarios):
-        out.update({k: v for k, v in scenario_router(a.py_spy, a.seconds).items() if k in a.scenarios})
+        out.update({k: v for k, v in scenario_router(a.py_spy, a.seconds, a.payload_kb * 1024).items() if k in a.scenarios})
     for w in ("echo_worker", "rec_worker"):
         if w in a.scenarios:
             out[w] = scenario_worker(a.py_spy, a.seconds, w)
