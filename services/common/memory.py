@@ -1,4 +1,4 @@
-"""glibc malloc thresholds for the processes that copy large messages (the routers).
+"""glibc malloc thresholds for the processes that copy large messages (routers, workers).
 
 At glibc's defaults a block of 128 KiB or more is its own ``mmap``, and the threshold then
 follows the largest block freed; the heap's free top goes back to the kernel as soon as it
@@ -10,7 +10,9 @@ grpc.aio forwarder takes ~35 (``bench/bench_hops.py``, docs/performance.md).
 :func:`tune_malloc` fixes both thresholds: blocks under ``MMAP_THRESHOLD`` (1 MiB) come from
 the heap, and up to ``TRIM_THRESHOLD`` (16 MiB) of free heap top stays with the process. A
 larger block (a full-size page image) is still its own mapping and goes back to the kernel
-when freed, so a burst of large requests leaves no more than the trim threshold behind.
+when freed, so a burst of large requests leaves no more than the trim threshold behind,
+and a worker that parks still hands its freed model back (``malloc_trim`` after the release,
+``services.worker.core``).
 
 ``PIPESERVE_MALLOC_TUNING=off`` leaves glibc's defaults; the user's own glibc variables
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``) win over this.
