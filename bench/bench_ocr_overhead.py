@@ -6,7 +6,8 @@
 1. **Alone**: in this process, for each page, the detector's ``prepare`` + ``run_batch``,
    then the recogniser's ``prepare`` of every crop + ``run_batch`` on all of them (one
    batch), with ONNX Runtime on one thread as the workers run it: the sum of the request's
-   model and pre/post-processing time.
+   model and pre/post-processing time. This process takes the workers' malloc thresholds
+   (``services.common.memory``), so the two halves decode pages with the same allocator.
 2. **Cluster**: the same pages through the front door of a local cluster (Redis,
    controller, one detection and one recognition worker, two routers) running the same two
    variants, one request at a time; with ``--layouts`` (default both) also a second cluster
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from services.common import oip  # noqa: E402
+from services.common.memory import tune_malloc  # noqa: E402
 from services.common.onnx import create_session  # noqa: E402
 from services.common.processing import make_processor  # noqa: E402
 from services.common.spec import load_spec  # noqa: E402
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.layouts or set(a.layouts) - {"per-stage", "inline"}:
         ap.error(f"--layouts takes per-stage and/or inline, got {a.layouts}")
+    tune_malloc()   # as the workers do: what the cluster adds, not what the allocator changes
     spec_path = ROOT / "pipelines" / "ocr.yaml"
     spec = load_spec(spec_path)
     pages = [p.png for p in load_pages(a.data)[: a.pages]]

@@ -15,7 +15,7 @@ alternating in ``--rounds`` rounds of ``--seconds`` each:
   full batch of ``q`` waiting: its batches are the plan's;
 - **bare**: in this process, the same processor's ``prepare`` of ``q`` payloads then
   ``run_batch`` on them, in a loop, ONNX Runtime with one intra-op thread (as workers run
-  it).
+  it), and the workers' malloc thresholds (``services.common.memory``).
 
 Payloads: det gets the evaluation pages (``data/eval``, ``services.ocr.pages.load_pages``);
 rec gets real crops: every page through ``--crops-from`` once (as
@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import grpc  # noqa: E402
 
 from services.common.logging import configure_logging  # noqa: E402
+from services.common.memory import tune_malloc  # noqa: E402
 
 from benchlib import closed_loop, machine, r  # noqa: E402
 from raw_grpc import CLIENT_OPTIONS  # noqa: E402
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "eval")
     a = ap.parse_args(argv)
     configure_logging("bench", level="warning")   # stdout is for the JSON only
+    tune_malloc()   # the bare loop gets the workers' malloc thresholds: like for like
     info = machine()
     t_start = time.perf_counter()
     spec = load_spec(SPEC)

@@ -7,10 +7,11 @@ per request frees about that much every request, so it hands the pages back and 
 again, zeroed, on the next one: ~100 minor page faults per 200 KiB request where a raw
 grpc.aio forwarder takes ~35 (``bench/bench_hops.py``, docs/performance.md).
 
-:func:`tune_malloc` fixes both thresholds: blocks under ``MMAP_THRESHOLD`` (1 MiB) come from
-the heap, and up to ``TRIM_THRESHOLD`` (16 MiB) of free heap top stays with the process. A
-larger block (a full-size page image) is still its own mapping and goes back to the kernel
-when freed, so a burst of large requests leaves no more than the trim threshold behind,
+:func:`tune_malloc` fixes both thresholds: blocks under ``MMAP_THRESHOLD`` (8 MiB, the default
+limit on a request's input, so a ~1 MB scanned page and its copies too) come from the heap,
+and up to ``TRIM_THRESHOLD`` (32 MiB) of free heap top stays with the process. A larger block
+(a decoded full-size image) is still its own mapping and goes back to the kernel when freed,
+so a burst of large requests leaves about the trim threshold behind per malloc arena,
 and a worker that parks still hands its freed model back (``malloc_trim`` after the release,
 ``services.worker.core``).
 
@@ -34,8 +35,8 @@ ENV = "PIPESERVE_MALLOC_TUNING"
 GLIBC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 M_TRIM_THRESHOLD = -1      # glibc's <malloc.h> parameter numbers
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
-TRIM_THRESHOLD = 16 << 20
+MMAP_THRESHOLD = 8 << 20
+TRIM_THRESHOLD = 32 << 20
 _ON, _OFF = ("on", "1", "true", "yes"), ("off", "0", "false", "no")
 
 

@@ -29,7 +29,7 @@ def recorder(result: int = 1):
 def test_default_sets_both_thresholds():
     calls, fn = recorder()
     assert tune_malloc({}, mallopt=fn) == "tuned"
-    assert calls == [(memory.M_MMAP_THRESHOLD, 1 << 20), (memory.M_TRIM_THRESHOLD, 16 << 20)]
+    assert calls == [(memory.M_MMAP_THRESHOLD, 8 << 20), (memory.M_TRIM_THRESHOLD, 32 << 20)]
 
 
 @pytest.mark.parametrize("value", ["off", "OFF", "0", "false", "no"])
@@ -62,8 +62,9 @@ FAULTS = textwrap.dedent("""
     from services.common.memory import tune_malloc
     print(tune_malloc())
 
-    def request():   # a router's 200 KB request: parsed, copied, serialised, then freed
-        blocks = [bytearray(205_000) for _ in range(4)]
+    size = int(sys.argv[2])
+    def request():   # a router's request: parsed, copied, serialised, then freed
+        blocks = [bytearray(size) for _ in range(4)]
         del blocks
 
     for _ in range(50):
@@ -75,20 +76,21 @@ FAULTS = textwrap.dedent("""
 """)
 
 
-def faults_per_request(setting: str) -> tuple[str, float]:
+def faults_per_request(setting: str, size: int) -> tuple[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in memory.GLIBC_VARS}
     env[ENV] = setting
-    out = subprocess.run([sys.executable, "-c", FAULTS, str(ROOT)], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", FAULTS, str(ROOT), str(size)], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
     return out[-2], float(out[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_tuned_process_keeps_its_pages_across_large_requests():
-    outcome, tuned = faults_per_request("on")
+@pytest.mark.parametrize("size", [205_000, 1_100_000], ids=["200KB", "1.1MB page"])
+def test_tuned_process_keeps_its_pages_across_large_requests(size):
+    outcome, tuned = faults_per_request("on", size)
     assert outcome == "tuned"
-    _, default = faults_per_request("off")
-    # at glibc's defaults each request hands its ~800 KB back and faults it in again
-    # (~200 faults); tuned, the heap keeps the pages
+    _, default = faults_per_request("off", size)
+    # at glibc's defaults each request hands its four copies back and faults them in
+    # again (~200 faults at 200 KB); tuned, the heap keeps the pages
     assert default > 50, f"the scenario no longer faults at glibc's defaults ({default}/request)"
     assert tuned < 5, f"{tuned} minor faults per request with the tuning (defaults: {default})"
