@@ -71,6 +71,8 @@ class FakeFrontDoor(inference_pb2_grpc.GRPCInferenceServiceServicer):
             await asyncio.sleep(0.7)
         if what == "hang":
             await asyncio.sleep(30)
+        if what == "garbled":   # status OK, but no tensors in the answer
+            return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
         path = "det-small/rec-tiny" if index % 2 == 0 else "det-tiny/rec-tiny"
         return oip.build_ocr_response(request.model_name, request.id, LINES,
                                       {"plan_version": 7, "variant_path": path})
@@ -128,6 +130,22 @@ def test_counts_match_the_scripted_server():
     # and the run ended soon after the last deadline (0.39 s + 1.2 s, plus slack).
     assert set(server.seen) == set(range(40))
     assert report.elapsed_s < 6.0
+
+
+def test_an_ok_answer_that_does_not_parse_is_a_bad_response_and_the_rest_are_read():
+    """Answers are read after the run, off the sending path: the unreadable ones become
+    CLIENT_BAD_RESPONSE with the reason, the others keep their lines, plan version and path."""
+    behaviour = {k: ("garbled" if k in (1, 6) else "ok") for k in range(10)}
+    report = asyncio.run(_serve_and_run(
+        FakeFrontDoor(behaviour), dict(rate=1.0, duration_s=1.0, slo_ms=2000, timeout_ms=3000),
+        pages=PAGES[:1], schedule=[Arrival(i * 0.005) for i in range(20)], cer_fn=lambda pred, truth: 0.25))
+    assert (report.sent, report.ok) == (20, 16)
+    assert report.errors == {rep.BAD_RESPONSE: 4}
+    bad = [r for r in report.records if r["outcome"] == rep.BAD_RESPONSE]
+    assert {r["index"] % 10 for r in bad} == {1, 6}
+    assert all("did not parse" in r["message"] and "has no output" in r["message"] for r in bad)
+    assert report.plan_versions == {"7": 16} and sum(report.variant_paths.values()) == 16
+    assert report.cer_pages == 16 and report.mean_cer == pytest.approx(0.25)
 
 
 def test_poisson_run_every_request_counted_once():
