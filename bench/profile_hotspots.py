@@ -10,7 +10,11 @@ Scenarios (each prints the hottest Python frames, inclusive, idle waits left out
 saves the collapsed stacks under ``runs/profiles/``):
 
 - ``router``, ``front_door``: a router (one-stage spec, as in bench_hops.py) in front of
-  the fake worker, 16 callers of ``Route`` / ``ModelInfer`` with 1 KB; the router profiled;
+  the fake worker, 16 callers of ``Route`` / ``ModelInfer`` with ``--payload-kb`` (1); the
+  router profiled;
+- ``echo_chain``: bench_noop_chain.py's inline layout (pipelines/echo.yaml, one router
+  process routing both stages), 16 callers of ``ModelInfer`` with ``--payload-kb``; the
+  front door profiled, every process's CPU per request;
 - ``echo_worker``: pipelines/echo.yaml on a LocalCluster, 16 callers of stage a's worker
   ``InferBatch`` with one 1 KB query each; the worker profiled;
 - ``rec_worker``: pipelines/ocr.yaml with rec_v6tiny at batch size 1, 3 callers of its
@@ -178,6 +182,38 @@ def scenario_worker(py_spy: str, seconds: float, which: str) -> dict:
         cluster.stop()
 
 
+def scenario_echo_chain(py_spy: str, seconds: float, payload_bytes: int = 1024) -> dict:
+    """The front door of ``bench_noop_chain.py``'s inline layout (two no-op stages, one
+    router process routing both) under 16 closed-loop callers; every process's CPU per
+    request beside the front door's profile."""
+    import bench_noop_chain as nc
+    from services.echo.model import write_identity_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="prof-echo-chain-"))
+    write_identity_model(tmp / "models" / "echo" / "identity.onnx")
+    system = nc.Pipeserve(tmp, tmp / "models", inline=True)
+    system.start()
+    try:
+        pids = system.pids()
+        front = system.cluster.procs["router-a"].popen.pid
+        holder: dict = {}
+
+        async def call():
+            if "call" not in holder:
+                holder["call"] = system.call_factory(grpc.aio.insecure_channel(
+                    system.address, options=CLIENT_OPTIONS))(png_payload(payload_bytes))
+            return await holder["call"]()
+        spy = record(py_spy, front, f"echo_chain_{payload_bytes // 1024}kb", seconds)
+        time.sleep(0.5)
+        t = asyncio.run(closed_loop(call, 16, seconds, pids))
+        spy.wait()
+    finally:
+        system.cluster.stop()
+    per_proc = {k: round(v / max(1, t.requests) * 1e6, 1) for k, v in t.cpu_s.items()}
+    return {"load": {"req_per_s": round(t.rps, 1), "cpu_us_per_req_by_process": per_proc, "errors": t.errors},
+            "profile": summarize(OUT / f"echo_chain_{payload_bytes // 1024}kb.txt")}
+
+
 def scenario_loadgen(py_spy: str, seconds: float, rate: float) -> dict:
     import os
 
@@ -340,7 +376,7 @@ def micro() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scenarios", nargs="*", default=["micro", "handlers", "router", "front_door", "echo_worker",
-                                                     "rec_worker", "loadgen", "loadgen_gc"])
+                                                     "rec_worker", "echo_chain", "loadgen", "loadgen_gc"])
     ap.add_argument("--py-spy", default=str(ROOT / "runs" / "ray-venv" / "bin" / "py-spy"))
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rate", type=float, default=2000.0, help="loadgen scenario's request rate")
@@ -363,6 +399,8 @@ def main(argv=None) -> int:
     for w in ("echo_worker", "rec_worker"):
         if w in a.scenarios:
             out[w] = scenario_worker(a.py_spy, a.seconds, w)
+    if "echo_chain" in a.scenarios:
+        out["echo_chain"] = scenario_echo_chain(a.py_spy, a.seconds, a.payload_kb * 1024)
     if "loadgen" in a.scenarios:
         out["loadgen"] = scenario_loadgen(a.py_spy, a.seconds, a.rate)
     print(json.dumps(out, indent=1))
