@@ -24,7 +24,9 @@ Latency: one call at a time, ``--calls`` per path per round, paths alternating w
 each of ``--rounds`` rounds. ``added`` = a path's p50 (p99) minus ``direct``'s.
 Throughput: ``--concurrency`` callers in a closed loop for ``--seconds`` per path per
 round (``--tput-rounds``); req/s per core = requests / CPU-seconds the measured hop's
-process used (utime + stime from /proc/<pid>/stat) in that window.
+process used (utime + stime from /proc/<pid>/stat) in that window; ``minor_faults_per_req``
+the same process's minor page faults per request (a process that hands freed buffers back
+to the kernel takes them again, zeroed: see services/common/memory.py).
 
 Targets (issue 12): the router adds <= 1.5x the p50 of a raw grpc.aio hop
 (``router_added_p50 / raw_hop_p50``), and carries >= 30 % of a raw aio server's req/s per
@@ -197,6 +199,8 @@ async def measure(args, addresses: dict[str, str], pids: dict[str, int]) -> dict
                     "req_per_s": r(req / secs, 1), "measured_process": who,
                     "cpu_s_per_s": r(cpu / secs, 2), "req_per_s_per_core": r(per_core[k], 1),
                     "cpu_us_per_req": r(cpu / req * 1e6, 1) if req else None,
+                    "minor_faults_per_req": r(sum(t.minor_faults.get(who, 0) for t in runs) / req, 1)
+                    if req else None,
                     "errors": sum(t.errors for t in runs)}
             router_added = p50["router"] - p50["direct"]
             front_added = p50["front_door"] - p50["direct"]

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from services.common import oip  # noqa: E402
+from services.common.logging import configure_logging  # noqa: E402
 from services.common.memory import tune_malloc  # noqa: E402
 from services.common.onnx import create_session  # noqa: E402
 from services.common.processing import make_processor  # noqa: E402
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.layouts or set(a.layouts) - {"per-stage", "inline"}:
         ap.error(f"--layouts takes per-stage and/or inline, got {a.layouts}")
+    configure_logging("bench", level="warning")   # stdout is for the JSON only
     tune_malloc()   # as the workers do: what the cluster adds, not what the allocator changes
     spec_path = ROOT / "pipelines" / "ocr.yaml"
     spec = load_spec(spec_path)

@@ -37,6 +37,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK   # fields 14 and 15 of stat(5)
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return int(text[text.rindex(")") + 2:].split()[7])   # field 10 of stat(5)
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -183,6 +190,7 @@ class Throughput:
     cpu_s: dict[str, float] = field(default_factory=dict)   # process name -> CPU seconds used
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)   # "<type>: <first line>" -> count
+    minor_faults: dict[str, int] = field(default_factory=dict)  # process name (pid entries) -> faults
 
     @property
     def rps(self) -> float:
@@ -197,7 +205,8 @@ async def closed_loop(call: Call, concurrency: int, seconds: float,
                       pids: dict[str, int | Callable[[], float]], warmup_s: float = 0.3) -> Throughput:
     """``concurrency`` callers, each calling again as soon as its call returns, for
     ``seconds`` (after ``warmup_s`` not counted); CPU time over the window of each entry
-    of ``pids`` (a pid, or a function returning CPU seconds, e.g. of a whole session)."""
+    of ``pids`` (a pid, or a function returning CPU seconds, e.g. of a whole session), and
+    the minor page faults of each pid entry."""
     stop_at = 0.0
     counting = False
     done = errors = 0
@@ -230,13 +239,15 @@ async def closed_loop(call: Call, concurrency: int, seconds: float,
     def read(p):
         return p() if callable(p) else cpu_seconds(p)
     cpu0 = {k: read(p) for k, p in pids.items()}
+    flt0 = {k: minor_faults(p) for k, p in pids.items() if not callable(p)}
     start = time.perf_counter()
     await asyncio.sleep(seconds)
     counting = False
     elapsed = time.perf_counter() - start
     cpu1 = {k: read(p) for k, p in pids.items()}
+    flt = {k: minor_faults(pids[k]) - f for k, f in flt0.items()}
     await asyncio.gather(*tasks)
-    return Throughput(done, elapsed, {k: cpu1[k] - cpu0[k] for k in pids}, errors, kinds)
+    return Throughput(done, elapsed, {k: cpu1[k] - cpu0[k] for k in pids}, errors, kinds, flt)
 
 
 def r(x: float, nd: int = 3) -> float:
