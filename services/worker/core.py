@@ -6,7 +6,11 @@ Guarantees:
   (on arrival, before pre-processing, or when its batch is formed), INVALID
   (undecodable payload) or INTERNAL (the batch it ran in failed); a whole submission
   beyond the queue bound is refused with :class:`Shed` before anything is queued.
-- ONNX Runtime and pre-processing run in executors, never on the event loop.
+- ONNX Runtime runs in an executor, never on the event loop; so does pre-processing,
+  unless the model's last ``INLINE_PREP_STREAK`` items each prepared in under
+  ``INLINE_PREP_ITEM_S`` (an identity stage, inputs already tensors): then a request of at
+  most ``INLINE_PREP_BUDGET_S`` worth of items is prepared on the loop, as a thread
+  hand-off costs more than the work (50-90 us); one slower item sends it back to the pool.
 - The batch loop runs supervised (``services.common.tasks``): if it ever dies it is
   logged and restarted, and the queries of the batch it held are resolved INTERNAL, so
   nothing hangs.
@@ -61,6 +65,9 @@ log = get_logger(__name__)
 DEFAULT_MAX_QUEUE = 1024   # queries; beyond it a submission is shed (RESOURCE_EXHAUSTED)
 DEFAULT_LINGER_S = 3.0     # a model the plan moved away from still serves stale-routed queries this long
 REPORT_AFTER_BATCHES = 3   # a new variant's first batches are not reported (caches still warming)
+INLINE_PREP_ITEM_S = 20e-6  # an item prepared faster than this is "cheap" (a hand-off costs 50-90 us)
+INLINE_PREP_STREAK = 32     # cheap items in a row before a model's inputs are prepared on the loop
+INLINE_PREP_BUDGET_S = 100e-6   # at most this much preparing on the loop per request (5 cheap items)
 
 
 class Status(str, Enum):
@@ -140,6 +147,17 @@ class ModelHost:
     providers: list[str]
     estimator: ServiceTimeEstimator = field(default_factory=ServiceTimeEstimator)
     batches: int = 0          # batches run on this host (the first few are not reported)
+    cheap_prep_streak: int = 0   # items in a row prepared in under INLINE_PREP_ITEM_S
+
+    def prepare_inline(self, n: int) -> bool:
+        """Whether a request of ``n`` items is prepared on the event loop (see the module
+        docstring): the thread hand-off would cost more than the work."""
+        return self.cheap_prep_streak >= INLINE_PREP_STREAK and n * INLINE_PREP_ITEM_S <= INLINE_PREP_BUDGET_S
+
+    def observe_prepare(self, prepared: list) -> None:
+        for item in prepared:
+            cheap = not isinstance(item, BaseException) and item[1] < INLINE_PREP_ITEM_S
+            self.cheap_prep_streak = self.cheap_prep_streak + 1 if cheap else 0
 
     @staticmethod
     def load(variant: VariantSpec, models_dir: Path, prefer_gpu: bool, threads: int,
@@ -245,7 +263,8 @@ class WorkerCore:
         self._running: _Launch | None = None   # the batch in the inference thread
         self._next: list[_Launch] = []         # batches queued behind it (_prefetch)
         self.counters = {"arrivals": 0, "completed": 0, "dropped": 0, "errors": 0, "invalid": 0, "shed": 0,
-                         "loads": 0, "parks": 0, "spilled": 0, "queued_ahead": 0}
+                         "loads": 0, "parks": 0, "spilled": 0, "queued_ahead": 0,
+                         "prepared_inline": 0}
         self.last_load_ms = 0.0
         # the plan's burst variant for the current task (None: none named, or burst off)
         self.burst_enabled = burst
@@ -507,17 +526,22 @@ class WorkerCore:
             return [Outcome(qid, Status.DROPPED_DEADLINE, "cannot make its deadline", host.variant.name)
                     for qid, _ in queries]
         loop = asyncio.get_running_loop()
-        # one executor call per slice of the request, not per query: a thread hand-off
-        # costs ~50 us, as much as preparing a small crop (at most prep_threads slices)
         payloads = [p for _, p in queries]
         t_prep = time.perf_counter()
-        k = -(-n // min(n, self.prep_threads))
-        slices = await asyncio.gather(*[
-            loop.run_in_executor(self._prep_pool, contextvars.copy_context().run, _prepare_all,
-                                 host.processor.prepare, payloads[i:i + k])
-            for i in range(0, n, k)])
-        prepared = [x for part in slices for x in part]
+        if host.prepare_inline(n):
+            prepared = _prepare_all(host.processor.prepare, payloads)
+            self.counters["prepared_inline"] += n
+        else:
+            # one executor call per slice of the request, not per query: a thread hand-off
+            # costs ~50 us, as much as preparing a small crop (at most prep_threads slices)
+            k = -(-n // min(n, self.prep_threads))
+            slices = await asyncio.gather(*[
+                loop.run_in_executor(self._prep_pool, contextvars.copy_context().run, _prepare_all,
+                                     host.processor.prepare, payloads[i:i + k])
+                for i in range(0, n, k)])
+            prepared = [x for part in slices for x in part]
         prep_wall_s = time.perf_counter() - t_prep
+        host.observe_prepare(prepared)
         now = self.clock()
         group: deque[_Pending] = deque()
         outcomes: list[Outcome | asyncio.Future] = []

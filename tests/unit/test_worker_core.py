@@ -677,3 +677,110 @@ def test_batches_queued_ahead_count_against_the_queue_bound_and_get_an_answer_on
 
     outs = asyncio.run(scenario())
     assert [o.status for o in outs] == [Status.INTERNAL] * 4
+
+
+# -- pre-processing on the loop when it costs less than the thread hand-off ---------------
+
+class TimedPrepProcessor(FakeProcessor):
+    """Records which thread prepared each payload; ``b"slow"`` takes 2 ms to prepare, and
+    every payload ``prep_s`` (default: nothing)."""
+
+    prep_s = 0.0
+
+    def __init__(self, variant, delay_s=0.0):
+        super().__init__(variant, delay_s)
+        self.prep_threads: list[tuple[bytes, int]] = []
+
+    def prepare(self, payload):
+        self.prep_threads.append((payload, threading.get_ident()))
+        if payload == b"slow":
+            time.sleep(0.002)
+        elif self.prep_s:
+            time.sleep(self.prep_s)
+        return Prepared(payload)
+
+
+def make_prep_core(prep_s=0.0):
+    procs = {}
+
+    def loader(variant):
+        procs[variant.name] = TimedPrepProcessor(variant)
+        procs[variant.name].prep_s = prep_s
+        return ModelHost(variant, procs[variant.name], session=None, providers=["FakeProvider"])
+
+    return WorkerCore("w", SPEC.task("t"), ".", loader=loader), procs
+
+
+def test_cheap_inputs_are_prepared_on_the_loop_after_a_streak_and_a_slow_one_sends_them_back(monkeypatch):
+    import services.worker.core as core_mod
+    monkeypatch.setattr(core_mod, "INLINE_PREP_STREAK", 4)
+
+    async def scenario():
+        core, procs = make_prep_core()
+        core.start()
+        await core.apply("v1", 4, plan_version=1)
+        loop_thread = threading.get_ident()
+        where = []
+        # a busy machine may time a cheap prepare as slow now and then (a reset): so many tries
+        for i in range(200):
+            await core.submit([(f"q{i}", b"x")], time.time() + 10)
+            where.append(procs["v1"].prep_threads[-1][1] == loop_thread)
+            if where[-3:] == [True] * 3:
+                break
+        inline_before = core.counters["prepared_inline"]
+        await core.submit([("s", b"slow")], time.time() + 10)       # on the loop, then measured slow
+        slow_on_loop = procs["v1"].prep_threads[-1][1] == loop_thread
+        await core.submit([("after", b"x")], time.time() + 10)
+        after_on_loop = procs["v1"].prep_threads[-1][1] == loop_thread
+        await core.stop()
+        return where, inline_before, slow_on_loop, after_on_loop, core
+
+    where, inline_before, slow_on_loop, after_on_loop, core = asyncio.run(scenario())
+    assert where[:4] == [False] * 4            # the first four go to the pool: no streak yet
+    assert where[-3:] == [True] * 3, where     # then, four cheap ones in a row, the loop
+    assert inline_before == where.count(True)
+    assert slow_on_loop                        # decided before it was measured
+    assert not after_on_loop                   # one slow item: back to the pool
+    assert core.stats()["completed"] == len(where) + 2
+
+
+def test_a_request_past_the_inline_budget_is_prepared_in_the_pool(monkeypatch):
+    import services.worker.core as core_mod
+    monkeypatch.setattr(core_mod, "INLINE_PREP_STREAK", 4)
+
+    async def scenario():
+        core, procs = make_prep_core()
+        core.start()
+        await core.apply("v1", 8, plan_version=1)
+        loop_thread = threading.get_ident()
+        for i in range(200):
+            await core.submit([(f"q{i}", b"x")], time.time() + 10)
+            if procs["v1"].prep_threads[-1][1] == loop_thread:
+                break
+        n = int(core_mod.INLINE_PREP_BUDGET_S / core_mod.INLINE_PREP_ITEM_S) + 1
+        outs = await core.submit([(f"big{i}", b"x") for i in range(n)], time.time() + 10)
+        big = procs["v1"].prep_threads[-n:]
+        await core.stop()
+        return outs, big, loop_thread
+
+    outs, big, loop_thread = asyncio.run(scenario())
+    assert all(o.status is Status.OK for o in outs)
+    assert all(t != loop_thread for _, t in big)
+
+
+def test_inputs_that_take_longer_than_a_hand_off_are_never_prepared_on_the_loop(monkeypatch):
+    import services.worker.core as core_mod
+    monkeypatch.setattr(core_mod, "INLINE_PREP_STREAK", 4)
+
+    async def scenario():
+        core, procs = make_prep_core(prep_s=0.0002)   # 200 us an item, like a small crop
+        core.start()
+        await core.apply("v1", 4, plan_version=1)
+        for i in range(20):
+            await core.submit([(f"q{i}", b"x")], time.time() + 10)
+        await core.stop()
+        return core, procs["v1"], threading.get_ident()
+
+    core, proc, _ = asyncio.run(scenario())
+    assert len(proc.prep_threads) == 20
+    assert core.counters["prepared_inline"] == 0
