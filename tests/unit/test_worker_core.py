@@ -711,6 +711,19 @@ def make_prep_core(prep_s=0.0):
     return WorkerCore("w", SPEC.task("t"), ".", loader=loader), procs
 
 
+async def until_prepared_on_the_loop(core, proc, in_a_row: int) -> list[bool]:
+    """Send one-query requests until ``in_a_row`` of them in a row were prepared on the
+    event loop (a busy machine may time a cheap prepare as slow now and then, which resets
+    the streak: so up to 200 tries); for each, whether it was."""
+    loop_thread, where = threading.get_ident(), []
+    for i in range(200):
+        await core.submit([(f"q{i}", b"x")], time.time() + 10)
+        where.append(proc.prep_threads[-1][1] == loop_thread)
+        if where[-in_a_row:] == [True] * in_a_row:
+            break
+    return where
+
+
 def test_cheap_inputs_are_prepared_on_the_loop_after_a_streak_and_a_slow_one_sends_them_back(monkeypatch):
     import services.worker.core as core_mod
     monkeypatch.setattr(core_mod, "INLINE_PREP_STREAK", 4)
@@ -720,13 +733,7 @@ def test_cheap_inputs_are_prepared_on_the_loop_after_a_streak_and_a_slow_one_sen
         core.start()
         await core.apply("v1", 4, plan_version=1)
         loop_thread = threading.get_ident()
-        where = []
-        # a busy machine may time a cheap prepare as slow now and then (a reset): so many tries
-        for i in range(200):
-            await core.submit([(f"q{i}", b"x")], time.time() + 10)
-            where.append(procs["v1"].prep_threads[-1][1] == loop_thread)
-            if where[-3:] == [True] * 3:
-                break
+        where = await until_prepared_on_the_loop(core, procs["v1"], 3)
         inline_before = core.counters["prepared_inline"]
         await core.submit([("s", b"slow")], time.time() + 10)       # on the loop, then measured slow
         slow_on_loop = procs["v1"].prep_threads[-1][1] == loop_thread
@@ -753,10 +760,7 @@ def test_a_request_past_the_inline_budget_is_prepared_in_the_pool(monkeypatch):
         core.start()
         await core.apply("v1", 8, plan_version=1)
         loop_thread = threading.get_ident()
-        for i in range(200):
-            await core.submit([(f"q{i}", b"x")], time.time() + 10)
-            if procs["v1"].prep_threads[-1][1] == loop_thread:
-                break
+        assert (await until_prepared_on_the_loop(core, procs["v1"], 1))[-1]
         n = int(core_mod.INLINE_PREP_BUDGET_S / core_mod.INLINE_PREP_ITEM_S) + 1
         outs = await core.submit([(f"big{i}", b"x") for i in range(n)], time.time() + 10)
         big = procs["v1"].prep_threads[-n:]
