@@ -26,7 +26,7 @@ from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.eventloop import EventLoopError, run_service
-from services.common.memory import MallocTuningError, tune_malloc
+from services.common.memory import IdleTrimmer, MallocTuningError, idle_trim_s, tune_malloc, tuned
 from services.common.tasks import raise_if_cancel_requested, stop_tasks, supervise
 from services.router.clients import ChildRouterClient, InlineChildClient, WorkerClient
 from services.router.core import RouterCore
@@ -186,8 +186,16 @@ class RouterApp:
         self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
                                          validate=lambda plan: validate_plan(plan, self.spec))
         self._tasks.append(supervise("plan-subscriber", self.subscriber.run))
+        if tuned():   # the heap keeps freed pages for the next request: give them back when idle
+            self._tasks.append(supervise("heap-trim", IdleTrimmer(self._activity).run))
         if self.front_door is not None:
             self._tasks.append(supervise("demand-reporter", self._report_demand))
+
+    def _activity(self) -> int:
+        """Work taken in so far: results routed by every stage here, and the front door's
+        request counters (also requests refused before routing)."""
+        n = sum(sum(core.metrics.outcomes.values()) for core in self.cores.values())
+        return n + (sum(self.front_door.counts.values()) if self.front_door is not None else 0)
 
     def _newer_plan_seen(self) -> None:
         if self.subscriber is not None:
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(f"router-{cfg.task}", json_logs=cfg.json_logs)
     try:
         tune_malloc()   # before the first large message: see services/common/memory.py
+        idle_trim_s()   # a wrong PIPESERVE_IDLE_TRIM_S: exit now, with its message
         run_service(serve(cfg))
     except MallocTuningError as exc:
         log.error("invalid_environment", error=str(exc))

@@ -27,7 +27,7 @@ from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.tasks import stop_tasks, supervise
 from services.common.eventloop import EventLoopError, run_service
-from services.common.memory import MallocTuningError, tune_malloc
+from services.common.memory import IdleTrimmer, MallocTuningError, idle_trim_s, tune_malloc, tuned
 from services.worker.core import DEFAULT_LINGER_S, DEFAULT_MAX_QUEUE, WorkerCore
 from services.worker.servicer import WorkerServicer, stats_to_proto
 
@@ -168,6 +168,8 @@ class WorkerApp:
         self._tasks = [supervise("plan-subscriber", self.subscriber.run),
                        supervise("controller-loop", self._controller_loop),
                        supervise("model-release", self._release_loop)]
+        if tuned():   # the heap keeps freed pages for the next request: give them back when idle
+            self._tasks.append(supervise("heap-trim", IdleTrimmer(lambda: self.core.counters["arrivals"]).run))
 
     def _newer_plan_seen(self, version: int) -> None:
         if self.subscriber is not None:
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("worker", json_logs=cfg.json_logs)
     try:
         tune_malloc()   # before the first large message: see services/common/memory.py
+        idle_trim_s()   # a wrong PIPESERVE_IDLE_TRIM_S: exit now, with its message
         run_service(serve(cfg))
     except MallocTuningError as exc:
         log.error("invalid_environment", error=str(exc))

@@ -94,3 +94,99 @@ def test_tuned_process_keeps_its_pages_across_large_requests(size):
     # again (~200 faults at 200 KB); tuned, the heap keeps the pages
     assert default > 50, f"the scenario no longer faults at glibc's defaults ({default}/request)"
     assert tuned < 5, f"{tuned} minor faults per request with the tuning (defaults: {default})"
+
+
+# -- giving the kept pages back once idle -------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_idle_trimmer_trims_once_per_idle_spell():
+    clock, work = Clock(), [0]
+    trimmer = memory.IdleTrimmer(lambda: work[0], idle_s=10.0, clock=clock)
+    assert not trimmer.due()                  # first look: the spell starts
+    clock.t = 9.9
+    assert not trimmer.due()
+    clock.t = 10.0
+    assert trimmer.due()                      # 10 s without new work
+    clock.t = 30.0
+    assert not trimmer.due()                  # once per spell
+    work[0] += 1                              # a request: a new spell starts now
+    assert not trimmer.due()
+    clock.t = 39.0
+    assert not trimmer.due()
+    clock.t = 40.0
+    assert trimmer.due()
+
+
+def test_steady_work_is_never_trimmed():
+    clock, work = Clock(), [0]
+    trimmer = memory.IdleTrimmer(lambda: work[0], idle_s=1.0, clock=clock)
+    for _ in range(100):
+        clock.t += 0.5
+        work[0] += 1
+        assert not trimmer.due()
+
+
+def test_the_run_loop_trims_in_a_thread_after_the_idle_time():
+    import asyncio
+    import threading
+
+    async def scenario():
+        where = []
+        trimmer = memory.IdleTrimmer(lambda: 0, idle_s=0.08, trim=lambda: where.append(threading.get_ident()))
+        task = asyncio.create_task(trimmer.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        return where, trimmer.trims, threading.get_ident()
+
+    where, trims, loop_thread = asyncio.run(scenario())
+    assert trims == 1 and len(where) == 1 and where[0] != loop_thread
+
+
+@pytest.mark.parametrize("value, says", [("soon", "give seconds"), ("0", "more than 0"), ("-3", "more than 0")])
+def test_a_wrong_idle_time_is_a_clear_error(value, says):
+    with pytest.raises(MallocTuningError, match=says):
+        memory.idle_trim_s({memory.IDLE_ENV: value})
+
+
+def test_idle_time_default_and_setting():
+    assert memory.idle_trim_s({}) == memory.DEFAULT_IDLE_TRIM_S == 10.0
+    assert memory.idle_trim_s({memory.IDLE_ENV: "2.5"}) == 2.5
+
+
+KEPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from services.common.memory import malloc_trim, tune_malloc, tuned
+
+    def rss_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+    print(tune_malloc(), tuned())
+    base = rss_mb()
+    blocks = [bytearray(700_000) for _ in range(40)]   # a burst: ~28 MB of 700 KB buffers
+    del blocks
+    kept = rss_mb()
+    malloc_trim()
+    print(round(kept - base, 1), round(rss_mb() - base, 1))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+def test_a_tuned_process_keeps_a_burst_s_pages_until_trimmed():
+    env = {k: v for k, v in os.environ.items() if k not in memory.GLIBC_VARS}
+    env[ENV] = "on"
+    out = subprocess.run([sys.executable, "-c", KEPT, str(ROOT)], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out[-4:-2] == ["tuned", "True"]
+    kept, trimmed = float(out[-2]), float(out[-1])
+    assert kept > 20, f"the burst's pages were not kept ({kept} MB over the start)"
+    assert trimmed < kept - 20, f"malloc_trim gave back too little: {kept} -> {trimmed} MB over the start"
