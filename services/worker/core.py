@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import ctypes
-import ctypes.util
 import gc
 import time
 from collections import deque
@@ -53,6 +51,7 @@ from typing import Callable, Mapping
 
 from services.common.errors import InvalidInput, Shed, Unavailable
 from services.common.logging import get_logger
+from services.common.memory import malloc_trim
 from services.common.metrics import WorkerMetrics
 from services.common.onnx import create_session
 from services.common.processing import ItemResult, Prepared, Processor, make_processor
@@ -804,11 +803,7 @@ def release_memory() -> None:
     """Collect garbage and ask glibc's allocator to return freed pages to the OS, so a
     freed model shows up as lower RSS (no-op where there is no ``malloc_trim``)."""
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim()
 
 
 def _prepare_all(prepare: Callable[[bytes], Prepared], payloads: list[bytes]) -> list:
