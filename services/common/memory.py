@@ -52,7 +52,8 @@ _tuned = False   # set by tune_malloc: this process runs on the fixed thresholds
 
 
 class MallocTuningError(ValueError):
-    """``PIPESERVE_MALLOC_TUNING`` holds something other than on/off."""
+    """``PIPESERVE_MALLOC_TUNING`` holds something other than on/off, or
+    ``PIPESERVE_IDLE_TRIM_S`` something other than a positive number of seconds."""
 
 
 def _libc_mallopt() -> Callable[[int, int], int] | None:
@@ -82,7 +83,9 @@ def tune_malloc(environ: Mapping[str, str] | None = None,
                 mallopt: Callable[[int, int], int] | None = None) -> str:
     """Apply the thresholds to this process; returns what happened (also logged):
     ``"tuned"``, ``"off"`` (the variable), ``"user"`` (the user's glibc variables are set)
-    or ``"unsupported"``. Call it once, early, before the service allocates its buffers."""
+    or ``"unsupported"``. Call it once, early, before the service allocates its buffers;
+    a wrong ``PIPESERVE_IDLE_TRIM_S`` raises here too, before the service starts."""
+    idle_trim_s(environ)
     outcome = chosen(environ)
     if outcome == "tune":
         fn = mallopt if mallopt is not None else _libc_mallopt()

@@ -26,7 +26,7 @@ from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.eventloop import EventLoopError, run_service
-from services.common.memory import IdleTrimmer, MallocTuningError, idle_trim_s, tune_malloc, tuned
+from services.common.memory import IdleTrimmer, MallocTuningError, tune_malloc, tuned
 from services.common.tasks import raise_if_cancel_requested, stop_tasks, supervise
 from services.router.clients import ChildRouterClient, InlineChildClient, WorkerClient
 from services.router.core import RouterCore
@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     configure_logging(f"router-{cfg.task}", json_logs=cfg.json_logs)
     try:
-        tune_malloc()   # before the first large message: see services/common/memory.py
-        idle_trim_s()   # a wrong PIPESERVE_IDLE_TRIM_S: exit now, with its message
+        tune_malloc()   # before the first large message (a wrong setting: exit 2); services/common/memory.py
         run_service(serve(cfg))
     except MallocTuningError as exc:
         log.error("invalid_environment", error=str(exc))

@@ -27,7 +27,7 @@ from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.common.tasks import stop_tasks, supervise
 from services.common.eventloop import EventLoopError, run_service
-from services.common.memory import IdleTrimmer, MallocTuningError, idle_trim_s, tune_malloc, tuned
+from services.common.memory import IdleTrimmer, MallocTuningError, tune_malloc, tuned
 from services.worker.core import DEFAULT_LINGER_S, DEFAULT_MAX_QUEUE, WorkerCore
 from services.worker.servicer import WorkerServicer, stats_to_proto
 
@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     configure_logging("worker", json_logs=cfg.json_logs)
     try:
-        tune_malloc()   # before the first large message: see services/common/memory.py
-        idle_trim_s()   # a wrong PIPESERVE_IDLE_TRIM_S: exit now, with its message
+        tune_malloc()   # before the first large message (a wrong setting: exit 2); services/common/memory.py
         run_service(serve(cfg))
     except MallocTuningError as exc:
         log.error("invalid_environment", error=str(exc))

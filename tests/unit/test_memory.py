@@ -190,3 +190,10 @@ def test_a_tuned_process_keeps_a_burst_s_pages_until_trimmed():
     kept, trimmed = float(out[-2]), float(out[-1])
     assert kept > 20, f"the burst's pages were not kept ({kept} MB over the start)"
     assert trimmed < kept - 20, f"malloc_trim gave back too little: {kept} -> {trimmed} MB over the start"
+
+
+def test_tune_malloc_refuses_a_wrong_idle_time_before_the_service_starts():
+    calls, fn = recorder()
+    with pytest.raises(MallocTuningError, match="PIPESERVE_IDLE_TRIM_S='soon'"):
+        tune_malloc({memory.IDLE_ENV: "soon"}, mallopt=fn)
+    assert calls == []
