@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.common import memory, oip
+from services.common import oip
 from services.gen import inference_pb2 as ipb
 from services.gen import inference_pb2_grpc as ipb_grpc
 from services.tools.cluster import ClusterConfig, LocalCluster
@@ -411,7 +411,7 @@ def test_fifty_concurrent_7mb_requests_each_get_one_clear_status(cluster, eval_p
     assert after - before < BURST_GROWTH_BOUND_MB, FIGURES
 
 
-def test_still_serves_and_peak_rss_stayed_bounded(stub, eval_pages, front_door_pid, baseline_rss):
+def test_still_serves_and_peak_rss_stayed_bounded(cluster, stub, eval_pages, front_door_pid, baseline_rss):
     """Last in the module: after every case above the front door still answers, and its
     peak RSS grew by less than the bound (see MODULE_GROWTH_BOUND_MB)."""
     _, pages = eval_pages
@@ -426,7 +426,7 @@ def test_still_serves_and_peak_rss_stayed_bounded(stub, eval_pages, front_door_p
     # glibc's defaults, PIPESERVE_MALLOC_TUNING=off, pages go back as they are freed and it
     # holds 0.5-0.74 at once; nothing is asserted then).
     grown = peak - baseline_rss
-    tuned = memory.chosen() == "tune"
+    tuned = "outcome=tuned" in (cluster.cfg.log_dir / f"router-{cluster.spec.root.name}.log").read_text()
     until = time.monotonic() + (15.0 if tuned else 2.0)
     while (now := vm_hwm_mb(front_door_pid, "VmRSS")) - baseline_rss > IDLE_KEPT_SHARE * grown \
             and time.monotonic() < until:
