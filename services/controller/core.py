@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -33,6 +33,9 @@ from services.policy.calibration import Timing
 from services.policy.planning import PlannerPolicy
 
 log = get_logger(__name__)
+
+# fields that differ between two publications of the same plan
+_NOT_COMPARED = frozenset({"version", "created_unix_s"})
 
 
 @dataclass
@@ -208,8 +211,12 @@ class ControllerCore:
 
     @staticmethod
     def _same(a: Plan | None, b: Plan) -> bool:
-        return a is not None and a.workers == b.workers and a.routing == b.routing \
-            and a.admission_rate_qps == b.admission_rate_qps
+        """``b`` says nothing ``a`` does not: every field but the version and the creation
+        time is equal. A plan that changes only rates, latency
+        figures or the burst variant is a new plan (routers route on the rates, workers
+        seed their batch-time estimates with the figures and spill to the burst variant)."""
+        return a is not None and all(getattr(a, f.name) == getattr(b, f.name) for f in fields(Plan)
+                                     if f.name not in _NOT_COMPARED)
 
     async def reconcile(self) -> ReconcileResult:
         """One control step (serialised with every other one)."""
