@@ -13,6 +13,21 @@ controller (and the simulator, with the same code) keeps, per variant, a smoothe
 - a detector's measured fan-out (regions per query) replaces the profile's, per variant,
   under the same floor.
 
+Stalls are not speed. On a GPU the first call at a new input shape (a cuDNN algorithm
+search) or right after a model load takes 0.4-2.9 s where a warm batch takes 5-40 ms; one
+such batch read as speed made a host look 143-179x slower than its profile. So a batch is
+a *stall*, and left out, when it is more than ``outlier_k`` times what the variant's
+other batches take (scaled by the profile's own spread, p95 / p50, so a heavy-tailed
+variant's tail is not mistaken for one):
+
+- within a report, its slowest batch (``max_ms``) against the mean of the others;
+- a report against the variant's factor once trusted: slow reports are held back, and
+  taken (the host did slow down) only once ``min_batches`` batches in a row are that
+  slow;
+- before that, while a variant gathers its first ``min_batches`` batches, every report
+  against the batch-weighted median of them all (so a stall among the first batches does
+  not set the start).
+
 :meth:`LatencyCalibrator.drift` says how far the factors have moved from those of the
 profile in use; the planning policy re-plans when that passes ``margin`` (hysteresis: a
 new compiled problem costs a solve, and noise must not re-plan).
@@ -20,7 +35,7 @@ new compiled problem costs a solve, and noise must not re-plan).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from services.planner.profile import LatencyPoint, PipelineProfile, TaskProfile
@@ -28,6 +43,7 @@ from services.planner.profile import LatencyPoint, PipelineProfile, TaskProfile
 DEFAULT_MIN_BATCHES = 10     # batches before a variant's own factor is trusted
 DEFAULT_ALPHA = 0.03         # weight of one batch in the smoothed ratio (a report of n: 1 - 0.97^n)
 DEFAULT_MARGIN = 0.3         # re-plan when a factor moves by more than 30 % (noise on a busy host: ~25 %)
+DEFAULT_OUTLIER_K = 4.0      # a batch over 4x (x the profile's p95/p50) its variant's others is a stall
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,7 @@ class Timing:
     total_ms: float
     items: int = 0
     regions: int = 0
+    max_ms: float = 0.0        # the slowest of those batches (0: not known)
 
 
 @dataclass
@@ -49,15 +66,21 @@ class _Track:
     batches: int = 0
     items: int = 0
     regions: int = 0
+    start: list = field(default_factory=list)     # (ratio, batches, items, regions) until trusted
+    suspect: list = field(default_factory=list)   # slow reports held back once trusted
+    stalls: int = 0                               # batches left out as stalls
+    stalls_in_start: int = 0                      # of those, in ``start`` (recounted as it grows)
 
 
 class LatencyCalibrator:
     def __init__(self, profile: PipelineProfile, min_batches: int = DEFAULT_MIN_BATCHES,
-                 alpha: float = DEFAULT_ALPHA, margin: float = DEFAULT_MARGIN) -> None:
+                 alpha: float = DEFAULT_ALPHA, margin: float = DEFAULT_MARGIN,
+                 outlier_k: float = DEFAULT_OUTLIER_K) -> None:
         self.base = profile
         self.min_batches = min_batches
         self.alpha = alpha
         self.margin = margin
+        self.outlier_k = outlier_k
         self._tracks: dict[tuple[str, str], _Track] = {}
         self._variants = {(t.name, v.name): v for t in profile.tasks for v in t.variants}
         self.in_use: dict[tuple[str, str], float] = {}   # factors of the profile last planned on
@@ -69,18 +92,56 @@ class LatencyCalibrator:
                 continue
             known = sorted(v.latency_ms)
             size = next((b for b in known if b >= t.batch_size), known[-1])
-            expected = v.latency_ms[size].p50_ms
+            point = v.latency_ms[size]
+            expected = point.p50_ms
             if size != t.batch_size:   # a partial batch: scale the next profiled size linearly
                 expected *= t.batch_size / size
-            ratio = (t.total_ms / t.count) / expected
+            limit = self.outlier_k * max(1.0, point.p95_ms / point.p50_ms if point.p50_ms > 0 else 1.0)
             tr = self._tracks.setdefault((t.task, t.variant), _Track())
-            # one report of n batches weighs like n single observations; until the
-            # smoothing has seen ~1/alpha batches it is a plain mean (no bias to the first)
-            w = max(t.count / (tr.batches + t.count), 1.0 - (1.0 - self.alpha) ** t.count)
-            tr.ratio = ratio if tr.ratio is None else tr.ratio + w * (ratio - tr.ratio)
-            tr.batches += t.count
-            tr.items += t.items
-            tr.regions += t.regions
+            count, total = t.count, t.total_ms
+            if count > 1 and 0 < t.max_ms <= total and t.max_ms > limit * (total - t.max_ms) / (count - 1):
+                count, total = count - 1, total - t.max_ms     # its slowest batch was a stall
+                tr.stalls += 1
+            report = (total / count / expected, count, t.items, t.regions)
+            if tr.batches < self.min_batches:
+                tr.start.append(report)
+                self._restart(tr, limit)
+            elif report[0] > limit * tr.ratio:
+                tr.suspect.append(report)          # a stall, unless the next batches are as slow
+                if sum(r[1] for r in tr.suspect) >= self.min_batches:
+                    tr.start, tr.suspect = tr.suspect, []
+                    self._restart(tr, limit)       # the host did slow down: start again from these
+            else:
+                tr.stalls += sum(r[1] for r in tr.suspect)
+                tr.suspect = []
+                self._absorb(tr, report)
+
+    def _absorb(self, tr: _Track, report: tuple[float, int, int, int]) -> None:
+        ratio, count, items, regions = report
+        # one report of n batches weighs like n single observations; until the
+        # smoothing has seen ~1/alpha batches it is a plain mean (no bias to the first)
+        w = max(count / (tr.batches + count), 1.0 - (1.0 - self.alpha) ** count)
+        tr.ratio = ratio if tr.ratio is None else tr.ratio + w * (ratio - tr.ratio)
+        tr.batches += count
+        tr.items += items
+        tr.regions += regions
+
+    def _restart(self, tr: _Track, limit: float) -> None:
+        """The track from its first reports, leaving out those over ``limit`` x their
+        batch-weighted median (stalls among the first batches)."""
+        median = weighted_median([(r[0], r[1]) for r in tr.start])
+        kept = [r for r in tr.start if r[0] <= limit * median]
+        tr.stalls += sum(r[1] for r in tr.start) - sum(r[1] for r in kept) - tr.stalls_in_start
+        tr.stalls_in_start = sum(r[1] for r in tr.start) - sum(r[1] for r in kept)
+        tr.ratio, tr.batches, tr.items, tr.regions = None, 0, 0, 0
+        for r in kept:
+            self._absorb(tr, r)
+        if tr.batches >= self.min_batches:
+            tr.start, tr.stalls_in_start = [], 0
+
+    def stalls(self) -> dict[tuple[str, str], int]:
+        """Batches left out as stalls, per ``(task, variant)``."""
+        return {k: tr.stalls for k, tr in self._tracks.items() if tr.stalls}
 
     def seed(self, factors: Mapping[str, float]) -> int:
         """Start from factors measured before (a plan's ``calibration``: ``"task/variant"
@@ -155,6 +216,18 @@ class LatencyCalibrator:
                 if m is not None:
                     out[(t.name, v.name)] = m
         return out
+
+
+def weighted_median(values: Iterable[tuple[float, float]]) -> float:
+    """The median of ``(value, weight)`` pairs (the lower one on a tie)."""
+    pairs = sorted(values)
+    half = sum(w for _, w in pairs) / 2.0
+    acc = 0.0
+    for x, w in pairs:
+        acc += w
+        if acc >= half:
+            return x
+    return pairs[-1][0]
 
 
 def scale_profile(profile: PipelineProfile, factors: Mapping[tuple[str, str], float],

@@ -86,3 +86,50 @@ def test_seeding_from_a_plans_calibration_plans_on_the_measured_speed():
     # later measurements move it as usual
     cal.observe([Timing("det", "d1", 1, 100, 100 * 100.0)])
     assert cal.factors()[("det", "d1")] < 2.0
+
+
+# -- stalls are not speed (a cold shape's cuDNN search, a model load) ---------------------
+
+def normal(task, variant, size, n, ms):
+    return Timing(task, variant, size, n, n * ms, max_ms=ms)
+
+
+def test_a_few_multi_second_stalls_among_normal_batches_leave_the_host_factor_near_1():
+    """The GPU run's failure: 0.4-2.9 s first calls at new shapes among 5-100 ms batches
+    read as a host 143-179x slower. Every kind of stall at once, the profile's own speed
+    otherwise."""
+    cal = LatencyCalibrator(PROFILE, min_batches=10)
+    cal.observe([Timing("det", "d1", 1, 1, 2900.0, max_ms=2900.0)])        # the very first batch: a new shape
+    cal.observe([normal("det", "d1", 1, 4, 100.0), normal("rec", "r1", 8, 3, 40.0)])
+    cal.observe([Timing("det", "d1", 1, 5, 4 * 100.0 + 2500.0, max_ms=2500.0),   # one stall inside a report
+                 Timing("rec", "r1", 8, 6, 5 * 40.0 + 1800.0, max_ms=1800.0)])
+    cal.observe([normal("det", "d1", 1, 6, 100.0), normal("rec", "r1", 8, 10, 40.0)])
+    for _ in range(3):                                                       # trusted now; more stalls
+        cal.observe([Timing("det", "d1", 1, 1, 1500.0, max_ms=1500.0), Timing("rec", "r1", 4, 1, 900.0, max_ms=900.0)])
+        cal.observe([normal("det", "d1", 1, 5, 100.0), normal("rec", "r1", 8, 5, 40.0)])
+    assert cal.host_factor() == pytest.approx(1.0, abs=0.05)
+    f = cal.factors()
+    assert f[("det", "d1")] == pytest.approx(1.0) and f[("rec", "r1")] == pytest.approx(1.0)
+    assert cal.stalls() == {("det", "d1"): 5, ("rec", "r1"): 4}   # 1 + 1 + 3 and 1 + 3
+    assert not cal.needs_replan()    # nothing moved: no re-plan (the GPU run swapped rec variants 3x in 20 s)
+
+
+def test_a_host_that_really_slows_down_is_believed_after_min_batches():
+    cal = LatencyCalibrator(PROFILE, min_batches=10)
+    cal.observe([normal("det", "d1", 1, 20, 100.0)])
+    cal.calibrated()
+    cal.observe([normal("det", "d1", 1, 6, 1000.0)])          # 10x: held back as stalls so far
+    assert cal.factors()[("det", "d1")] == pytest.approx(1.0)
+    cal.observe([normal("det", "d1", 1, 4, 1000.0)])          # 10 batches in a row that slow: the host
+    assert cal.factors()[("det", "d1")] == pytest.approx(10.0) and cal.needs_replan()
+
+
+def test_a_slow_tail_the_profile_expects_is_not_a_stall():
+    """The threshold scales with the profile's p95 / p50: a heavy-tailed variant's slow
+    batches are still speed."""
+    heavy = parse_profile({"name": "h", "slo_ms": 1000, "tasks": [{"name": "t", "variants": [
+        {"name": "v", "accuracy": 1.0, "latency_ms": {"1": {"p50_ms": 10, "p95_ms": 30}}}]}]})
+    cal = LatencyCalibrator(heavy, min_batches=4)
+    cal.observe([Timing("t", "v", 1, 4, 3 * 10.0 + 100.0, max_ms=100.0)])   # 10x: within 4 x 3 = 12x
+    assert cal.factors()[("t", "v")] == pytest.approx(130.0 / 40.0)
+    assert cal.stalls() == {}
