@@ -15,13 +15,19 @@ as one heap entry with a count; a batch may take part of a group and leave the r
 queued. Pushing a group of ``n`` is the same as pushing ``n`` queries one after
 another (``tests/unit/test_batching.py`` checks it against a one-entry-per-query
 reference on random inputs).
+
+Queries may carry a *shape bucket* (any hashable; ``None`` when the model takes every
+shape alike): a batch holds queries of one bucket only, since a model run takes one input
+shape. The head of the whole queue (earliest deadline over all buckets) chooses the
+bucket; the batch fills from that bucket in deadline order and the other buckets wait.
+With one bucket the rule is the one above, unchanged.
 """
 from __future__ import annotations
 
 import heapq
 import math
 import itertools
-from typing import Callable, Generic, Mapping, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -63,11 +69,12 @@ def burst_batch(burst_s: Sequence[float], max_size: int, planned_batch_s: float)
 
 class EdfQueue(Generic[T]):
     """Earliest-deadline-first queue of groups (stable tie-break on arrival order),
-    counted in queries. Heap entries are lists ``[deadline, seq, count, reserve, item]``
-    (allocation-light: this is the simulator's inner loop)."""
+    counted in queries, one heap per shape bucket. Heap entries are lists
+    ``[deadline, seq, count, reserve, item]`` (allocation-light: this is the simulator's
+    inner loop); a bucket's heap exists only while it holds something."""
 
     def __init__(self) -> None:
-        self._heap: list[list] = []
+        self._heaps: dict[Hashable, list[list]] = {}
         self._seq = itertools.count()
         self.queued = 0      # queries (not groups) waiting
         self.last_deadline = -math.inf   # the latest deadline pushed since the queue was last empty
@@ -75,21 +82,39 @@ class EdfQueue(Generic[T]):
     def __len__(self) -> int:
         return self.queued
 
-    def push(self, item: T, deadline_s: float, reserve_s: float = 0.0, count: int = 1) -> None:
+    def push(self, item: T, deadline_s: float, reserve_s: float = 0.0, count: int = 1,
+             bucket: Hashable = None) -> None:
+        """Queue ``count`` queries (one group, ``item``) of shape bucket ``bucket``."""
         if count > 0:
-            if not self._heap:
+            if not self._heaps:
                 self.last_deadline = deadline_s
             elif deadline_s > self.last_deadline:
                 self.last_deadline = deadline_s
-            heapq.heappush(self._heap, [deadline_s, next(self._seq), count, reserve_s, item])
+            heap = self._heaps.get(bucket)
+            if heap is None:
+                heap = self._heaps[bucket] = []
+            heapq.heappush(heap, [deadline_s, next(self._seq), count, reserve_s, item])
             self.queued += count
 
+    def _head(self) -> tuple[Hashable, list[list]] | None:
+        """The bucket (and its heap) whose first entry is first in EDF order over all buckets."""
+        heaps = self._heaps
+        if len(heaps) <= 1:
+            return next(iter(heaps.items()), None)
+        return min(heaps.items(), key=lambda kv: (kv[1][0][0], kv[1][0][1]))
+
+    def buckets(self) -> dict[Hashable, int]:
+        """Queries queued per shape bucket."""
+        return {b: sum(e[2] for e in h) for b, h in self._heaps.items()}
+
     def peek_deadline(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        head = self._head()
+        return head[1][0][0] if head else None
 
     def peek(self) -> T | None:
         """The item with the earliest deadline (not removed)."""
-        return self._heap[0][4] if self._heap else None
+        head = self._head()
+        return head[1][0][4] if head else None
 
     def take_batch(self, now: float, max_batch: int, exec_time_s: Callable[[int], float]
                    ) -> tuple[list[tuple[T, int]], list[tuple[T, int]]]:
@@ -98,13 +123,27 @@ class EdfQueue(Generic[T]):
 
         A query is dropped if even running alone now it would finish after its deadline
         minus its downstream reserve; the batch then grows in deadline order while every
-        member can still make it with the larger batch's execution time."""
-        heap = self._heap
+        member can still make it with the larger batch's execution time. The batch's
+        bucket is that of the earliest query that can make it; it takes queries of that
+        bucket only."""
         batch: list[tuple[T, int]] = []
         dropped: list[tuple[T, int]] = []
+        t1 = now + exec_time_s(1)
+        while True:   # drop the heads that cannot make it, over all buckets, in EDF order
+            found = self._head()
+            if found is None:
+                return batch, dropped
+            bucket, heap = found
+            d, _, n, r, item = heap[0]
+            if t1 + r <= d:                       # not cannot_make_it(now, exec_time_s(1), r, d)
+                break
+            heapq.heappop(heap)
+            dropped.append((item, n))
+            self.queued -= n
+            if not heap:
+                del self._heaps[bucket]
         size = 0
         members: list[tuple[float, float]] = []   # (deadline, reserve) of the groups in the batch
-        t1 = now + exec_time_s(1)
         while heap and size < max_batch:
             head = heap[0]
             d, _, n, r, item = head
@@ -130,12 +169,15 @@ class EdfQueue(Generic[T]):
             else:
                 head[2] = n - take
                 break
+        if not heap:
+            del self._heaps[bucket]
         return batch, dropped
 
     def drain(self) -> list[tuple[T, int]]:
         """Remove and return everything queued, as ``(item, count)`` in EDF order."""
-        out = [(e[4], e[2]) for e in sorted(self._heap)]
-        self._heap.clear()
+        out = [(e[4], e[2]) for e in sorted((e for h in self._heaps.values() for e in h),
+                                             key=lambda e: (e[0], e[1]))]
+        self._heaps.clear()
         self.queued = 0
         return out
 

@@ -152,3 +152,82 @@ def test_groups_batch_exactly_like_one_entry_per_query(groups, max_batch, now, p
         assert len(ref) == len(fast)
         t += 0.004
     assert fast.queued == 0
+
+
+# -- shape buckets: a batch holds one bucket ------------------------------------------
+
+def test_a_batch_holds_one_shape_bucket_chosen_by_the_earliest_query():
+    q = EdfQueue()
+    q.push("w320-a", 1.0, bucket=320)
+    q.push("w640-a", 2.0, bucket=640)
+    q.push("w320-b", 3.0, bucket=320)
+    q.push("w640-b", 4.0, bucket=640)
+    batch, _ = q.take_batch(0.0, 8, linear(0.01))
+    assert flat(batch) == ["w320-a", "w320-b"]           # 320 leads; 640 waits
+    assert q.buckets() == {640: 2} and q.peek() == "w640-a" and q.peek_deadline() == 2.0
+    batch, _ = q.take_batch(0.0, 8, linear(0.01))
+    assert flat(batch) == ["w640-a", "w640-b"] and q.queued == 0 and q.buckets() == {}
+
+
+def test_heads_that_cannot_make_it_are_dropped_across_buckets_before_one_is_chosen():
+    q = EdfQueue()
+    q.push("late", 0.05, bucket="a")      # 0.1 s alone: too late
+    q.push("b1", 1.0, bucket="b")
+    q.push("a1", 2.0, bucket="a")
+    batch, dropped = q.take_batch(0.0, 8, linear(0.1))
+    assert flat(dropped) == ["late"] and flat(batch) == ["b1"]
+    assert q.drain() == [("a1", 1)]
+
+
+class BucketedReference:
+    """The bucket rule written the obvious way: one :class:`OneEntryPerQuery` per bucket;
+    drop the earliest query over all buckets while it cannot make it, then batch from the
+    bucket of the earliest one left."""
+
+    def __init__(self):
+        self.seq = itertools.count()
+        self.queues = {}
+
+    def __len__(self):
+        return sum(len(q) for q in self.queues.values())
+
+    def push(self, item, deadline, reserve, bucket):
+        q = self.queues.setdefault(bucket, OneEntryPerQuery())
+        q.seq = self.seq
+        q.push(item, deadline, reserve)
+
+    def take_batch(self, now, max_batch, exec_time_s):
+        dropped = []
+        while len(self):
+            bucket, q = min(((b, q) for b, q in self.queues.items() if len(q)), key=lambda bq: bq[1].heap[0][:2])
+            d, _, r, item = q.heap[0]
+            if now + exec_time_s(1) + r <= d:
+                batch, more = q.take_batch(now, max_batch, exec_time_s)
+                return batch, dropped + more
+            dropped.append(heapq.heappop(q.heap)[3])
+        return [], dropped
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 6), st.sampled_from([0.0, 0.005, 0.02]),
+                          st.sampled_from([None, 80, 320])),
+                min_size=1, max_size=25),
+       st.integers(1, 8), st.floats(0.0, 0.03), st.sampled_from([0.001, 0.004, 0.01]))
+def test_bucketed_groups_batch_like_the_bucket_reference(groups, max_batch, now, per_item):
+    """With buckets: same batches, same drops as the reference; every batch one bucket."""
+    ref, fast = BucketedReference(), EdfQueue()
+    bucket_of = {}
+    for i, (dl_ms, n, reserve, bucket) in enumerate(groups):
+        bucket_of[i] = bucket
+        for _ in range(n):
+            ref.push(i, dl_ms / 1000.0, reserve, bucket)
+        fast.push(i, dl_ms / 1000.0, reserve, n, bucket=bucket)
+    t = now
+    while len(ref):
+        b1, d1 = ref.take_batch(t, max_batch, linear(per_item))
+        b2, d2 = fast.take_batch(t, max_batch, linear(per_item))
+        assert b1 == flat(b2) and d1 == flat(d2)
+        assert len({bucket_of[i] for i in b1}) <= 1
+        assert len(ref) == fast.queued
+        t += 0.004
+    assert fast.queued == 0 and fast.buckets() == {}
