@@ -11,11 +11,16 @@ Guarantees:
   against the spec first (an invalid plan is logged and ignored), and keeps the last
   good plan while Redis is unreachable, reconnecting with backoff. It also re-reads the
   key every ``poll_interval_s`` so a missed notification delays a plan, never loses it.
+- Every Redis outage a publisher or subscriber meets is logged twice, whatever its length:
+  ``redis_unreachable`` at the first failed call, ``redis_recovered`` (with ``outage_s``,
+  first failure to first success) when Redis answers again (:class:`RedisOutage`).
+  ``plan_restored`` says the controller put its plan back into a Redis that lost it.
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -67,21 +72,69 @@ def connect(url: str) -> aioredis.Redis:
                                    health_check_interval=10)
 
 
+class RedisOutage:
+    """One service's view of Redis being away: logs ``redis_unreachable`` once per outage
+    (at the first failure, with its error) and ``redis_recovered`` with the outage's
+    length at the first success after it; repeated failures and successes log nothing."""
+
+    def __init__(self, who: str, pipeline: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.who = who
+        self.pipeline = pipeline
+        self.clock = clock
+        self.since: float | None = None   # the outage's first failure (None: reachable)
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, exc: BaseException) -> bool:
+        """A Redis call failed. Returns True when this starts an outage."""
+        if self.since is not None:
+            return False
+        self.since = self.clock()
+        log.warning("redis_unreachable", who=self.who, pipeline=self.pipeline, error=str(exc) or type(exc).__name__)
+        return True
+
+    def succeeded(self) -> float | None:
+        """A Redis call succeeded. Returns the outage's length when this ends one."""
+        if self.since is None:
+            return None
+        outage = self.clock() - self.since
+        self.since = None
+        log.info("redis_recovered", who=self.who, pipeline=self.pipeline, outage_s=round(outage, 3))
+        return outage
+
+
 class PlanPublisher:
-    """Assigns versions and publishes plans. Used by the controller only."""
+    """Assigns versions and publishes plans. Used by the controller only; its ``outage``
+    logs Redis outages (the controller reports its other Redis calls there too)."""
 
     def __init__(self, client: aioredis.Redis, pipeline: str) -> None:
         self.client = client
         self.pipeline = pipeline
         self.last_version = 0
+        self.outage = RedisOutage("controller", pipeline)
+
+    async def _tracked(self, call: Awaitable):
+        try:
+            result = await call
+        except (RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            raise
+        self.outage.succeeded()
+        return result
 
     async def current(self) -> Plan | None:
         raw = await self.client.get(plan_key(self.pipeline))
         return None if raw is None else Plan.from_json(raw, source="redis")
 
     async def publish(self, plan: Plan) -> Plan:
+        return await self._tracked(self._publish(plan))
+
+    async def _publish(self, plan: Plan) -> Plan:
         version = int(await self.client.incr(version_key(self.pipeline)))
-        if version <= self.last_version:
+        restored = version <= self.last_version
+        if restored:
             # Redis lost its state (restart without persistence): continue after the
             # last version this controller published so subscribers accept the plan.
             version = self.last_version + 1
@@ -94,14 +147,18 @@ class PlanPublisher:
         self.last_version = version
         log.info("plan_published", pipeline=self.pipeline, plan_version=version,
                  workers=len(stamped.workers), source=stamped.source)
+        if restored:   # the store had lost the plan: this one puts a plan back
+            log.info("plan_restored", pipeline=self.pipeline, plan_version=version, by="publish")
         return stamped
-
 
     async def ensure(self, plan: Plan) -> bool:
         """Make sure Redis holds ``plan`` (or a newer one): after Redis lost its data (a
         restart without persistence) store it again under its own version and notify.
         Subscribers that run it ignore the repeat; new ones find it. Returns True when it
         had to restore the plan."""
+        return await self._tracked(self._ensure(plan))
+
+    async def _ensure(self, plan: Plan) -> bool:
         raw = await self.client.get(plan_key(self.pipeline))
         if raw is not None:
             try:
@@ -116,7 +173,7 @@ class PlanPublisher:
         applied = await self.client.eval(_PUBLISH_IF_NEWER, 2, plan_key(self.pipeline),
                                          channel(self.pipeline), plan.to_json(), str(plan.version))
         if applied:
-            log.info("plan_restored", pipeline=self.pipeline, plan_version=plan.version)
+            log.info("plan_restored", pipeline=self.pipeline, plan_version=plan.version, by="ensure")
         return bool(applied)
 
 
@@ -128,7 +185,7 @@ class PlanSubscriber:
 
     def __init__(self, url: str, pipeline: str, on_plan: PlanCallback,
                  validate: Callable[[Plan], None] | None = None,
-                 poll_interval_s: float = 2.0, max_backoff_s: float = 5.0) -> None:
+                 poll_interval_s: float = 2.0, max_backoff_s: float = 5.0, who: str = "subscriber") -> None:
         self.url = url
         self.pipeline = pipeline
         self.on_plan = on_plan
@@ -140,6 +197,7 @@ class PlanSubscriber:
         self._rejected_version = 0
         self._rejected_raw: int | None = None
         self._poke = asyncio.Event()
+        self.outage = RedisOutage(who, pipeline)
 
     async def _apply_raw(self, raw: bytes | None) -> None:
         """Parse, validate and apply one stored plan. Never raises (but for
@@ -208,7 +266,9 @@ class PlanSubscriber:
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(channel(self.pipeline))
-                await self._apply_raw(await client.get(plan_key(self.pipeline)))
+                raw = await client.get(plan_key(self.pipeline))
+                self.outage.succeeded()
+                await self._apply_raw(raw)
                 if not self.connected:
                     log.info("plan_channel_connected", pipeline=self.pipeline)
                 self.connected = True
@@ -223,6 +283,7 @@ class PlanSubscriber:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                self.outage.failed(exc)
                 if self.connected:
                     log.warning("plan_channel_lost", pipeline=self.pipeline, error=str(exc),
                                 keeping_version=self.current.version if self.current else None)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.exceptions import RedisError
 
 from services.common.errors import InvalidInput, NotFound, SpecError, Unavailable
 from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_server, map_errors,
@@ -322,12 +323,15 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
             if planner is not None:
                 try:
                     await read_demand(client, spec.name, demand)
+                    publisher.outage.succeeded()
                     core.demand_qps = demand.update(time.time())
                     core.demand_ready = demand.ready
                     if demand_failing:
                         log.info("demand_read_recovered")
                     demand_failing = False
                 except Exception as exc:   # Redis away: plan on the last estimate
+                    if isinstance(exc, (RedisError, OSError)):
+                        publisher.outage.failed(exc)   # redis_unreachable, once per outage
                     if not demand_failing:
                         log.warning("demand_read_failed", error=str(exc))
                     demand_failing = True

@@ -73,3 +73,66 @@ def test_publisher_refuses_to_move_the_key_backwards():
             await client.aclose()
 
         asyncio.run(scenario())
+
+
+def test_a_redis_outage_is_logged_once_with_its_length_and_the_plan_is_restored():
+    from structlog.testing import capture_logs
+
+    server = RedisServer().start()
+    port = server.port
+
+    async def scenario():
+        nonlocal server
+        client = connect(server.url)
+        pub = PlanPublisher(client, "p")
+        sub = PlanSubscriber(server.url, "p", lambda p: None, poll_interval_s=0.1, max_backoff_s=0.2)
+        task = asyncio.create_task(sub.run())
+        p1 = await pub.publish(plan("v1"))
+        await wait_for(lambda: sub.current is not None and sub.current.version == p1.version)
+
+        server.stop()                                   # Redis goes away for a while
+        await wait_for(lambda: not sub.connected)
+        for _ in range(3):                              # the controller keeps trying to restore
+            with pytest.raises(Exception):
+                await pub.ensure(p1)
+        await asyncio.sleep(1.0)                        # the subscriber retries several times
+        server = RedisServer(port=port).start()         # back, empty (no persistence)
+        await wait_for(lambda: sub.connected)
+        assert await pub.ensure(p1) is True             # the plan in force is put back
+        assert (await pub.current()).version == p1.version
+        task.cancel()
+        await client.aclose()
+
+    try:
+        with capture_logs() as logs:
+            asyncio.run(scenario())
+    finally:
+        server.stop()
+    down = [e for e in logs if e["event"] == "redis_unreachable"]
+    up = [e for e in logs if e["event"] == "redis_recovered"]
+    # one outage: each of the two parties logs it once and its end once, with its length
+    assert sorted(e["who"] for e in down) == ["controller", "subscriber"]
+    assert sorted(e["who"] for e in up) == ["controller", "subscriber"]
+    assert all(e["outage_s"] > 0 for e in up)
+    restored = [e for e in logs if e["event"] == "plan_restored"]
+    assert len(restored) == 1 and restored[0]["by"] == "ensure"
+
+
+def test_a_publish_into_a_redis_that_lost_its_plan_is_logged_as_a_restore():
+    from structlog.testing import capture_logs
+
+    with RedisServer() as server:
+        async def scenario():
+            client = connect(server.url)
+            pub = PlanPublisher(client, "p")
+            await pub.publish(plan("v1"))
+            await pub.publish(plan("v2"))
+            await client.flushall()                     # as after a restart without persistence
+            p3 = await pub.publish(plan("v3"))
+            assert p3.version == 3
+            await client.aclose()
+
+        with capture_logs() as logs:
+            asyncio.run(scenario())
+    restored = [e for e in logs if e["event"] == "plan_restored"]
+    assert [(e["plan_version"], e["by"]) for e in restored] == [(3, "publish")]
