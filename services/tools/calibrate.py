@@ -6,7 +6,9 @@ A profile is measured on one machine; machines of one kind differ up to ~4x. Bef
 cluster plans on a profile, the probe times a few of its variants here (per task: the
 most accurate and the fastest, batch size 1, a few pages; the child task's payloads are
 the parent variant's real outputs), exactly as the profiler does (``prepare`` of every
-item + ``run_batch``), and compares with the profile's p50:
+item + ``run_batch``), and compares with the profile's p50. Every payload it times has run
+once before (a new input shape's first call is a stall, not speed: on a GPU the cuDNN
+algorithm search takes 0.4-2.9 s), and it takes the median of the timed batches:
 
 - every variant of a task is scaled by the task's factor (the geometric mean of its
   probed variants' ratios), so the planner's latencies and capacities fit this host;
@@ -80,8 +82,6 @@ def probe(spec: PipelineSpec, profile: PipelineProfile, models: Path, pages: lis
     """Time the probe variants of every task (see the module docstring)."""
     from services.common.onnx import create_session
     from services.common.processing import make_processor
-    from services.tools.profiler import time_batches
-
     t0 = time.perf_counter()
     pools: dict[str, list[bytes]] = {spec.root.name: list(pages)}
     factors: dict[str, float] = {}
@@ -98,8 +98,7 @@ def probe(spec: PipelineSpec, profile: PipelineProfile, models: Path, pages: lis
                 outs = [proc.run_batch(sess, [proc.prepare(p)])[0] for p in pool]
                 for c in task.children:
                     pools[c] = [x for o in outs for x in o.child_payloads]
-            ms = sorted(time_batches(proc, sess, pool, 1, repeats, warmup=1))
-            measured = ms[len(ms) // 2]
+            measured = warm_median_ms(proc, sess, pool, repeats)
             v = profile.task(task.name).variant(name)
             expected = v.latency_ms[min(v.latency_ms)].p50_ms / min(v.latency_ms)
             samples[name] = (expected, measured)
@@ -109,6 +108,17 @@ def probe(spec: PipelineSpec, profile: PipelineProfile, models: Path, pages: lis
     log(f"probe: {result.summary()} against {profile.source} ({result.seconds:.1f} s; "
         + ", ".join(f"{v} {m:.1f} ms vs {e:.1f} ms" for v, (e, m) in samples.items()) + ")")
     return result
+
+
+def warm_median_ms(proc, session, pool: list[bytes], repeats: int,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median ms of ``repeats`` single-item batches over the first ``repeats`` payloads of
+    ``pool``, each of which ran once untimed first (its input shape warm)."""
+    from services.tools.profiler import time_batches
+
+    sub = pool[:max(1, repeats)]
+    ms = sorted(time_batches(proc, session, sub, 1, repeats, warmup=len(sub), clock=clock))
+    return ms[len(ms) // 2]
 
 
 def calibrated(profile: PipelineProfile, result: ProbeResult, host: str) -> PipelineProfile:

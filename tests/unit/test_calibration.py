@@ -133,3 +133,32 @@ def test_a_slow_tail_the_profile_expects_is_not_a_stall():
     cal.observe([Timing("t", "v", 1, 4, 3 * 10.0 + 100.0, max_ms=100.0)])   # 10x: within 4 x 3 = 12x
     assert cal.factors()[("t", "v")] == pytest.approx(130.0 / 40.0)
     assert cal.stalls() == {}
+
+
+def test_the_host_probe_times_warm_shapes_only():
+    """pipeserve-calibrate's probe: each page (a new input shape) stalls on its first call;
+    the probe's figure is the warm batch time, not the stall."""
+    from services.tools.calibrate import warm_median_ms
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self) -> float:
+            return self.t
+
+    class ShapeStalls:     # a processor whose first call per payload costs 2.9 s, later 10 ms
+        def __init__(self, clock):
+            self.clock, self.seen = clock, set()
+
+        def prepare(self, payload):
+            return payload
+
+        def run_batch(self, session, items):
+            for x in items:
+                self.clock.t += 0.010 if x in self.seen else 2.9
+                self.seen.add(x)
+            return [None] * len(items)
+
+    clock = Clock()
+    pages = [b"p0", b"p1", b"p2", b"p3"]
+    assert warm_median_ms(ShapeStalls(clock), None, pages, repeats=5, clock=clock) == pytest.approx(10.0)
