@@ -11,6 +11,7 @@ state they measure, the simulator with the state it simulates.
 - ``reserve``: the downstream reserve a stage leaves for the stages below it
 - ``calibration``: measured batch times folded into the profile the planner uses
 - ``planning``: the controller's decide step (re-plan rule + the CVXPY planner)
+- ``health``: workers a router avoids (calls late, circuit breakers); batches stuck in a worker
 
 Importing this package imports none of its modules: the data plane imports the light
 ones and never ``planning`` (which pulls in CVXPY).

@@ -10,10 +10,18 @@ leave it less than ``REROUTE_SLACK`` of the SLO as slack goes to the worker of t
 that finishes it first, if that one makes the deadline (``reroute_choice``, the
 simulator's rule).
 
+Hung and dead workers (``services/policy/health.py``): the router keeps each worker's calls
+in flight with their expected end and a circuit breaker. A group whose worker is open or
+suspect (a call well past its expected end) goes to another usable replica of the stage
+(same variant first). When another replica is usable, a call's timeout is its expected
+end + margin (not the whole budget) if that leaves time for a second try: a hung worker's
+call is abandoned early and the group is sent once more, to another replica (queries are
+idempotent); UNAVAILABLE is retried on another replica too, while the deadline allows.
+
 Guarantees: ``route`` returns exactly one QueryResult per input query, in order; a
 failure of a worker or child router becomes an explicit status on the affected
 queries (UNAVAILABLE, DROPPED_DEADLINE, INTERNAL), never an exception or a hang: every
-outbound call carries a timeout equal to the remaining end-to-end budget.
+outbound call carries a timeout of at most the remaining end-to-end budget.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from services.common.metrics import RouterMetrics
 from services.common.plan import Plan
 from services.common.spec import PipelineSpec
 from services.gen import pipeserve_pb2 as pb
+from services.policy.health import Candidate, HealthConfig, WorkerHealth, alternative
 from services.policy.reserve import RoundTripFloor, downstream_reserves
 from services.policy.routing import (REROUTE_SLACK, StageRouting, expected_finish_s, pick_weighted,
                                      reroute_choice)
@@ -69,7 +78,8 @@ class RouterCore:
     def __init__(self, spec: PipelineSpec, task: str, workers: WorkerCaller, children: ChildCaller,
                  *, reserve_ms: float | None = None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time,
-                 on_newer_plan: Callable[[], None] | None = None) -> None:
+                 on_newer_plan: Callable[[], None] | None = None,
+                 health: HealthConfig = HealthConfig()) -> None:
         self.spec = spec
         self.task = spec.task(task)
         self.workers = workers
@@ -86,10 +96,17 @@ class RouterCore:
         self.reroute = True      # opportunistic rerouting (reroute_target), as in the simulator
         self._outstanding: dict[str, int] = {}   # worker id -> queries sent, not answered yet
         self._batch_s: dict[str, float] = {}     # worker id -> moving average of its batch time
+        self.health = WorkerHealth(health)       # calls in flight and circuit breakers per worker
         self.metrics = RouterMetrics(self, self.task.name,
                                      {v: k.lower() for k, v in pb.QueryStatus.items() if v != 0})
 
     def set_plan(self, plan: Plan) -> None:
+        old = self.plan.workers if self.plan is not None else {}
+        for wid, w in plan.workers.items():     # a new variant or batch size: learn its time again
+            prev = old.get(wid)
+            if prev is not None and (prev.variant, prev.batch_size) != (w.variant, w.batch_size):
+                self._batch_s.pop(wid, None)
+        self.health.forget(plan.workers)
         self.plan = plan
         self.routing.set_plan(plan.routing.get(self.task.name, {}), plan.planned_qps.get(self.task.name, {}),
                               plan.worker_accuracy)
@@ -137,6 +154,7 @@ class RouterCore:
         for wid, n in split.items():
             if self.reroute:
                 wid = self.reroute_target(plan, wid, n, deadline_s)
+            wid = self._avoid_unhealthy(plan, wid, weights, request_id)
             groups.setdefault(wid, []).extend(range(i, i + n))
             i += n
         results: list[pb.QueryResult | None] = [None] * len(queries)
@@ -178,6 +196,58 @@ class RouterCore:
                      slack_ms=round((deadline_s - finish[wid] - reserve_s) * 1e3, 1))
         return target
 
+    def _candidates(self, plan: Plan, weights: dict[str, float], exclude: set[str]) -> list[Candidate]:
+        return [Candidate(w.worker_id, w.variant, weights.get(w.worker_id, 0.0))
+                for w in plan.workers_of(self.task.name) if w.worker_id not in exclude]
+
+    def _other_replica(self, plan: Plan, wid: str, weights: dict[str, float], exclude: set[str]) -> str | None:
+        """A usable replica of this stage other than ``exclude`` (same variant as ``wid`` first)."""
+        now = self.clock()
+        return alternative(plan.workers[wid].variant, self._candidates(plan, weights, exclude),
+                           lambda w: self.health.usable(w, now), self.rng.random)
+
+    def _avoid_unhealthy(self, plan: Plan, wid: str, weights: dict[str, float], request_id: str) -> str:
+        """``wid``, or another usable replica when ``wid``'s breaker is open or it is suspect."""
+        now = self.clock()
+        if self.health.usable(wid, now):
+            return wid
+        alt = self._other_replica(plan, wid, weights, {wid})
+        if alt is None:
+            return wid                    # nothing better: the plan's choice
+        self.metrics.reroutes_unavailable += 1
+        log.info("worker_avoided", request_id=request_id, frm=wid, to=alt,
+                 state=self.health.state(wid, now).value, suspect=self.health.suspect(wid, now))
+        return alt
+
+    def expected_call_s(self, plan: Plan, wid: str, n: int) -> float | None:
+        """How long a call of ``n`` queries to ``wid`` should take, behind the queries this
+        router has outstanding there: from the worker's learnt batch time, else the plan's
+        latency figure (None when neither is known)."""
+        w = plan.workers[wid]
+        lat = self._batch_s.get(wid)
+        if lat is None:
+            by_batch = plan.latency_ms.get(w.task, {}).get(w.variant, {})
+            ms = by_batch.get(w.batch_size) or (by_batch[max(by_batch)] if by_batch else None)
+            lat = None if ms is None else ms / 1000.0
+        if lat is None:
+            return None
+        return expected_finish_s(0.0, self._outstanding.get(wid, 0) + n, w.batch_size, lat)
+
+    def _call_timeout_s(self, plan: Plan, wid: str, expected_s: float | None, remaining_s: float,
+                        tried: set[str]) -> float:
+        """The call's timeout: its expected time + margin when another usable replica could
+        take the group after it and that leaves as long again (plus the reserve) for the
+        second try; else the remaining budget."""
+        if expected_s is None:
+            return remaining_s
+        short = expected_s + self.health.margin_s(expected_s)
+        if 2 * short + self.reserve_ms / 1000.0 > remaining_s:
+            return remaining_s
+        now = self.clock()
+        has_other = any(self.health.usable(w.worker_id, now) for w in plan.workers_of(self.task.name)
+                        if w.worker_id not in tried)
+        return short if has_other else remaining_s
+
     def _observe_batch(self, wid: str, results) -> None:
         times = [r.service_ms for r in results if r.batch_size > 0 and r.service_ms > 0]
         if times:
@@ -189,8 +259,10 @@ class RouterCore:
                                 out: list, request_id: str, deadline_s: float,
                                 weights: dict[str, float]) -> None:
         tried = {wid}
+        hung_retried = False
         while True:
-            remaining = deadline_s - self.clock()
+            now = self.clock()
+            remaining = deadline_s - now
             if remaining <= 0:
                 for q, i in zip(queries, idx):
                     out[i] = _fail(q.query_id, pb.DROPPED_DEADLINE, "deadline passed before dispatch",
@@ -200,15 +272,20 @@ class RouterCore:
             req = pb.InferBatchRequest(request_id=request_id, task=self.task.name, deadline_unix_s=deadline_s,
                                        downstream_reserve_ms=self.reserve_ms, plan_version=plan.version,
                                        queries=queries)
+            expected = self.expected_call_s(plan, wid, len(queries))
+            timeout = remaining if hung_retried else self._call_timeout_s(plan, wid, expected, remaining, tried)
+            token = self.health.call_started(wid, now, remaining if expected is None else expected)
+            failed: bool | None = None      # unknown (cancelled) unless set below
             sent_to = wid
             self._outstanding[sent_to] = self._outstanding.get(sent_to, 0) + len(queries)
             try:
                 t_call = time.perf_counter()
-                resp = await self.workers.infer(w.address, req, remaining)
+                resp = await self.workers.infer(w.address, req, timeout)
                 call_ms = (time.perf_counter() - t_call) * 1e3
                 if len(resp.results) != len(queries):
                     raise CallFailed(pb.INTERNAL, f"worker {wid} returned {len(resp.results)} results "
                                                   f"for {len(queries)} queries")
+                failed = False
                 self._observe_batch(wid, resp.results)
                 self._newer(resp.plan_version)
                 for r, i in zip(resp.results, idx):
@@ -216,18 +293,31 @@ class RouterCore:
                     out[i] = r
                 return
             except CallFailed as exc:
-                others = {k: v for k, v in weights.items() if k not in tried and v > 0}
-                if exc.status == pb.UNAVAILABLE and others:
-                    wid = pick_weighted(others, self.rng.random())   # one worker down: try another
-                    tried.add(wid)
-                    self.metrics.reroutes_unavailable += 1
-                    log.warning("worker_unavailable_rerouted", request_id=request_id, to=wid)
-                    continue
+                # our early timeout fired (the request's deadline has not passed): abandoned
+                abandoned = exc.status == pb.DROPPED_DEADLINE and timeout < remaining
+                failed = abandoned or exc.status == pb.UNAVAILABLE or (
+                    exc.status == pb.DROPPED_DEADLINE and self.health.suspect(wid, self.clock()))
+                if failed:
+                    nxt = self._other_replica(plan, wid, weights, tried)
+                    if nxt is None and not abandoned:   # one worker down: any other the plan weighs
+                        others = {k: v for k, v in weights.items() if k not in tried and v > 0}
+                        nxt = pick_weighted(others, self.rng.random()) if others else None
+                    if nxt is not None and deadline_s - self.clock() > 0:
+                        self.metrics.reroutes_unavailable += 1
+                        log.warning("worker_hung_retried" if abandoned else "worker_unavailable_rerouted",
+                                    request_id=request_id, frm=wid, to=nxt, timeout_ms=round(timeout * 1e3, 1))
+                        hung_retried = hung_retried or abandoned
+                        wid = nxt
+                        tried.add(wid)
+                        continue
                 for q, i in zip(queries, idx):
                     out[i] = _fail(q.query_id, exc.status, exc.message, self.task.name)
                 return
             finally:
                 self._outstanding[sent_to] -= len(queries)
+                changed = self.health.call_ended(token, self.clock(), failed)
+                if changed is not None:
+                    log.warning("worker_breaker", worker=sent_to, state=changed.value)
 
     async def _fan_out(self, results: list[pb.QueryResult], request_id: str, deadline_s: float,
                        upstream_path: str) -> None:

@@ -374,3 +374,132 @@ class RecordingWorkers:
         for w, n in self.calls:
             out[w] = out.get(w, 0) + n
         return out
+
+
+# -- hung and dead workers (services/policy/health.py) ---------------------------------
+
+def health_config():
+    from services.policy.health import HealthConfig
+
+    return HealthConfig(failures_to_open=2, cooldown_s=1.0, margin_s=0.1, margin_factor=2.0, suspect_after=0.5)
+
+
+class HangingWorkers(FakeWorkers):
+    """Workers at ``hung`` addresses never answer: the call ends at its timeout, as a gRPC
+    call to a stopped process does (DEADLINE_EXCEEDED -> DROPPED_DEADLINE)."""
+
+    def __init__(self, hung=(), **kw):
+        super().__init__(regions=0, **kw)
+        self.hung = set(hung)
+
+    async def infer(self, address, request, timeout_s):
+        if address in self.hung:
+            self.calls.append((address, [q.query_id for q in request.queries], timeout_s))
+            await asyncio.sleep(timeout_s)
+            raise CallFailed(pb.DROPPED_DEADLINE, f"worker {address}: DEADLINE_EXCEEDED")
+        return await super().infer(address, request, timeout_s)
+
+
+def timed_plan(weights):
+    """``plan(weights)`` with latency figures: a batch of 2 takes 10 ms on d1 and d2."""
+    from dataclasses import replace
+
+    return replace(plan(weights), latency_ms={"det": {"d1": {2: 10.0}, "d2": {2: 10.0}}})
+
+
+def make_healthy(workers, weights, clock=None, **kw):
+    core = RouterCore(SPEC, "det", workers, FakeChildren(), rng=random.Random(0), health=health_config(),
+                      **({"clock": clock} if clock else {}), **kw)
+    core.reroute = False
+    core.set_plan(timed_plan(weights))
+    return core
+
+
+def test_a_hung_workers_call_is_abandoned_at_its_expected_end_plus_margin_and_retried_once():
+    """det-a hangs. Its call's timeout is 10 ms + max(0.1, 2 x 10 ms) = 0.11 s, not the 10 s
+    left; the group then goes to det-b (another variant: the only other replica) and is
+    answered. After two such failures det-a's breaker is open: det-b gets the next
+    request directly."""
+    workers = HangingWorkers(hung={"a:1"})
+    core = make_healthy(workers, {"det-a": 1.0})
+    for _ in range(2):
+        workers.calls.clear()
+        [r] = run(core, deadline_in=10.0)
+        assert r.status == pb.OK and r.variant == "d2"
+        assert [c[0] for c in workers.calls] == ["a:1", "b:1"]
+        assert workers.calls[0][2] == pytest.approx(0.11)         # 0.01 + max(0.1, 0.02)
+        assert workers.calls[1][2] > 9.0                          # the retry: the rest of the budget
+    assert core.health.state("det-a", core.clock()).value == "open"
+    workers.calls.clear()
+    [r] = run(core, deadline_in=10.0)
+    assert r.status == pb.OK and [c[0] for c in workers.calls] == ["b:1"]
+
+
+def test_a_second_hung_replica_is_not_given_a_short_timeout_the_group_is_retried_once():
+    workers = HangingWorkers(hung={"a:1", "b:1"})
+    core = make_healthy(workers, {"det-a": 1.0})
+    [r] = run(core, deadline_in=0.6)
+    assert r.status == pb.DROPPED_DEADLINE                       # one terminal answer
+    assert [c[0] for c in workers.calls] == ["a:1", "b:1"]
+    assert workers.calls[0][2] == pytest.approx(0.11) and workers.calls[1][2] > 0.4
+
+
+def test_new_traffic_avoids_a_worker_whose_call_is_well_past_its_expected_end():
+    """While det-a holds a call 0.06 s past its expected end (half its margin), a new
+    request goes to det-b at once, before the first call is abandoned."""
+    workers = HangingWorkers(hung={"a:1"})
+    core = make_healthy(workers, {"det-a": 1.0})
+
+    async def scenario():
+        first = asyncio.create_task(core.route("r1", core.clock() + 10, [pb.Query(query_id="x", payload=b"p")], ""))
+        await asyncio.sleep(0.085)          # 0.01 expected + 0.5 x 0.1 margin = 0.06 < 0.085 < 0.11
+        assert core.health.suspect("det-a", core.clock())
+        second = await core.route("r2", core.clock() + 10, [pb.Query(query_id="y", payload=b"p")], "")
+        return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert [r.status for r in first + second] == [pb.OK, pb.OK]
+    assert [(c[0], c[1]) for c in workers.calls] == [("a:1", ["x"]), ("b:1", ["y"]), ("b:1", ["x"])]
+
+
+def test_without_another_replica_a_call_gets_the_whole_budget():
+    from dataclasses import replace
+
+    workers = FakeWorkers(regions=0)
+    core = make_healthy(workers, {"det-a": 1.0})
+    base = timed_plan({"det-a": 1.0})
+    core.set_plan(replace(base, workers={k: v for k, v in base.workers.items() if k != "det-b"}))
+    run(core, deadline_in=5.0)
+    assert workers.calls[-1][2] > 4.5
+    core.set_plan(base)
+    run(core, deadline_in=5.0)
+    assert workers.calls[-1][2] == pytest.approx(0.11)
+    run(core, deadline_in=0.2)            # 2 x 0.11 > 0.2: no room for a second try
+    assert workers.calls[-1][2] > 0.15
+
+
+def test_a_dead_worker_opens_its_breaker_and_gets_one_probe_after_the_cool_down():
+    """det-a answers UNAVAILABLE (a killed process): each request is retried on det-b; after
+    two, det-a gets no traffic until its cool-down ends, then one probe, which succeeds
+    once det-a is back."""
+    now = [1000.0]
+    workers = FakeWorkers(regions=0, fail={"a:1": CallFailed(pb.UNAVAILABLE, "connection refused")})
+    core = make_healthy(workers, {"det-a": 1.0}, clock=lambda: now[0])
+
+    def addresses():
+        workers.calls.clear()
+        [r] = run(core)
+        assert r.status == pb.OK
+        return [c[0] for c in workers.calls]
+
+    assert addresses() == ["a:1", "b:1"]
+    assert addresses() == ["a:1", "b:1"]          # the second failure opens the breaker
+    assert addresses() == ["b:1"]
+    now[0] += 1.1
+    assert addresses() == ["a:1", "b:1"]          # half-open: a probe, failed (cool-down now 2 s)
+    now[0] += 1.1
+    assert addresses() == ["b:1"]
+    now[0] += 1.0
+    del workers.fail["a:1"]                       # det-a is back
+    assert addresses() == ["a:1"]
+    assert addresses() == ["a:1"]
