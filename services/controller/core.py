@@ -106,7 +106,7 @@ class ControllerCore:
             return
         timings = [Timing(t.get("task") or task, t["variant"], int(t["batch_size"]), int(t["count"]),
                           float(t["total_ms"]),
-                          int(t.get("items", 0)), int(t.get("regions", 0)))
+                          int(t.get("items", 0)), int(t.get("regions", 0)), float(t.get("max_ms", 0.0)))
                    for t in stats.get("timings", ())]
         if timings:
             self.planner.observe_timings(timings)

@@ -205,7 +205,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                  if f.name not in ("providers", "timings")}
         stats["providers"] = list(request.stats.providers)
         stats["timings"] = [{"task": t.task, "variant": t.variant, "batch_size": t.batch_size, "count": t.count,
-                             "total_ms": t.total_ms, "items": t.items, "regions": t.regions}
+                             "total_ms": t.total_ms, "items": t.items, "regions": t.regions,
+                             "max_ms": t.max_ms}
                             for t in request.stats.timings]
         if not self.core.registry.heartbeat(request.stats.worker_id, stats):
             raise NotFound(f"worker {request.stats.worker_id!r} is not registered")

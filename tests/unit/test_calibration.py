@@ -162,3 +162,30 @@ def test_the_host_probe_times_warm_shapes_only():
     clock = Clock()
     pages = [b"p0", b"p1", b"p2", b"p3"]
     assert warm_median_ms(ShapeStalls(clock), None, pages, repeats=5, clock=clock) == pytest.approx(10.0)
+
+
+def test_the_controller_hands_the_calibration_each_reports_slowest_batch():
+    """A heartbeat's ``max_ms`` reaches the calibrator, which leaves that stall out."""
+    from pathlib import Path
+
+    from ocr_like_profile import ocr_like_profile_dict  # tests/unit is on sys.path
+
+    from services.common.spec import load_spec
+    from services.controller.core import ControllerCore
+    from services.controller.registry import WorkerRegistry
+    from services.policy.planning import PlannerPolicy
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "ocr.yaml")
+    profile = parse_profile(ocr_like_profile_dict(), source="test")
+    pol = PlannerPolicy(profile, spec.slo_ms)
+
+    async def publish(plan):
+        return plan
+
+    core = ControllerCore(spec, WorkerRegistry(), publish, planner=pol)
+    v = profile.task("det").variants[0]
+    ms = v.latency_ms[1].p50_ms
+    core.observe_stats("det", {"timings": [{"task": "det", "variant": v.name, "batch_size": 1, "count": 12,
+                                            "total_ms": 11 * ms + 2500.0, "max_ms": 2500.0}]})
+    assert pol.calibrator.stalls() == {("det", v.name): 1}
+    assert pol.calibrator.factors()[("det", v.name)] == pytest.approx(1.0)
