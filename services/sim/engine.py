@@ -44,7 +44,7 @@ from services.policy.routing import DEFAULT_FILL, REROUTE_SLACK, StageRouting, e
 from services.sim.metrics import DROPPED, LATE, OK, SHED, SimResult
 from services.sim.policies import Decision, Observation, Policy, worker_ids
 
-BATCH, SWAP, TICK, HOP = 0, 1, 2, 3
+BATCH, SWAP, TICK, HOP, PLAN = 0, 1, 2, 3, 4
 Z95 = 1.6448536269514722
 
 
@@ -62,6 +62,20 @@ class SimConfig:
     # (a stage's hop: the message, the router's work and the result's way back; measured on
     # the real routers by bench/bench_breakdown.py). 0: instantaneous.
     hop_s: float = 0.0
+    # -- what a live cluster adds (docs/simulator.md, "The live model"); the defaults are
+    # the ideal cluster ``make reproduce`` runs, ``python -m services.sim run`` turns them on
+    # front doors publish their cumulative request count every ``report_s`` (at
+    # ``report_phase_s + k * report_s``) and the controller's estimator reads the last
+    # report at its tick, as ``read_demand`` does; None: the exact count at every tick
+    report_s: float | None = None
+    report_phase_s: float = 0.5
+    ingress_s: float = 0.0        # per request: client -> front door -> first stage's routing
+    egress_s: float = 0.0         # per request: the answer's way back to the client
+    plan_delay_s: float = 0.0     # a decision reaches routers and workers this much later (solve, publish)
+    cold_start: bool = False      # the controller starts with no demand seen (plans for its minimum)
+    # cores shared by the workers: a batch that starts while k workers run batches takes
+    # max(1, k / cores) times its drawn time (1 intra-op thread each); None: no contention
+    cores: float | None = None
 
 
 class _Variant:
@@ -130,6 +144,10 @@ class _Sim:
         self.slo = (cfg.slo_ms if cfg.slo_ms is not None else profile.slo_ms) / 1000.0
         self.reroute_slack = REROUTE_SLACK * self.slo
         self.hop = float(cfg.hop_s)
+        self.egress = float(cfg.egress_s)
+        self.cores = cfg.cores
+        self.running = 0              # workers running a batch (for ``cores``)
+        self.latest: Plan | None = None   # the newest plan decided (applied or on its way)
         self.tasks = [t.name for t in profile.tasks]
         tix = {t: i for i, t in enumerate(self.tasks)}
         self.chains = [tuple(tix[t] for t in c) for c in profile.chains()]
@@ -198,7 +216,8 @@ class _Sim:
     # -- plans -------------------------------------------------------------------
     def _observation(self, now: float) -> Observation:
         task_qps = {t: self.task_est[i].estimate for i, t in enumerate(self.tasks)}
-        return Observation(now, self.root_est.estimate, task_qps, self.plan, self.cfg.n_workers)
+        current = self.latest if self.latest is not None else self.plan
+        return Observation(now, self.root_est.estimate, task_qps, current, self.cfg.n_workers)
 
     def _reserves(self, plan: Plan) -> list[float]:
         """The downstream reserve of every task under ``plan``: the routers' rule
@@ -334,6 +353,10 @@ class _Sim:
         for _, n in batch:
             size += n
         dur = self.exec_time(v, size)
+        if self.cores is not None:
+            # processor sharing, fixed at the batch's start: k batches on fewer cores
+            dur *= max(1.0, (self.running + 1) / self.cores)
+        self.running += 1
         w.busy = True
         w.busy_until = now + dur
         self.batches += 1
@@ -393,6 +416,7 @@ class _Sim:
     def on_batch(self, now: float, payload) -> None:
         w, batch, v, size, dur, est = payload
         w.busy = False
+        self.running -= 1
         est.observe(size, dur)
         tm = self.timings.get((v.task, v.name, size))
         if tm is None:
@@ -427,12 +451,13 @@ class _Sim:
     def finish(self, r: int, now: float) -> None:
         self.inflight -= 1
         f = self.fail[r]
+        now += self.egress            # when the client has the answer
         self.lat[r] = now - (self.deadline[r] - self.slo)
         if f:
             self.status[r] = f
             self.lat[r] = np.nan
             return
-        if now > self.deadline[r] + 1e-9:
+        if now > self.deadline[r] + 1e-9:   # the client's deadline fired first
             self.status[r] = LATE
             return
         self.status[r] = OK
@@ -449,7 +474,13 @@ class _Sim:
         self.acc[r] = total / reached if reached else self.sacc[0][r] / max(1, self.scnt[0][r])
 
     def tick(self, now: float, arrived: int) -> None:
-        self.root_est.observe("frontdoor", arrived + self.root_offset, now)
+        rs = self.cfg.report_s
+        if rs is None:
+            self.root_est.observe("frontdoor", arrived + self.root_offset, now)
+        else:   # the front door's last report: its count at its own report time
+            ts = self.cfg.report_phase_s + math.floor((now - self.cfg.report_phase_s) / rs + 1e-9) * rs
+            if ts >= 0.0:
+                self.root_est.observe("frontdoor", self.received_by(ts) + self.root_offset, ts)
         self.root_est.update(now)
         for ti, e in enumerate(self.task_est):
             e.observe("router", self.task_count[ti] + self.task_offset[ti], now)
@@ -463,8 +494,16 @@ class _Sim:
             self.timings = {}
         d = self.policy.decide(self._observation(now))
         if d is not None:
-            self.apply(d, now)
+            self.latest = d.plan
+            if self.cfg.plan_delay_s > 0:
+                self.push(now + self.cfg.plan_delay_s, PLAN, d)
+            else:
+                self.apply(d, now)
         self.sample(now)
+
+    def received_by(self, ts: float) -> int:
+        """Requests the front door had received by ``ts`` (its routing times)."""
+        return int(np.searchsorted(self.route_t, ts, side="right"))
 
     def sample(self, now: float) -> None:
         tk = self.ticks
@@ -487,14 +526,23 @@ class _Sim:
     # -- the loop ----------------------------------------------------------------
     def run(self) -> SimResult:
         t_wall = time.perf_counter()
-        arr = self.arr.tolist()
+        # a request reaches the first stage's routing ``ingress_s`` after it was sent
+        self.route_t = self.arr + self.cfg.ingress_s
+        arr = self.route_t.tolist()
         n = len(arr)
         period = self.cfg.control_period_s
-        # start in steady state at the first period's rate (as if it had run before)
-        first = sum(1 for t in arr if t < period) / period
-        self.root_offset = first      # the estimators see cumulative counts from t = -1 s
-        self.root_est.observe("frontdoor", 0.0, -1.0)
-        self.root_est.observe("frontdoor", first, 0.0)
+        if self.cfg.cold_start:
+            # a cluster that has just started: its front door reported nothing for a while
+            first = 0.0
+            self.root_offset = 0.0
+            self.root_est.observe("frontdoor", 0.0, -self.root_est.window_s)
+            self.root_est.observe("frontdoor", 0.0, 0.0)
+        else:
+            # start in steady state at the first period's rate (as if it had run before)
+            first = sum(1 for t in arr if t < period) / period
+            self.root_offset = first      # the estimators see cumulative counts from t = -1 s
+            self.root_est.observe("frontdoor", 0.0, -1.0)
+            self.root_est.observe("frontdoor", first, 0.0)
         self.root_est.update(0.0)
         self._seed_task_rates(first)
         d = self.policy.decide(self._observation(0.0))
@@ -520,6 +568,8 @@ class _Sim:
                     w.queue.push(item, deadline, w.reserve, c)
                     if not w.busy:
                         self.start(w, t)
+                elif kind == PLAN:
+                    self.apply(payload, t)
                 elif kind == SWAP:
                     w, gen = payload
                     if gen == w.gen:

@@ -14,6 +14,7 @@ import numpy as np
 from services.planner import load_profile
 from services.loadgen.schedule import RateShape
 from services.sim.arrivals import heavy_tail_bursts, peak_rate, poisson_arrivals, shape_arrivals, trace_arrivals
+from services.sim import run as run_cli
 from services.sim.engine import SimConfig, simulate
 from services.sim.metrics import SimResult
 from services.sim.policies import POLICIES, OursPolicy, cached_solve, make_policy
@@ -577,13 +578,14 @@ def main(argv=None) -> None:
     rp = sub.add_parser("reproduce", help="run the paper's experiments, write docs/results/")
     rp.add_argument("--out", default="docs/results")
     rp.add_argument("--quick", action="store_true", help="fewer sweep points, shorter runs")
-    one = sub.add_parser("run", help="one policy on one trace")
+    one = sub.add_parser("run", help="one policy on one arrival shape or trace (services/sim/run.py)")
     one.add_argument("--profile", default="profiles/traffic_analysis.json")
     one.add_argument("--policy", default="ours", choices=POLICIES)
     one.add_argument("--trace", default=TRACE)
     one.add_argument("--rate-scale", type=float, default=1.0)
     one.add_argument("--poisson", type=float, default=None, help="Poisson rate instead of the trace")
-    one.add_argument("--duration", type=float, default=60.0)
+    one.add_argument("--duration", type=float, default=None,
+                     help="seconds: a Poisson run's or a shape's length (Poisson default 60), a trace's cut")
     one.add_argument("--workers", type=int, default=20)
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--profile-error", type=float, default=1.0,
@@ -591,25 +593,34 @@ def main(argv=None) -> None:
                           "too optimistic); the simulated workers run the true ones")
     one.add_argument("--no-calibrate", action="store_true",
                      help="ours: do not correct the profile from measured batch times")
-    one.add_argument("--shape", choices=SHAPES, default=None,
-                     help="one of the reproduce run's arrival shapes (300 s) instead of the trace, peaking "
-                          "at --peak-x times the full-accuracy capacity")
+    one.add_argument("--shape", choices=SHAPES + run_cli.LOADGEN_SHAPES, default=None,
+                     help="square, step, constant (and diurnal with --low/--high): the load generator's shape "
+                          "with --low/--high/--period/--duration; the others: one of the reproduce run's arrival "
+                          "shapes (300 s) peaking at --peak-x times the full-accuracy capacity")
     one.add_argument("--peak-x", type=float, default=2.5, help="with --shape: the peak (default 2.5)")
     one.add_argument("--hop-ms", type=float, default=0.0,
                      help="transport: each router-to-worker dispatch arrives this much later (default 0)")
     one.add_argument("--task-bound", default=None, metavar="TASK=N,...",
                      help="ours: workers registered for tasks (e.g. object_detection=12,car_classification=4,"
                           "facial_recognition=4) instead of a pool; the counts must add up to --workers")
+    run_cli.add_arguments(one)
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
         reproduce(Path(a.out), quick=a.quick)
         return
     prof = load_profile(a.profile)
-    cap = full_accuracy_capacity(prof, a.workers)
-    if a.shape:
+    # the load generator's shapes and trace replays: services/sim/run.py, the live model by
+    # default; the reproduce run's shapes and Poisson: its ideal cluster by default
+    new = run_cli.wants_loadgen_shape(a) if a.shape else not a.poisson
+    a.model = a.model or ("live" if new else "ideal")
+    if not new:
+        cap = full_accuracy_capacity(prof, a.workers)
+    if new:
+        pass
+    elif a.shape:
         arr = shape_arrivals_for(a.shape, a.peak_x * cap, a.seed)
     else:
-        arr = (poisson_arrivals(a.poisson, a.duration, a.seed) if a.poisson
+        arr = (poisson_arrivals(a.poisson, a.duration or 60.0, a.seed) if a.poisson
                else trace_arrivals(a.trace, a.rate_scale, a.seed))
     if a.task_bound:
         if a.policy != "ours":
@@ -623,7 +634,10 @@ def main(argv=None) -> None:
         policy = make_policy(a.policy, prof, a.workers, profile_error=a.profile_error)
     if a.no_calibrate and hasattr(policy, "planner"):
         policy.planner.calibrate = False
-    r = simulate(prof, arr, policy, SimConfig(n_workers=a.workers, seed=a.seed, hop_s=a.hop_ms / 1000.0))
+    if new:
+        run_cli.run_live(a, prof, policy, ap.error)
+        return
+    r = simulate(prof, arr, policy, run_cli.config(a, None))
     d = row(r, cap)
     d.update(off_peak_stats(r, cap))
     print(json.dumps(d, indent=1, default=float))
