@@ -796,7 +796,18 @@ class WorkerCore:
             "state": self.state.value,
             "loads": self.counters["loads"],
             "last_load_ms": self.last_load_ms,
+            **self.running_batch(),
         }
+
+    def running_batch(self) -> dict:
+        """The batch in the inference thread: how long it has run and its expected time
+        (a model call that never returns shows as a growing ``batch_running_s``; the
+        controller plans without the worker then, services/policy/health.py)."""
+        running = self._running
+        if running is None:
+            return {"batch_running_s": 0.0, "batch_expected_s": 0.0}
+        return {"batch_running_s": max(0.0, time.perf_counter() - running.began),
+                "batch_expected_s": running.estimate_s}
 
 
 def release_memory() -> None:

@@ -103,3 +103,109 @@ def test_a_batch_is_stuck_past_ten_times_its_expected_time_and_at_least_two_seco
     assert not batch_stuck(4.9, 0.5)           # max(10 x 0.5, 2) = 5
     assert batch_stuck(5.1, 0.5)
     assert not batch_stuck(0.0, 0.0)
+
+
+# -- the controller: a worker whose batch is stuck while its heartbeats go on ----------
+
+def test_a_worker_stuck_in_a_batch_leaves_the_plan_and_rejoins_when_the_batch_ends():
+    """rec-1 heartbeats on time but its batch has run 3 s against 10 ms expected
+    (max(10 x 0.01, 2) = 2 s): the next control step plans without it, as for a lost
+    worker, and logs it. When a heartbeat shows the batch over, the registry forgets it
+    (the worker re-registers at once) and the plan takes it back."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from services.common.spec import parse_spec
+    from services.controller.core import ControllerCore
+    from services.controller.registry import WorkerRegistry
+
+    spec = parse_spec({"name": "ocr", "slo_ms": 1000, "tasks": [
+        {"name": "det", "children": ["rec"], "variants": [{"name": "d1", "model": "d", "processor": "k"}]},
+        {"name": "rec", "variants": [{"name": "r1", "model": "r", "processor": "k"}]}]})
+    now = [0.0]
+    published = []
+
+    async def publish(plan):
+        published.append(plan.with_version(len(published) + 1))
+        return published[-1]
+
+    core = ControllerCore(spec, WorkerRegistry(timeout_s=5.0, clock=lambda: now[0]), publish)
+    core.set_plan_text("pipeline: ocr\nallocations:\n"
+                       "  - {task: det, variant: d1, batch_size: 1, replicas: 1}\n"
+                       "  - {task: rec, variant: r1, batch_size: 8, replicas: 2}\n")
+    reg = core.registry
+    for wid, task in (("det-0", "det"), ("rec-0", "rec"), ("rec-1", "rec")):
+        reg.register(wid, f"h:{wid}", task, [])
+    asyncio.run(core.reconcile())
+    assert set(published[-1].workers) == {"det-0", "rec-0", "rec-1"}
+
+    now[0] = 1.0
+    assert reg.heartbeat("rec-1", {"batch_running_s": 1.5, "batch_expected_s": 0.01})   # slow, not stuck
+    assert asyncio.run(core.reconcile()).lost == []
+    now[0] = 2.5
+    with capture_logs() as logs:
+        assert reg.heartbeat("rec-1", {"batch_running_s": 3.0, "batch_expected_s": 0.01})
+        result = asyncio.run(core.reconcile())
+    assert result.lost == ["rec-1"]
+    assert any(e["event"] == "worker_stuck" and e["worker_id"] == "rec-1" for e in logs)
+    assert set(published[-1].workers) == {"det-0", "rec-0"}
+    assert [w.worker_id for w in reg.live()] == ["det-0", "rec-0"] and "rec-1" in reg.records
+    now[0] = 4.0
+    assert reg.heartbeat("rec-1", {"batch_running_s": 4.5, "batch_expected_s": 0.01})   # still stuck
+    assert asyncio.run(core.reconcile()).lost == [] and len(published) == 2            # said once
+
+    now[0] = 5.0
+    assert not reg.heartbeat("rec-1", {"batch_running_s": 0.0, "batch_expected_s": 0.0})   # unknown now
+    assert reg.register("rec-1", "h:rec-1", "rec", [])       # what the worker does next (membership change)
+    core.dirty = True                                         # as ControllerServicer.RegisterWorker does
+    asyncio.run(core.reconcile())
+    assert set(published[-1].workers) == {"det-0", "rec-0", "rec-1"}
+
+
+def test_the_worker_reports_how_long_its_running_batch_has_run_against_its_expected_time():
+    """A model call that does not return (held on an event here): the worker's stats, which
+    its heartbeats carry, show the batch's running time growing past its expected time;
+    0 and 0 once no batch runs."""
+    import asyncio
+    import threading
+    import time
+
+    from services.common.processing import ItemResult, Prepared, Processor
+    from services.common.spec import parse_spec
+    from services.worker.core import ModelHost, WorkerCore
+
+    spec = parse_spec({"name": "p", "slo_ms": 1000, "tasks": [{"name": "t", "variants": [
+        {"name": "v1", "model": "m", "processor": "fake"}]}]})
+    release = threading.Event()
+
+    class Stuck(Processor):
+        def prepare(self, payload):
+            return Prepared(payload)
+
+        def run_batch(self, session, items):
+            release.wait(30)
+            return [ItemResult(regions=(), child_payloads=()) for _ in items]
+
+    def loader(variant):
+        return ModelHost(variant, Stuck(variant, "."), session=None, providers=["FakeProvider"])
+
+    async def scenario():
+        core = WorkerCore("w", spec.task("t"), ".", loader=loader)
+        core.start()
+        await core.apply("v1", 1, plan_version=1, latency_ms={1: 5.0})
+        idle = core.stats()
+        answer = asyncio.create_task(core.submit([("q", b"x")], time.time() + 30))
+        while core.stats()["batch_running_s"] < 0.2:
+            await asyncio.sleep(0.02)
+        stuck = core.stats()
+        release.set()
+        await answer
+        after = core.stats()
+        await core.stop()
+        return idle, stuck, after
+
+    idle, stuck, after = asyncio.run(scenario())
+    assert (idle["batch_running_s"], idle["batch_expected_s"]) == (0.0, 0.0)
+    assert stuck["batch_running_s"] >= 0.2 and stuck["batch_expected_s"] > 0.0
+    assert (after["batch_running_s"], after["batch_expected_s"]) == (0.0, 0.0)
