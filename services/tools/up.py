@@ -1,14 +1,21 @@
 """``pipeserve up``: the whole cluster on this machine, in the foreground, in one command.
 
 Starts Redis (embedded, unless ``--redis-url``/``$REDIS_URL`` names one), the controller,
-the workers (one per task unless ``--workers``) and one router per stage, the root one
-the OIP v2 front door on a fixed port (8001), waits until every worker of the plan serves,
+the workers (one per task unless ``--workers``; ``--pool N`` adds N pool workers, which the
+plan gives whichever task needs them, and then no task gets a bound worker unless
+``--workers`` asks) and one router per stage, the root one the OIP v2 front door on a fixed
+port (8001), waits until every worker of the plan serves,
 prints the addresses (front door, controller, ``REDIS_URL``) and stays up until Ctrl-C or
 SIGTERM, then stops every process it started (gracefully: SIGTERM, drain, then kill).
 
 A process that exits while the cluster runs ends the command with exit status 1 and the
 tail of that process's log; a cluster that does not come up leaves no process behind.
 Logs go to ``<log-dir>/<process>.log``.
+
+Like the demo, it first fits the profile to this host (``pipeserve-calibrate``: a short
+speed probe against the profile, cached per host in ``runs/profiles/``) and hands the
+controller a calibrated copy when the profile does not match (``--calibrate off``: the
+profile as it is).
 """
 from __future__ import annotations
 
@@ -34,7 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "the OCR spec)")
     src.add_argument("--plan-file", default=None, help="plan from this operator plan file instead")
     p.add_argument("--workers", action="append", default=[], metavar="TASK=N",
-                   help="workers per task (default 1 each), e.g. --workers rec=2")
+                   help="workers per task (default 1 each; 0 each with --pool), e.g. --workers rec=2")
+    p.add_argument("--pool", type=int, default=0, metavar="N",
+                   help="N pool workers (no task: the plan moves and parks them); then tasks get "
+                        "bound workers only from --workers")
+    p.add_argument("--calibrate", choices=("auto", "off", "refresh"), default="auto",
+                   help="auto: probe this host's speed against the profile once (cached) and plan on "
+                        "a calibrated copy when it does not match; refresh: probe again; off: plan on "
+                        "the profile as it is (default auto)")
+    p.add_argument("--pages", default="data/eval", help="pages the calibration probe uses (make data)")
+    p.add_argument("--calibration-cache", default="runs/profiles",
+                   help="where probe results and calibrated profiles are cached per host (default %(default)s)")
     p.add_argument("--models", default="models", help="model directory (make models)")
     p.add_argument("--port", type=int, default=DEFAULT_FRONT_DOOR_PORT,
                    help="the front door's port (default %(default)s)")
@@ -62,8 +79,9 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def parse_workers(items: list[str], tasks: list[str]) -> dict[str, int]:
-    workers = {t: 1 for t in tasks}
+def parse_workers(items: list[str], tasks: list[str], pool: int = 0) -> dict[str, int]:
+    """Bound workers per task: 1 each by default, 0 each beside a pool."""
+    workers = {t: 0 if pool else 1 for t in tasks}
     for item in items:
         task, _, n = item.partition("=")
         if task not in workers or not n.isdigit() or int(n) < 1:
@@ -85,8 +103,10 @@ def run(a: argparse.Namespace) -> int:
         spec = load_spec(a.spec)
     except (SpecError, OSError) as exc:
         return fail(str(exc))
+    if a.pool < 0:
+        return fail(f"--pool must be >= 0, got {a.pool}")
     try:
-        workers = parse_workers(a.workers, [t.name for t in spec.tasks])
+        workers = parse_workers(a.workers, [t.name for t in spec.tasks], a.pool)
     except ValueError as exc:
         return fail(str(exc))
     profile = a.profile
@@ -110,9 +130,20 @@ def run(a: argparse.Namespace) -> int:
     except TlsError as exc:
         return fail(str(exc))
     log_dir = Path(a.log_dir or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}")
+    if profile is not None and a.calibrate != "off":
+        from services.tools.calibrate import profile_for_host
+
+        if not Path(a.pages).exists():
+            return fail(f"{a.pages} does not exist (the calibration probe's pages); run `make data` first, "
+                        f"or --calibrate off")
+        profile, _ = profile_for_host(Path(a.spec), Path(profile), Path(a.models), Path(a.pages),
+                                      cache_dir=Path(a.calibration_cache), refresh=a.calibrate == "refresh",
+                                      log=lambda m: print(m, flush=True))
+    print(f"plans from: {'the operator plan ' + a.plan_file if a.plan_file else 'the planner on ' + str(profile)}",
+          flush=True)
     cfg = ClusterConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
                         profile=Path(profile) if profile else None, models=Path(a.models), workers=workers,
-                        log_dir=log_dir, redis_url=a.redis_url or None, tls=tls,
+                        pool=a.pool, log_dir=log_dir, redis_url=a.redis_url or None, tls=tls,
                         controller_port=a.controller_port, front_door_port=a.port,
                         inline_routers=a.inline_routers)
     cluster = LocalCluster(cfg)
@@ -121,8 +152,9 @@ def run(a: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, interrupt)
-    print(f"starting {'' if a.redis_url else 'redis, '}the controller, {sum(workers.values())} workers "
-          f"({', '.join(f'{n} {t}' for t, n in workers.items())}) and "
+    kinds = [f"{n} {t}" for t, n in workers.items() if n] + ([f"{a.pool} pool"] if a.pool else [])
+    print(f"starting {'' if a.redis_url else 'redis, '}the controller, {sum(workers.values()) + a.pool} workers "
+          f"({', '.join(kinds)}) and "
           f"{'1 router (all stages)' if a.inline_routers else f'{len(spec.tasks)} routers'} "
           f"(logs: {log_dir}) ...", flush=True)
     t0 = time.monotonic()

@@ -32,3 +32,58 @@ def test_bad_arguments_are_refused():
     assert out.returncode == 2 and "--workers expects TASK=N with a task of ['det', 'rec']" in out.stderr
     out = up("--port", "50050", "--controller-port", "50050")
     assert out.returncode == 2 and "--port and --controller-port must differ" in out.stderr
+
+
+def test_up_plans_on_the_calibrated_profile_and_uses_its_pool_workers(tmp_path):
+    """`pipeserve up` fits the profile to the host like the demo (here a cached probe that
+    says this host is 2x slower, so the outcome does not depend on the machine) and
+    `--pool 2` starts two pool workers, which the plan uses (one per stage)."""
+    import json
+    import signal
+    import time
+
+    from services.common.redis_server import free_port
+    from services.gen import pipeserve_pb2 as pb
+    from services.gen import pipeserve_pb2_grpc as pb_grpc
+    from services.planner import load_profile
+    from services.tools.calibrate import host_key
+
+    import grpc
+
+    cache = tmp_path / "profiles"
+    cache.mkdir()
+    profile = load_profile(ROOT / "profiles" / "ocr_cpu.json")
+    key = host_key(profile)
+    (cache / f"{profile.name}-{key}.probe.json").write_text(json.dumps(
+        {"factors": {"det": 2.0, "rec": 2.0}, "samples": {}, "seconds": 1.0}))
+    calibrated = cache / f"{profile.name}-{key}.json"
+    port, cport = free_port(), free_port()
+    out_path = tmp_path / "up.out"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.tools.cli", "up", "--pool", "2",
+                                 "--port", str(port), "--controller-port", str(cport),
+                                 "--calibration-cache", str(cache), "--log-dir", str(tmp_path / "logs")],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "ready in" not in out_path.read_text():
+            assert proc.poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.5)
+        text = out_path.read_text()
+        assert f"does not match this host: planning on {calibrated} (det x2.00, rec x2.00)" in text, text
+        assert f"plans from: the planner on {calibrated}" in text, text
+        assert "2 workers (2 pool)" in text, text
+        assert load_profile(calibrated).task("det").variants[0].latency_ms == {
+            b: type(p)(2 * p.p50_ms, 2 * p.p95_ms)
+            for b, p in profile.task("det").variants[0].latency_ms.items()}
+        with grpc.insecure_channel(f"127.0.0.1:{cport}") as ch:
+            plan = json.loads(pb_grpc.ControllerStub(ch).GetPlan(pb.GetPlanRequest(), timeout=10).plan_json)
+        assert set(plan["workers"]) == {"pool-0", "pool-1"}
+        assert {w["task"] for w in plan["workers"].values()} == {"det", "rec"}
+        assert f"profile={calibrated} " in (tmp_path / "logs" / "controller.log").read_text()   # what it loaded
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    assert rc == 0 and "stopped 5 processes cleanly" in out_path.read_text(), out_path.read_text()
