@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # cpu or gpu: which onnxruntime build to install (never both)
 EXTRA  ?= cpu
 
-.PHONY: setup venv proto models data demo test test-unit perf-tools gpu-check reproduce evaluate clean help
+.PHONY: setup venv proto models data demo test test-unit perf-tools gpu-check reproduce evaluate fidelity clean help
 
 help:
 	@echo "make demo     set up (venv, deps, gRPC code, models, pages) and run the OCR demo"
@@ -16,6 +16,7 @@ help:
 	@echo "make setup    only the set-up steps; EXTRA=gpu installs onnxruntime-gpu instead"
 	@echo "make reproduce  the simulator's experiments -> docs/results/"
 	@echo "make evaluate   the planner vs hardware-only vs static on a local cluster (~8 min) -> docs/evaluation/"
+	@echo "make fidelity   the same square waves, trace and diurnal cycle on a local cluster and in the simulator (~8 min)"
 	@echo "make gpu-check  on an NVIDIA GPU host: the [gpu] extra, every model on CUDA, a GPU profile, the demo"
 	@echo "make perf-tools  Triton's perf_analyzer in .venv-perf (+ libb64-0d via apt-get)"
 
@@ -88,6 +89,11 @@ reproduce: venv proto
 # simulator's prediction (about 8 minutes): docs/evaluation/, written up in docs/evaluation.md
 evaluate: setup
 	$(PY) -m services.tools.evaluate --out docs/evaluation $(EVALUATE_ARGS)
+
+# The simulator against reality: the same arrivals on real processes and in the simulator
+# (about 8 minutes; FIDELITY_ARGS="--shapes square7x --duration 30" for a short one)
+fidelity: setup
+	$(PY) -m services.tools.fidelity $(FIDELITY_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
