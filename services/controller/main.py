@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $REDIS_URL, better for a URL with a password: command lines are "
                         "visible to local users; if unset, an embedded redis-server is started on "
                         "a free port and its URL logged)")
-    p.add_argument("--reconcile-s", type=float, default=0.5, help="reconcile loop period (s)")
+    p.add_argument("--reconcile-s", type=float, default=0.25,
+                   help="reconcile loop period (s; default 0.25: a demand report reaches a plan within it)")
     p.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
                    help="a worker silent this long leaves the plan")
     p.add_argument("--adopt-grace-s", type=float, default=10.0,

@@ -13,6 +13,13 @@ up: 5.1 % vs 6.3 % violations at high load, 2.7 % vs 4.2 % at low load, about 0.
 active workers; docs/simulator.md, Known limits.)
 With ``tau_up_s == tau_s`` the average is symmetric and a steady demand is estimated
 without bias; with a faster rise, a noisy steady demand is slightly overestimated.
+
+A step up is not averaged in: when the requests of the last ``rise_window_s`` (or twice
+that) are implausibly many for a Poisson process at the rate *before* them (more than
+``rise_sigmas`` standard deviations above, and at least ``rise_min_count``), that recent
+rate is the front door's rate and the estimate jumps to it at once (:meth:`rate`). Front
+doors report early when their arrivals jump (:func:`report_due`), so a step is seen
+about a second after it began, not after the 5 s window and the average caught up.
 """
 from __future__ import annotations
 
@@ -20,10 +27,28 @@ import math
 from collections import deque
 
 
+def jumped(count: float, expected: float, sigmas: float, min_count: float) -> bool:
+    """``count`` arrivals where a Poisson process was ``expected`` to bring that many on
+    average: more than ``sigmas`` standard deviations above, and at least ``min_count``."""
+    return count >= min_count and count > expected + sigmas * math.sqrt(max(expected, 1.0))
+
+
+def report_due(now: float, last_ts: float, arrived: float, rate: float, period_s: float,
+               min_gap_s: float = 0.1, sigmas: float = 3.0, min_count: int = 3) -> bool:
+    """A front door's demand report is due: ``period_s`` since the last one (at
+    ``last_ts``), or, at least ``min_gap_s`` after it, the ``arrived`` requests since then
+    are implausibly many for its recent ``rate`` (req/s), i.e. demand jumped (:func:`jumped`).
+    An early report costs one more Redis write; the estimator decides whether it is a step."""
+    since = now - last_ts
+    if since >= period_s:
+        return True
+    return since >= min_gap_s and jumped(arrived, rate * since, sigmas, min_count)
+
+
 class DemandEstimator:
     def __init__(self, tau_s: float = 3.0, window_s: float = 5.0, stale_s: float = 10.0,
-                 tau_up_s: float | None = 1.0, rise_window_s: float | None = 1.0, rise_sigmas: float = 3.0,
-                 rise_min_count: int = 10) -> None:
+                 tau_up_s: float | None = 1.0, rise_window_s: float | None = 1.0, rise_sigmas: float = 4.5,
+                 rise_min_count: int = 7) -> None:
         self.tau_s = tau_s
         self.rise_min_count = rise_min_count
         self.rise_window_s = rise_window_s
@@ -33,7 +58,9 @@ class DemandEstimator:
         self.stale_s = stale_s
         self.samples: dict[str, deque[tuple[float, float]]] = {}
         self.estimate = 0.0
+        self.jumps = 0                   # updates that jumped to a step's rate
         self._last_update: float | None = None
+        self._jump: dict[str, bool] = {}
 
     def observe(self, source: str, count: float, ts: float) -> None:
         """A front door's cumulative request ``count`` at its clock ``ts`` (seconds)."""
@@ -55,34 +82,46 @@ class DemandEstimator:
         return any(h[-1][0] - h[0][0] >= self.window_s - 1e-9 for h in self.samples.values() if len(h) >= 2)
 
     def rate(self, source: str) -> float:
+        """The front door's rate: over the window, or over its last ``rise_window_s`` (or
+        twice that) when those requests are a step up (their count is implausible for the
+        rate before them; the window's own rate would include them)."""
         hist = self.samples[source]
+        self._jump[source] = False
         if len(hist) < 2:
             return 0.0
         (t0, c0), (t1, c1) = hist[0], hist[-1]
         windowed = (c1 - c0) / (t1 - t0)
         if not self.rise_window_s:
             return windowed
-        # a step up shows in the last second long before the window's mean follows it:
-        # take the recent rate when its count is implausible for a Poisson process at the
-        # windowed rate (more than ``rise_sigmas`` above it)
-        ta, ca = next(((t, c) for t, c in reversed(hist) if t <= t1 - self.rise_window_s + 1e-9), hist[0])
-        if t1 - ta <= 0:
+        best = None
+        for w in (self.rise_window_s, 2.0 * self.rise_window_s):
+            ta, ca = next(((t, c) for t, c in reversed(hist) if t <= t1 - w + 1e-9), hist[0])
+            if t1 - ta <= 0:
+                continue
+            # the rate before these requests; with no history before them, the window's
+            # (a rate can only be a step against what came before it)
+            before = (ca - c0) / (ta - t0) if ta - t0 >= self.rise_window_s - 1e-9 else windowed
+            if jumped(c1 - ca, before * (t1 - ta), self.rise_sigmas, self.rise_min_count):
+                recent = (c1 - ca) / (t1 - ta)
+                best = recent if best is None else max(best, recent)
+        if best is None or best <= windowed:
             return windowed
-        expected = windowed * (t1 - ta)
-        # at a few requests a second a Poisson clump looks like a step (4 arrivals after
-        # none); only a rise of at least ``rise_min_count`` requests counts
-        if (c1 - ca) >= self.rise_min_count and \
-                (c1 - ca) > expected + self.rise_sigmas * math.sqrt(max(expected, 1.0)):
-            return (c1 - ca) / (t1 - ta)
-        return windowed
+        self._jump[source] = True
+        return best
 
     def update(self, now: float) -> float:
-        """Fold the current windowed rate into the estimate; returns it (requests/s)."""
+        """Fold the current rates into the estimate; returns it (requests/s). A step up
+        (a front door's recent requests implausible for its rate before) sets the
+        estimate to at least the sum at once; otherwise the moving average follows."""
         for name in [n for n, h in self.samples.items() if now - h[-1][0] > self.stale_s]:
             del self.samples[name]           # a front door that stopped reporting
         instant = sum(self.rate(n) for n in self.samples)
+        jump = any(self._jump.get(n) for n in self.samples)
         if self._last_update is None:
             self.estimate = instant
+        elif jump and instant > self.estimate:
+            self.estimate = instant
+            self.jumps += 1
         else:
             dt = max(0.0, now - self._last_update)
             tau = self.tau_up_s if instant > self.estimate else self.tau_s

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +17,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
 from services.policy.admission import TokenBucket
+from services.policy.demand import report_due
 from services.common.errors import SpecError
 from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_server, tls_from_args,
                                         tls_mode)
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import MetricsServer, add_metrics_argument, serve_metrics
 from services.common.plan import Plan, validate_plan
-from services.common.plan_channel import PlanSubscriber, connect, frontdoor_key
+from services.common.plan_channel import PlanSubscriber, RedisOutage, connect, frontdoor_key
 from services.common.redis_auth import RedisAuthError, check_credentials
 from services.common.spec import load_spec
 from services.gen import pipeserve_pb2_grpc as pb_grpc
@@ -201,25 +204,39 @@ class RouterApp:
         if self.subscriber is not None:
             self.subscriber.poke()
 
-    async def _report_demand(self, period_s: float = 1.0) -> None:
+    async def _report_demand(self, period_s: float = 1.0, check_s: float = 0.1) -> None:
         """Publish the front door's cumulative request counters: ``received`` for the
         controller's demand estimate, the outcomes (ok, dropped, shed, ...) for its status
-        (``pipeserve status``). Redis errors are logged once per outage and never stop serving."""
+        (``pipeserve status``). Once a ``period_s``, and early (checked every ``check_s``)
+        when the requests since the last report are implausibly many for the recent rate
+        (``report_due``: a step up reaches the controller within a fraction of a second).
+        Redis outages are logged once (``redis_unreachable``, ``redis_recovered``) and never
+        stop serving."""
         key = frontdoor_key(self.spec.name, f"{socket.gethostname()}:{self.port}")
         client = connect(self.cfg.redis_url)
-        failing = False
+        outage = RedisOutage("front-door", self.spec.name)
+        reports: deque[tuple[float, int]] = deque()   # (monotonic time, received) of recent reports
+        last_ts, last_n = -math.inf, 0
         try:
             while True:
-                try:
-                    await client.hset(key, mapping={**self.front_door.counts, "ts": time.time()})
-                    await client.expire(key, 10)
-                    raise_if_cancel_requested()   # a stop redis-py's wait may have swallowed
-                    failing = False
-                except (RedisError, OSError) as exc:
-                    if not failing:
-                        log.warning("demand_report_failed", error=str(exc))
-                    failing = True
-                await asyncio.sleep(period_s)
+                now = time.monotonic()
+                received = int(self.front_door.counts.get("received", 0))
+                while len(reports) > 1 and reports[0][0] < now - 5.0:
+                    reports.popleft()
+                rate = ((reports[-1][1] - reports[0][1]) / max(reports[-1][0] - reports[0][0], period_s)
+                        if reports else 0.0)
+                if report_due(now, last_ts, received - last_n, rate, period_s):
+                    last_ts, last_n = now, received
+                    reports.append((now, received))
+                    try:
+                        await client.hset(key, mapping={**self.front_door.counts, "ts": time.time()})
+                        await client.expire(key, 10)
+                        raise_if_cancel_requested()   # a stop redis-py's wait may have swallowed
+                        outage.succeeded()
+                    except (RedisError, OSError) as exc:
+                        if outage.failed(exc):
+                            log.warning("demand_report_failed", error=str(exc))
+                await asyncio.sleep(check_s)
         finally:
             await client.aclose()
 

@@ -273,3 +273,63 @@ def test_a_restarted_controller_plans_on_the_host_speed_its_predecessor_measured
     core.demand_qps = 4.5
     asyncio.run(core.reconcile())
     assert len(pub.plans) == 1
+
+
+def feed(arrivals, until, est, check_s=0.1, period_s=1.0, controller_s=0.25):
+    """The front door's reporter (a check every ``check_s``, :func:`report_due`) and the
+    controller's loop (every ``controller_s``) over the arrival times: (time, estimate) pairs."""
+    from services.policy.demand import report_due
+
+    arrivals = sorted(arrivals)
+    i, last_ts, last_n, hist, out, t = 0, 0.0, 0, [(0.0, 0)], [], 0.0
+    next_ctl = 0.0
+    while t < until:
+        t = round(t + check_s, 6)
+        while i < len(arrivals) and arrivals[i] <= t:
+            i += 1
+        recent = [(ts, n) for ts, n in hist if ts >= t - 5.0] or hist[-1:]
+        rate = (hist[-1][1] - recent[0][1]) / max(hist[-1][0] - recent[0][0], 1.0)
+        if report_due(t, last_ts, i - last_n, rate, period_s):
+            est.observe("fd", float(i), t)
+            last_ts, last_n = t, i
+            hist.append((t, i))
+        if t >= next_ctl - 1e-9:
+            next_ctl = t + controller_s
+            out.append((t, est.update(t)))
+    return out
+
+
+def poisson_times(rng, rate, t0, t1):
+    times, t = [], t0
+    while True:
+        t += rng.exponential(1.0 / rate)
+        if t >= t1:
+            return times
+        times.append(t)
+
+
+def test_a_step_up_is_seen_within_two_seconds_and_low_demand_noise_is_not_a_step():
+    import numpy as np
+
+    from services.policy.demand import report_due
+
+    rng = np.random.default_rng(7)
+    low, high = 1.06, 7.06                       # the square wave of bench/bench_steps.py
+    arrivals = poisson_times(rng, low, 0.0, 600.0) + poisson_times(rng, high, 600.0, 615.0)
+    est = DemandEstimator()
+    out = feed(arrivals, 615.0, est)
+    calm = [e for t, e in out if 10.0 <= t < 600.0]
+    # ten minutes at 1 req/s: a Poisson clump rarely looks like a step (here a handful of
+    # controller steps, the estimate under 2.5x the rate 99 % of the time)
+    assert est.jumps <= 6
+    assert sum(e > 2.5 * low for e in calm) < 0.01 * len(calm)
+    seen = next(t for t, e in out if t >= 600.0 and e >= 0.6 * high)
+    assert seen - 600.0 <= 2.0                   # the 5 s window and the average alone: > 4 s
+    slow = DemandEstimator(rise_window_s=None)
+    out_slow = feed(arrivals, 615.0, slow)
+    assert next(t for t, e in out_slow if t >= 600.0 and e >= 0.6 * high) - 600.0 > 3.0
+    # the reporter: early when the arrivals since its last report jump, else once a period
+    assert report_due(10.3, 10.0, 4, rate=1.0, period_s=1.0)          # 4 in 0.3 s at 1/s
+    assert not report_due(10.3, 10.0, 1, rate=1.0, period_s=1.0)
+    assert not report_due(10.3, 10.0, 12, rate=40.0, period_s=1.0)    # as expected at 40/s
+    assert report_due(11.0, 10.0, 0, rate=1.0, period_s=1.0)
