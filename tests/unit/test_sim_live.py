@@ -151,3 +151,13 @@ def test_the_live_config_turns_every_option_on_and_keeps_the_rest():
     assert (c.n_workers, c.seed, c.report_s, c.control_period_s, c.cold_start) == (3, 7, 1.0, 0.5, True)
     assert c.ingress_s > 0 and c.egress_s > 0 and c.plan_delay_s > 0
     assert SimConfig().report_s is None and not SimConfig().cold_start   # make reproduce: unchanged
+
+
+def test_run_prints_a_square_wave_with_its_steps(capsys):
+    from services.sim.experiments import main
+
+    main(["run", "--profile", "profiles/ocr_cpu.json", "--spec", "pipelines/ocr.yaml", "--workers", "3",
+          "--shape", "square", "--low", "1", "--high", "6", "--period", "10", "--duration", "20"])
+    out = capsys.readouterr().out
+    assert "square 1/s <-> 6/s, period 10 s" in out
+    assert "after 2 step(s) up" in out and "plan versions:" in out and "active workers:" in out
