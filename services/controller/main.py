@@ -63,6 +63,9 @@ class ControllerConfig:
     k8s_deployment: str | None = None   # scale this worker Deployment (None: off)
     k8s_namespace: str | None = None    # its namespace (None: the controller pod's)
     hardware_only: bool = False         # planner: full accuracy only (scale replicas, never variants)
+    min_dwell_s: float = 5.0            # planner: a plan stays this long but for rises beyond its capacity
+    peak_hold_s: float = 30.0           # planner: plan for at least the highest estimate of this long
+    headroom_low: float | None = 1.25   # planner: off-peak headroom (None: --headroom throughout)
     k8s_policy: ScalePolicy | None = None
 
 
@@ -105,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planner: re-plan for lower demand (fewer workers: the rest park) only when "
                         "the current plan is at least this old (default 15 s; higher demand "
                         "re-plans at once)")
+    p.add_argument("--min-dwell-s", type=float, default=5.0,
+                   help="planner: keep a plan at least this long (s) unless the workers changed or the "
+                        "demand estimate rose beyond the plan's capacity, which re-plan at once (default 5)")
+    p.add_argument("--peak-hold-s", type=float, default=30.0,
+                   help="planner: plan for at least the highest demand estimate of the last this many "
+                        "seconds, so the plan does not drift back between the peaks of a periodic load "
+                        "(default 30; 0: the estimate alone)")
+    p.add_argument("--headroom-low", type=float, default=1.25,
+                   help="planner: the headroom off-peak (below a quarter of the workers' full-accuracy "
+                        "capacity; rising linearly to --headroom at half of it), so low demand uses "
+                        "fewer workers and the rest park; burst variants absorb a step meanwhile "
+                        "(default 1.25; 0: --headroom throughout)")
     p.add_argument("--min-demand-qps", type=float, default=0.5,
                    help="plan for at least this demand, e.g. at a cold start (default 0.5)")
     p.add_argument("--hardware-only", action="store_true",
@@ -173,7 +188,8 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                             adopt_grace_s=a.adopt_grace_s, status_s=a.status_s, metrics_port=a.metrics_port,
                             k8s_deployment=a.k8s_scale_deployment, k8s_namespace=a.k8s_namespace,
                             k8s_policy=k8s_policy if a.k8s_scale_deployment else None,
-                            hardware_only=a.hardware_only)
+                            hardware_only=a.hardware_only, min_dwell_s=a.min_dwell_s, peak_hold_s=a.peak_hold_s,
+                            headroom_low=a.headroom_low or None)
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -276,7 +292,9 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
         planner = PlannerPolicy.from_file(cfg.profile, spec.slo_ms, method=cfg.planner,
                                           headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps,
                                           cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration,
-                                          burst=cfg.burst)
+                                          burst=cfg.burst, min_dwell_s=cfg.min_dwell_s,
+                                          peak_hold_s=cfg.peak_hold_s,
+                                          headroom_low=cfg.headroom_low if cfg.burst else None)
         if cfg.hardware_only:
             planner.min_accuracy = full_accuracy_floor(planner.profile, spec.slo_ms)
             log.info("hardware_only", min_accuracy=round(planner.min_accuracy, 6))

@@ -13,12 +13,19 @@ accuracy or workers), every ``max_plan_age_s``, or when the measured batch times
 moved the calibrated profile by more than its margin (``services.policy.calibration``).
 The planner's own change cost keeps variants stable otherwise. Demands are solved on a
 geometric grid (``demand_grid``: 2 % steps, rounded up), so a solve can be reused.
+
+Plans settle (both off by default; the controller turns them on, ``--min-dwell-s`` and
+``--peak-hold-s``): a plan stays at least ``min_dwell_s`` unless the workers changed or
+the estimate rose beyond what the plan carries (``planned_capacity``), which re-plans at
+once; and the demand planned for is never below the highest estimate of the last
+``peak_hold_s`` (:meth:`held_demand`), so between the peaks of a periodic load the plan
+does not drift back to accurate variants (or park workers) that the next peak overruns.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -93,13 +100,19 @@ class PlannerPolicy:
     burst: bool = False
     solver: Solver = solve
     verbose: bool = True                # log every solve (the simulator turns it off)
+    # a plan stays this long (s) unless the workers changed or demand rose beyond its capacity
+    min_dwell_s: float = 0.0
+    # plan for at least the highest estimate of this many seconds (0: the estimate alone)
+    peak_hold_s: float = 0.0
     planned_demand: float | None = field(default=None, init=False)
+    planned_capacity: float | None = field(default=None, init=False)   # what the last plan serves (req/s)
     planned_members: tuple = field(default=(), init=False)
     planned_at: float = field(default=0.0, init=False)
     calibrator: LatencyCalibrator = field(init=False)
     in_use: PipelineProfile | None = field(default=None, init=False)   # the profile last planned on
     full_capacity_qps: float | None = field(default=None, init=False)  # at full accuracy, last decide()
     _capacity_of: tuple = field(default=(None, 0, 0.0), init=False, repr=False)
+    _recent: deque = field(default_factory=deque, init=False, repr=False)   # (time, estimate)
 
     def __post_init__(self) -> None:
         self.calibrator = LatencyCalibrator(self.profile)
@@ -119,6 +132,7 @@ class PlannerPolicy:
         not merely because it restarted."""
         planned = plan.planned_for_qps or plan.planned_qps.get(self.profile.root.name, {}).get(ANY_PATH)
         self.planned_demand = planned if planned and planned > 0 else None
+        self.planned_capacity = plan.capacity_qps or self.planned_demand
         self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
         self.planned_at = now
 
@@ -150,17 +164,35 @@ class PlannerPolicy:
         if self.calibrate:
             self.calibrator.observe(timings)
 
+    def held_demand(self, estimate_qps: float, now: float) -> float:
+        """The demand to plan for: the estimate, or the highest estimate of the last
+        ``peak_hold_s`` seconds (a peak that passed may come back)."""
+        if self.peak_hold_s <= 0:
+            return estimate_qps
+        recent = self._recent
+        if not recent or now >= recent[-1][0]:
+            recent.append((now, estimate_qps))
+        while recent and recent[0][0] < now - self.peak_hold_s:
+            recent.popleft()
+        return max([estimate_qps] + [e for _, e in recent])
+
     def should_replan(self, workers: list[RegisteredWorker], estimate_qps: float, now: float) -> bool:
         members = tuple(sorted((w.worker_id, w.task) for w in workers))
+        held = self.held_demand(estimate_qps, now)
         if self.planned_demand is None or members != self.planned_members:
             return True
+        planned = max(self.planned_demand, 1e-9)
+        target = self.target_demand(held)
+        rising = target > planned * (1 + self.replan_threshold)
+        if rising and estimate_qps > (self.planned_capacity or planned):
+            return True                     # beyond what the plan carries: at once
+        if now - self.planned_at < self.min_dwell_s:
+            return False
         if now - self.planned_at > self.max_plan_age_s:
             return True
         if self.calibrate and self.calibrator.needs_replan():
             return True
-        target = self.target_demand(estimate_qps)
-        planned = max(self.planned_demand, 1e-9)
-        if target > planned * (1 + self.replan_threshold):
+        if rising:
             return True
         return target < planned * (1 - self.down_threshold) and now - self.planned_at >= self.cooldown_s
 
@@ -188,7 +220,7 @@ class PlannerPolicy:
         caps = {t.name: bound[t.name] + pool for t in profile.tasks} if bound else None
         if self.headroom_low is not None:
             self.full_capacity_qps = self._full_capacity(profile, len(workers), caps)
-        target = self.target_demand(estimate_qps)
+        target = self.target_demand(self.held_demand(estimate_qps, now))
         ctx = PlannerContext(profile, demand_qps=on_grid(target, self.demand_grid, self.min_demand_qps),
                              n_workers=len(workers), slo_ms=self.slo_ms, method=self.method,
                              node_limit=self.node_limit, time_limit_s=self.time_limit_s, min_accuracy=self.min_accuracy,
@@ -205,6 +237,7 @@ class PlannerPolicy:
             self.planned_demand = None
             return None
         self.planned_demand = target
+        self.planned_capacity = solution.capacity_qps if solution.capacity_qps > 0 else target
         # version 0: the controller's publisher stamps version and creation time (its clock
         # here is monotonic, not a Unix time); a caller that versions plans itself (the
         # simulator) gets its own clock's time as the creation time

@@ -333,3 +333,32 @@ def test_a_step_up_is_seen_within_two_seconds_and_low_demand_noise_is_not_a_step
     assert not report_due(10.3, 10.0, 1, rate=1.0, period_s=1.0)
     assert not report_due(10.3, 10.0, 12, rate=40.0, period_s=1.0)    # as expected at 40/s
     assert report_due(11.0, 10.0, 0, rate=1.0, period_s=1.0)
+
+
+def test_plans_settle_a_dwell_but_for_rises_beyond_capacity_and_no_drift_back_under_a_recent_peak():
+    pol = policy(replan_threshold=0.15, cooldown_s=15.0, min_dwell_s=5.0, peak_hold_s=30.0)
+    low = pol.decide(WORKERS, 1.0, None, now=0.0)
+    cap = pol.planned_capacity
+    assert cap == low.capacity_qps and cap > pol.planned_demand * 0.99
+    # a rise within the plan's capacity waits for the dwell; beyond it, at once
+    within = 0.99 * cap
+    assert pol.target_demand(within) > pol.planned_demand * 1.15
+    assert not pol.should_replan(WORKERS, within, now=1.0)
+    assert pol.should_replan(WORKERS, within, now=5.5)
+    assert pol.should_replan(WORKERS, 1.2 * cap, now=1.0)
+    # a peak: plan for it, then demand falls back for 20 s (< peak_hold_s)
+    peak = pol.decide(WORKERS, 6.0, low, now=10.0)
+    for t in range(11, 31):
+        assert not pol.should_replan(WORKERS, 1.0, now=float(t))   # cooldown and age passed at 26 s, yet held
+    assert pol.held_demand(1.0, 31.0) == 6.0
+    # a re-plan for another reason (workers changed) still plans for the peak, not the estimate
+    again = pol.decide(WORKERS, 1.0, peak, now=31.0)
+    assert again.expected_accuracy == pytest.approx(peak.expected_accuracy, abs=1e-6)
+    # 30 s after the peak it is forgotten: the plan goes back down
+    assert pol.should_replan(WORKERS, 1.0, now=50.0)
+    calm = pol.decide(WORKERS, 1.0, again, now=50.0)
+    assert calm.expected_accuracy > again.expected_accuracy
+    # off by default: the estimate alone, no dwell
+    plain = policy()
+    plain.decide(WORKERS, 6.0, None, now=0.0)
+    assert plain.held_demand(1.0, 1.0) == 1.0
