@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-# cpu or gpu: which onnxruntime build to install (never both)
+# cpu, gpu (CUDA 13) or gpu-cuda12: which onnxruntime build to install (never two)
 EXTRA  ?= cpu
 
 .PHONY: setup venv proto models data demo test test-unit perf-tools gpu-check reproduce evaluate fidelity clean help
@@ -17,7 +17,7 @@ help:
 	@echo "make reproduce  the simulator's experiments -> docs/results/"
 	@echo "make evaluate   the planner vs hardware-only vs static on a local cluster (~8 min) -> docs/evaluation/"
 	@echo "make fidelity   the same square waves, trace and diurnal cycle on a local cluster and in the simulator (~8 min)"
-	@echo "make gpu-check  on an NVIDIA GPU host: the [gpu] extra, every model on CUDA, a GPU profile, the demo"
+	@echo "make gpu-check  on an NVIDIA GPU host: the [gpu] or [gpu-cuda12] extra (CUDA=12|13), every model on CUDA, a GPU profile, the demo, the verdict"
 	@echo "make perf-tools  Triton's perf_analyzer in .venv-perf (+ libb64-0d via apt-get)"
 
 $(VENV)/.installed: pyproject.toml
@@ -75,11 +75,12 @@ test: setup perf-tools
 test-unit: venv proto
 	$(PY) -m pytest -q tests/unit
 
-# On a host with an NVIDIA GPU: the [gpu] extra in .venv-gpu, every model on the CUDA
-# provider, a GPU profile and the demo on it, one summary (docs/gpu.md). Fails at once
-# (exit status 2) on a host without one.
+# On a host with an NVIDIA GPU: the [gpu] extra (CUDA 13) or [gpu-cuda12], as nvidia-smi's
+# CUDA version says (CUDA=12|13 overrides), in .venv-gpu / .venv-gpu-cuda12; every model on
+# the CUDA provider, a GPU profile, the demo on it, the bare ONNX Runtime pipeline, the
+# verdict (docs/gpu.md). Fails at once (exit status 2) on a host without one.
 gpu-check:
-	bash scripts/gpu_check.sh
+	CUDA="$(CUDA)" bash scripts/gpu_check.sh
 
 # The simulator's reproduction of the paper's experiments (about 6 minutes): docs/results/
 reproduce: venv proto

@@ -11,11 +11,23 @@ into its own venv, ``.venv-gpu``, and runs this module there):
 3. a GPU profile with the profiler (``pipeserve-profile --device auto``);
 4. the demo on that profile (its workers take the CUDA provider first), and which providers
    the workers' sessions got (from their logs);
-5. one summary, also written as JSON.
+5. the bare ONNX Runtime pipeline (``services/tools/bare_ort.py``: the demo's variants and
+   batch sizes, det then rec over the same pages, the CPU work included, in one process)
+   on the same GPU, against the demo's pages/s;
+6. the verdict (:func:`verdict`, pure): it FAILS when the demo missed its SLO (>= 1 %
+   violations), when any worker's session runs on the CPU provider, or when the GPU
+   profile is bimodal (p95 > 1.5x p50 at a batch size, or a batch size more than 2x
+   slower than a larger one); one summary, also written as JSON.
 
 Exit status: 0 when every step passed; 2 when there is no NVIDIA GPU (nothing else is
 tried); 3 when ONNX Runtime cannot use it (the CUDA provider is missing, or a model's
-session fell back to the CPU); 4 when the profile or the demo failed.
+session or a demo worker fell back to the CPU); 4 when the profile or the demo failed to
+run; 5 when they ran but the verdict failed (SLO missed, bimodal profile).
+
+Which ONNX Runtime build the GPU venv gets follows the driver's CUDA version
+(:func:`cuda_extra`, ``nvidia-smi``'s ``CUDA Version``): 13 and later the ``gpu`` extra
+(onnxruntime-gpu >= 1.27), 12 the ``gpu-cuda12`` extra (1.20-1.26); ``CUDA=12|13``
+overrides it (``--print-extra`` prints the choice for ``scripts/gpu_check.sh``).
 """
 from __future__ import annotations
 
@@ -30,7 +42,77 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CUDA = "CUDAExecutionProvider"
-NO_GPU, NO_CUDA, RUN_FAILED = 2, 3, 4
+NO_GPU, NO_CUDA, RUN_FAILED, VERDICT_FAILED = 2, 3, 4, 5
+SLO_LIMIT = 0.01          # the demo fails at >= 1 % SLO violations
+SPREAD_LIMIT = 1.5        # a profile point fails at p95 > 1.5x p50 (bimodal: stalls among warm batches)
+MONOTONE_LIMIT = 2.0      # a batch size more than 2x slower than a larger one is not warm
+
+
+def cuda_extra(smi_header: str, override: str | None = None) -> str:
+    """The pyproject extra for this driver: ``gpu`` (onnxruntime-gpu >= 1.27, CUDA 13) when
+    ``nvidia-smi``'s header says ``CUDA Version: 13.x`` or later, ``gpu-cuda12`` (1.20-1.26)
+    for 12.x; ``override`` ("12" or "13", from ``CUDA=``) wins. ValueError for a driver
+    too old for either line, or a header without the version."""
+    if override:
+        major = override.strip().split(".")[0]
+        if major not in ("12", "13"):
+            raise ValueError(f"CUDA={override!r}: give 12 or 13")
+    else:
+        m = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", smi_header)
+        if m is None:
+            raise ValueError("nvidia-smi does not say its CUDA Version; set CUDA=12 or CUDA=13")
+        major = m.group(1)
+        if int(major) < 12:
+            raise ValueError(f"the driver supports CUDA {m.group(1)}.{m.group(2)}: onnxruntime-gpu "
+                             f">= 1.20 needs CUDA 12 (driver >= 525) or 13 (driver >= 580); update the driver")
+    return "gpu-cuda12" if major == "12" else "gpu"
+
+
+def profile_problems(profile: dict, spread_limit: float = SPREAD_LIMIT,
+                     monotone_limit: float = MONOTONE_LIMIT) -> list[str]:
+    """What makes a measured profile (its JSON) bimodal: a batch size whose p95 passes
+    ``spread_limit`` x its p50, or whose p50 passes ``monotone_limit`` x a larger batch
+    size's (e.g. batch 4 at 2,890 ms and batch 8 at 13 ms)."""
+    out = []
+    for task in profile.get("tasks", []):
+        for v in task.get("variants", []):
+            pts = sorted((int(b), float(p["p50_ms"]), float(p["p95_ms"])) for b, p in v["latency_ms"].items())
+            for b, p50, p95 in pts:
+                if p50 > 0 and p95 > spread_limit * p50:
+                    out.append(f"{v['name']} batch {b}: p95 {p95:.1f} ms > {spread_limit:g}x p50 {p50:.1f} ms")
+            for i, (b, p50, _) in enumerate(pts):
+                for b2, q50, _ in pts[i + 1:]:
+                    if q50 > 0 and p50 > monotone_limit * q50:
+                        out.append(f"{v['name']}: batch {b} ({p50:.1f} ms) > {monotone_limit:g}x "
+                                   f"batch {b2} ({q50:.1f} ms)")
+                        break
+    return out
+
+
+def verdict(demo: dict | None, providers: dict[str, list[str]] | None, profile: dict | None,
+            slo_limit: float = SLO_LIMIT) -> list[tuple[int, str]]:
+    """Why the check fails, as ``(exit status, reason)`` pairs; empty: it passes.
+    ``demo`` is the demo's report (``slo_violation_ratio``), ``providers`` what its
+    workers' sessions got per variant (their logs), ``profile`` the GPU profile's JSON;
+    None for a step that did not run (then it is not judged)."""
+    out: list[tuple[int, str]] = []
+    if providers is not None:
+        on_cpu = {v: p for v, p in providers.items() if not p or p[0] != CUDA}
+        if not providers:
+            out.append((NO_CUDA, "no demo worker logged the providers of its session (variant_loaded)"))
+        elif on_cpu:
+            out.append((NO_CUDA, f"worker sessions not on {CUDA}: {on_cpu}"))
+    if demo is not None:
+        ratio = float(demo.get("slo_violation_ratio") if demo.get("slo_violation_ratio") is not None else 1.0)
+        if ratio >= slo_limit:
+            out.append((VERDICT_FAILED, f"the demo missed its SLO: {ratio:.2%} violations (must stay under "
+                                        f"{slo_limit:.0%}; {demo.get('ok')}/{demo.get('sent')} OK)"))
+    if profile is not None:
+        problems = profile_problems(profile)
+        if problems:
+            out.append((VERDICT_FAILED, f"the GPU profile is bimodal ({len(problems)} points): "
+                                        + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")))
+    return out
 
 
 class CheckFailed(Exception):
@@ -164,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of demo load (default 20)")
     p.add_argument("--repeats", type=int, default=5, help="profiler: timed batches per batch size (default 5)")
     p.add_argument("--skip-demo", action="store_true", help="stop after the profile")
+    p.add_argument("--bare-pages", type=int, default=20, help="pages of the bare ONNX Runtime pipeline (default 20)")
+    p.add_argument("--print-extra", action="store_true",
+                   help="print the pyproject extra for this driver's CUDA version (CUDA=12|13 overrides) and exit")
     a = p.parse_args(argv)
+    if a.print_extra:
+        return print_extra()
     summary: dict = {"ok": False, "steps": {}}
     a.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -190,23 +277,28 @@ def main(argv: list[str] | None = None) -> int:
               "--eval", str(a.pages), "--device", "auto", "--repeats", str(a.repeats), "--out", str(profile)],
              "profile", a.out / "profile.log")
         prof = json.loads(profile.read_text())
-        summary["steps"]["profile"] = {"path": str(profile), "device": prof.get("device")}
+        summary["steps"]["profile"] = {"path": str(profile), "device": prof.get("device"),
+                                       "problems": profile_problems(prof)}
         if CUDA not in str(prof.get("device")):
             raise CheckFailed(NO_CUDA, f"the profile was measured on {prof.get('device')!r}, not the GPU")
+        demo = used = None
         if not a.skip_demo:
             report = a.out / "demo.json"
             _run([sys.executable, "-m", "services.tools.demo", "--spec", str(a.spec), "--profile", str(profile),
                   "--calibrate", "off", "--models", str(a.models), "--pages", str(a.pages),
                   "--duration", f"{a.duration:g}", "--json", str(report), "--log-dir", str(a.out / "demo-logs"),
                   "--quiet"], "demo", a.out / "demo.log")
-            r = json.loads(report.read_text())
+            demo = json.loads(report.read_text())
             used = worker_providers(a.out / "demo-logs")
-            summary["steps"]["demo"] = {k: r.get(k) for k in ("sent", "ok", "slo_violation_ratio", "latency_p50_ms",
-                                                               "latency_p99_ms", "throughput_rps", "mean_cer")}
+            summary["steps"]["demo"] = {k: demo.get(k) for k in ("sent", "ok", "slo_violation_ratio", "latency_p50_ms",
+                                                                  "latency_p99_ms", "throughput_rps", "goodput_rps",
+                                                                  "mean_cer")}
             summary["steps"]["demo"]["worker_providers"] = used
-            on_cpu = [v for v, provs in used.items() if not provs or provs[0] != CUDA]
-            if not used or on_cpu:
-                raise CheckFailed(NO_CUDA, f"the demo's workers did not run on {CUDA}: {used or 'no variant_loaded lines'}")
+            summary["steps"]["bare"] = bare_step(a.spec, a.models, a.pages, demo, a.bare_pages)
+        reasons = verdict(demo, used, prof)
+        summary["reasons"] = [r for _, r in reasons]
+        if reasons:
+            raise CheckFailed(min(code for code, _ in reasons), "; ".join(r for _, r in reasons))
         summary["ok"] = True
     except CheckFailed as exc:
         summary["error"] = str(exc)
@@ -214,6 +306,48 @@ def main(argv: list[str] | None = None) -> int:
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(format_summary(summary), flush=True)
     return 0 if summary["ok"] else summary["exit_status"]
+
+
+def bare_step(spec_path: Path, models: Path, pages_dir: Path, demo: dict, max_pages: int) -> dict:
+    """The bare ONNX Runtime pipeline with the demo's variants on the GPU, and the demo's
+    on-time pages/s against it (an error is reported, not raised: it judges nothing)."""
+    from services.common.spec import load_spec
+    from services.ocr.pages import load_pages
+    from services.tools.bare_ort import run_pipeline, variants_from_report
+
+    try:
+        spec = load_spec(spec_path)
+        chosen = variants_from_report(demo, {v.name: t.name for t in spec.tasks for v in t.variants})
+        pages = [p.png for p in load_pages(pages_dir)[:max_pages]]
+        r = run_pipeline(spec, models, pages, chosen, provider="cuda", passes=2)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    cluster = float(demo.get("goodput_rps") or 0.0)
+    return {"variants": {t: f"{v}:{b}" for t, (v, b) in chosen.items()}, "pages_per_s": r.pages_per_s,
+            "task_ms_per_pass": {t: x * 1e3 for t, x in r.task_seconds.items()},
+            "items_per_pass": r.items, "cluster_pages_per_s": cluster,
+            "cluster_over_bare": cluster / r.pages_per_s if r.pages_per_s > 0 else None}
+
+
+def print_extra() -> int:
+    """``--print-extra``: the extra for this driver (scripts/gpu_check.sh installs it)."""
+    import os
+
+    override = os.environ.get("CUDA") or None
+    header = ""
+    if not override:
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            print("gpu-check: FAILED: no nvidia-smi to read the CUDA version from; set CUDA=12 or CUDA=13",
+                  file=sys.stderr)
+            return NO_GPU
+        header = subprocess.run([exe], capture_output=True, text=True, timeout=60).stdout
+    try:
+        print(cuda_extra(header, override))
+    except ValueError as exc:
+        print(f"gpu-check: FAILED: {exc}", file=sys.stderr)
+        return NO_CUDA
+    return 0
 
 
 def format_summary(s: dict) -> str:
@@ -234,8 +368,14 @@ def format_summary(s: dict) -> str:
                      f"p50 {d['latency_p50_ms'] or 0:.1f} ms, p99 {d['latency_p99_ms'] or 0:.1f} ms, "
                      f"{d['throughput_rps']:.1f} req/s, CER {d['mean_cer'] or 0:.4f}")
         lines.append(f"workers        {d['worker_providers']}")
+    if "bare" in st:
+        b = st["bare"]
+        lines.append("bare ORT       " + (f"error: {b['error']}" if "error" in b else
+                     f"{b['pages_per_s']:.2f} pages/s ({', '.join(b['variants'].values())}); cluster "
+                     f"{b['cluster_pages_per_s']:.2f} pages/s on time = {b['cluster_over_bare'] or 0:.0%} of it"))
     if not s["ok"]:
-        lines.append(f"error          {s['error']}")
+        for r in s.get("reasons") or [s["error"]]:
+            lines.append(f"FAILED         {r}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.tools import gpu_check
+from services.tools import bare_ort, gpu_check
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,14 +75,158 @@ def test_the_workers_providers_are_read_from_their_logs(tmp_path):
         "rec_v6tiny": ["CPUExecutionProvider"]}
 
 
-def test_the_gpu_extra_and_the_image_agree_on_cuda_12():
+def test_both_cuda_lines_have_an_extra_and_the_image_matches_its_default():
     """onnxruntime-gpu 1.20-1.26 on PyPI are built for CUDA 12.x + cuDNN 9.x (their `cuda`
-    extra requires nvidia-*-cu12); 1.27 moved to CUDA 13. The image must carry CUDA 12 +
-    cuDNN, and the pin must stay below 1.27 (docs/gpu.md)."""
+    extra requires nvidia-*-cu12); 1.27 moved to CUDA 13. `gpu` is the CUDA 13 line,
+    `gpu-cuda12` the CUDA 12 one, and no extra mixes a GPU build with the CPU build. The
+    image's default base carries CUDA 13 for the default `gpu` extra; its CUDA 12 build
+    argument names the CUDA 12 extra (docs/gpu.md)."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    [gpu] = extras["gpu"]
-    assert re.fullmatch(r"onnxruntime-gpu>=1\.2\d,<1\.27", gpu), gpu
-    image = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-(\S+)$",
-                      (ROOT / "deploy" / "Dockerfile").read_text(), re.M)
-    assert image and image.group(1) == "12", "the base image must carry CUDA 12.x for onnxruntime-gpu <1.27"
-    assert "1.27" in (ROOT / "docs" / "gpu.md").read_text()
+    assert extras["gpu"] == ["onnxruntime-gpu>=1.27"]
+    [cu12] = extras["gpu-cuda12"]
+    assert re.fullmatch(r"onnxruntime-gpu>=1\.2\d,<1\.27", cu12), cu12
+    for name, reqs in extras.items():
+        builds = {r.split(">")[0].split("=")[0].split("<")[0].strip() for r in reqs} & {"onnxruntime", "onnxruntime-gpu"}
+        assert len(builds) <= 1, (name, reqs)
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    image = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-(\S+)$", text, re.M)
+    assert image and image.group(1) == "13", "the default base image must carry CUDA 13 for the [gpu] extra"
+    assert re.search(r"^ARG GPU_EXTRA=gpu$", text, re.M)
+    assert "CUDA_IMAGE=nvidia/cuda:12." in text and "GPU_EXTRA=gpu-cuda12" in text
+    doc = (ROOT / "docs" / "gpu.md").read_text()
+    assert "1.27" in doc and "580" in doc and "525" in doc and "gpu-cuda12" in doc
+
+
+# -- which line: nvidia-smi's CUDA version ------------------------------------------------
+
+SMI_13 = ("+-----------------------------------------------------------------------------------------+\n"
+          "| NVIDIA-SMI 580.95.05              Driver Version: 580.95.05      CUDA Version: 13.0     |\n")
+SMI_12 = "| NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: 12.4     |\n"
+
+
+def test_the_driver_s_cuda_version_picks_the_extra():
+    assert gpu_check.cuda_extra(SMI_13) == "gpu"
+    assert gpu_check.cuda_extra(SMI_13.replace("13.0", "13.1")) == "gpu"
+    assert gpu_check.cuda_extra(SMI_12) == "gpu-cuda12"
+    assert gpu_check.cuda_extra(SMI_13, override="12") == "gpu-cuda12"    # CUDA=12 wins
+    assert gpu_check.cuda_extra("", override="13") == "gpu"
+    with pytest.raises(ValueError, match="needs CUDA 12"):
+        gpu_check.cuda_extra(SMI_12.replace("12.4", "11.8"))
+    with pytest.raises(ValueError, match="set CUDA=12 or CUDA=13"):
+        gpu_check.cuda_extra("NVIDIA-SMI has failed")
+    with pytest.raises(ValueError, match="give 12 or 13"):
+        gpu_check.cuda_extra(SMI_13, override="11")
+
+
+def test_print_extra_reads_nvidia_smi_and_honours_cuda(tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '" + SMI_12.strip() + "'\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CUDA": ""}
+
+    def extra(**kw):
+        return subprocess.run([sys.executable, "-m", "services.tools.gpu_check", "--print-extra"], cwd=ROOT,
+                              env={**env, **kw}, capture_output=True, text=True, timeout=60)
+
+    assert extra().stdout.strip() == "gpu-cuda12"
+    assert extra(CUDA="13").stdout.strip() == "gpu"
+    bad = extra(CUDA="9")
+    assert bad.returncode == gpu_check.NO_CUDA and "give 12 or 13" in bad.stderr
+
+
+# -- the verdict: gpu-check can fail --------------------------------------------------------
+
+def profile(points: dict[int, tuple[float, float]], name="rec_v6small") -> dict:
+    return {"tasks": [{"name": "rec", "variants": [
+        {"name": name, "latency_ms": {str(b): {"p50_ms": p50, "p95_ms": p95} for b, (p50, p95) in points.items()}}]}]}
+
+
+WARM = profile({1: (4.0, 4.6), 2: (6.7, 7.5), 4: (9.0, 10.1), 8: (13.0, 14.2)})
+GOOD_DEMO = {"slo_violation_ratio": 0.004, "ok": 249, "sent": 250}
+ON_GPU = {"rec_v6small": [gpu_check.CUDA, "CPUExecutionProvider"]}
+
+
+def test_a_healthy_run_passes():
+    assert gpu_check.verdict(GOOD_DEMO, ON_GPU, WARM) == []
+    assert gpu_check.verdict(None, None, WARM) == []      # --skip-demo: the profile alone is judged
+
+
+def test_the_demo_missing_its_slo_fails_the_check():
+    """The GPU run: 1 of 402 OK, 99.75 % violations, and gpu-check printed PASSED."""
+    [(code, why)] = gpu_check.verdict({"slo_violation_ratio": 0.9975, "ok": 1, "sent": 402}, ON_GPU, WARM)
+    assert code == gpu_check.VERDICT_FAILED and "missed its SLO: 99.75 % violations" in why.replace("%", " %")
+    [(_, why)] = gpu_check.verdict({"slo_violation_ratio": 0.01, "ok": 99, "sent": 100}, ON_GPU, WARM)
+    assert "1.00%" in why                                   # 1 % is already a miss
+    assert gpu_check.verdict({"slo_violation_ratio": 0.0099}, ON_GPU, WARM) == []
+
+
+def test_a_worker_on_the_cpu_provider_fails_the_check():
+    [(code, why)] = gpu_check.verdict(GOOD_DEMO, {**ON_GPU, "det_v6small_640": ["CPUExecutionProvider"]}, WARM)
+    assert code == gpu_check.NO_CUDA and "det_v6small_640" in why and "rec_v6small" not in why
+    [(code, why)] = gpu_check.verdict(GOOD_DEMO, {}, WARM)
+    assert code == gpu_check.NO_CUDA and "variant_loaded" in why
+
+
+def test_a_bimodal_profile_fails_the_check():
+    """The GPU run's rec_v6small: 6.7 ms at batch 2, 2,890 ms at batch 4, 13 ms at batch 8,
+    p95 2,311 ms at batch 8."""
+    run = profile({1: (4.0, 4.6), 2: (6.7, 7.5), 4: (2890.0, 3100.0), 8: (13.0, 2311.0)})
+    [(code, why)] = gpu_check.verdict(GOOD_DEMO, ON_GPU, run)
+    assert code == gpu_check.VERDICT_FAILED and "bimodal" in why
+    assert "rec_v6small batch 8: p95 2311.0 ms > 1.5x p50 13.0 ms" in why
+    assert "rec_v6small: batch 4 (2890.0 ms) > 2x batch 8 (13.0 ms)" in why
+
+
+def test_each_profile_rule_alone():
+    spread = profile({1: (4.0, 6.1), 2: (6.7, 7.5)})                 # p95 1.53x p50 at batch 1
+    assert gpu_check.profile_problems(spread) == ["rec_v6small batch 1: p95 6.1 ms > 1.5x p50 4.0 ms"]
+    assert gpu_check.profile_problems(profile({1: (4.0, 6.0)})) == []   # 1.5x exactly is fine
+    slower = profile({2: (14.0, 15.0), 4: (9.0, 10.0), 8: (6.9, 7.0)})   # batch 2 > 2x batch 8
+    assert gpu_check.profile_problems(slower) == ["rec_v6small: batch 2 (14.0 ms) > 2x batch 8 (6.9 ms)"]
+    assert gpu_check.profile_problems(profile({2: (13.0, 14.0), 8: (6.9, 7.0)})) == []   # 1.9x: noise
+
+
+def test_the_summary_says_failed_with_every_reason():
+    s = {"ok": False, "error": "x; y", "reasons": ["the demo missed its SLO: 99.75% violations",
+                                                  "the GPU profile is bimodal (1 points): ..."],
+         "steps": {"bare": {"variants": {"det": "det_v6small_320:8", "rec": "rec_v6tiny:4"}, "pages_per_s": 40.0,
+                            "cluster_pages_per_s": 30.0, "cluster_over_bare": 0.75}}}
+    text = gpu_check.format_summary(s)
+    assert text.splitlines()[0] == "== gpu-check: FAILED =="
+    assert "FAILED         the demo missed its SLO" in text and "FAILED         the GPU profile is bimodal" in text
+    assert "40.00 pages/s (det_v6small_320:8, rec_v6tiny:4); cluster 30.00 pages/s on time = 75% of it" in text
+
+
+# -- the bare ONNX Runtime pipeline ---------------------------------------------------------
+
+def test_the_bare_pipeline_takes_the_demo_s_most_used_variants():
+    task_of = {"det_v6small_320": "det", "det_v6tiny_320": "det", "rec_v6tiny": "rec"}
+    report = {"variant_paths": {"det_v6small_320/rec_v6tiny": 200, "det_v6tiny_320/rec_v6tiny": 49},
+              "final_plan": {"workers": {
+                  "det-0": {"task": "det", "variant": "det_v6small_320", "batch_size": 4},
+                  "det-1": {"task": "det", "variant": "det_v6small_320", "batch_size": 8},
+                  "rec-0": {"task": "rec", "variant": "rec_v6tiny", "batch_size": 16}}}}
+    assert bare_ort.variants_from_report(report, task_of) == {"det": ("det_v6small_320", 8),
+                                                              "rec": ("rec_v6tiny", 16)}
+    # the most used detector was left before the end: its task's batch size in the final plan
+    report["variant_paths"]["det_v6tiny_320/rec_v6tiny"] = 300
+    assert bare_ort.variants_from_report(report, task_of)["det"] == ("det_v6tiny_320", 8)
+    with pytest.raises(ValueError, match="no OK answers"):
+        bare_ort.variants_from_report({"variant_paths": {}}, task_of)
+    assert bare_ort.parse_variants("det_v6small_320:8, rec_v6tiny:4") == [("det_v6small_320", 8), ("rec_v6tiny", 4)]
+    with pytest.raises(ValueError):
+        bare_ort.parse_variants("det_v6small_320")
+
+
+def test_the_bare_pipeline_runs_det_then_rec_on_the_cpu_with_the_real_models():
+    from services.common.spec import load_spec
+    from services.ocr.pages import load_pages
+
+    pages = [p.png for p in load_pages(ROOT / "data" / "eval")[:2]]
+    r = bare_ort.run_pipeline(load_spec(ROOT / "pipelines" / "ocr.yaml"), ROOT / "models", pages,
+                              {"det": ("det_v6tiny_320", 2), "rec": ("rec_v6tiny", 4)}, provider="cpu",
+                              threads=1, passes=1)
+    assert r.pages == 2 and r.items["det"] == 2 and r.items["rec"] > 2     # every line's crop was recognised
+    assert r.providers == {"det": ["CPUExecutionProvider"], "rec": ["CPUExecutionProvider"]}
+    assert r.pages_per_s > 0 and set(r.task_seconds) == {"det", "rec"}
+    assert r.seconds >= sum(r.task_seconds.values()) * 0.99
