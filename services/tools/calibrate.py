@@ -165,6 +165,28 @@ def profile_for_host(spec_path: Path, profile_path: Path, models: Path, pages_di
     return out, result
 
 
+def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    """``--calibrate`` and ``--calibration-cache``, as the demo and ``pipeserve up`` take them."""
+    p.add_argument("--calibrate", choices=("auto", "off", "refresh"), default="auto",
+                   help="auto: probe this host's speed against the profile once (cached per host) and "
+                        "plan on a calibrated copy when it does not match; refresh: probe again; off: "
+                        "plan on the profile as it is (default auto)")
+    p.add_argument("--calibration-cache", default=str(DEFAULT_CACHE),
+                   help="where probe results and calibrated profiles are cached per host (default %(default)s)")
+
+
+def profile_to_plan_on(spec_path: Path, profile_path: Path, models: Path, pages_dir: Path, mode: str = "auto",
+                       cache_dir: Path = DEFAULT_CACHE, log: Callable[[str], None] = print) -> Path:
+    """The profile a cluster's controller gets (the demo's and ``pipeserve up``'s first
+    step): ``profile_path`` with ``mode`` "off", else :func:`profile_for_host`'s choice
+    ("refresh": probe again)."""
+    if mode == "off":
+        return profile_path
+    path, _ = profile_for_host(spec_path, profile_path, models, pages_dir, cache_dir=cache_dir,
+                               refresh=mode == "refresh", log=log)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pipeserve-calibrate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,

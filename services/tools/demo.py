@@ -21,7 +21,7 @@ from services.common.grpc_utils import add_tls_arguments, tls_from_args
 from services.tools.cluster import ClusterConfig, LocalCluster
 from services.common.spec import load_spec
 from services.loadgen.report import format_report
-from services.tools.calibrate import profile_for_host
+from services.tools.calibrate import add_calibration_arguments, profile_to_plan_on
 from services.loadgen.runner import LoadConfig, default_cer_fn, load_page_set, run_load
 
 
@@ -51,12 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per second (Poisson); default: from this host's measured capacity "
                         "(1.3x what it carries at full accuracy, so accuracy scaling shows, and at "
                         "most half of what it carries with accuracy scaling)")
-    p.add_argument("--calibrate", choices=("auto", "off", "refresh"), default="auto",
-                   help="auto: probe this host's speed against the profile once (cached in "
-                        "runs/profiles/) and plan on a calibrated copy when it does not match; "
-                        "refresh: probe again; off: plan on --profile as it is")
-    p.add_argument("--calibration-cache", default="runs/profiles",
-                   help="where probe results and calibrated profiles are cached per host (default %(default)s)")
+    add_calibration_arguments(p)
     p.add_argument("--profile-error", type=float, default=1.0,
                    help="hand the controller the profile with every latency times this (0.5: a "
                         "profile 2x too optimistic), to watch its online calibration correct it")
@@ -118,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     source: dict = {"plan_file": Path(a.plan_file)} if a.plan_file else {}
     if not a.plan_file:
         # 1. the profile that fits this host: a short probe, cached per host
-        profile = Path(a.profile)
-        if a.calibrate != "off":
-            profile, _ = profile_for_host(Path(a.spec), profile, Path(a.models), Path(a.pages),
-                                          cache_dir=Path(a.calibration_cache), refresh=a.calibrate == "refresh")
+        profile = profile_to_plan_on(Path(a.spec), Path(a.profile), Path(a.models), Path(a.pages), a.calibrate,
+                                     Path(a.calibration_cache))
         full, scaled = host_capacity(profile, workers, spec.slo_ms)
         print(f"capacity on this host ({' + '.join(f'{n} {t}' for t, n in workers.items())} workers, "
               f"by the profile): {full:.1f} req/s at full accuracy, {scaled:.1f} req/s with accuracy scaling",

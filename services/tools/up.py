@@ -45,13 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", type=int, default=0, metavar="N",
                    help="N pool workers (no task: the plan moves and parks them); then tasks get "
                         "bound workers only from --workers")
+    # as services.tools.calibrate.add_calibration_arguments (not imported here: it loads the
+    # planner, and `pipeserve status` builds this parser too)
     p.add_argument("--calibrate", choices=("auto", "off", "refresh"), default="auto",
-                   help="auto: probe this host's speed against the profile once (cached) and plan on "
-                        "a calibrated copy when it does not match; refresh: probe again; off: plan on "
-                        "the profile as it is (default auto)")
-    p.add_argument("--pages", default="data/eval", help="pages the calibration probe uses (make data)")
+                   help="auto: probe this host's speed against the profile once (cached per host) and "
+                        "plan on a calibrated copy when it does not match; refresh: probe again; off: "
+                        "plan on the profile as it is (default auto)")
     p.add_argument("--calibration-cache", default="runs/profiles",
                    help="where probe results and calibrated profiles are cached per host (default %(default)s)")
+    p.add_argument("--pages", default="data/eval", help="pages the calibration probe uses (make data)")
     p.add_argument("--models", default="models", help="model directory (make models)")
     p.add_argument("--port", type=int, default=DEFAULT_FRONT_DOOR_PORT,
                    help="the front door's port (default %(default)s)")
@@ -131,14 +133,13 @@ def run(a: argparse.Namespace) -> int:
         return fail(str(exc))
     log_dir = Path(a.log_dir or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}")
     if profile is not None and a.calibrate != "off":
-        from services.tools.calibrate import profile_for_host
+        from services.tools.calibrate import profile_to_plan_on
 
         if not Path(a.pages).exists():
             return fail(f"{a.pages} does not exist (the calibration probe's pages); run `make data` first, "
                         f"or --calibrate off")
-        profile, _ = profile_for_host(Path(a.spec), Path(profile), Path(a.models), Path(a.pages),
-                                      cache_dir=Path(a.calibration_cache), refresh=a.calibrate == "refresh",
-                                      log=lambda m: print(m, flush=True))
+        profile = profile_to_plan_on(Path(a.spec), Path(profile), Path(a.models), Path(a.pages), a.calibrate,
+                                     Path(a.calibration_cache), log=lambda m: print(m, flush=True))
     print(f"plans from: {'the operator plan ' + a.plan_file if a.plan_file else 'the planner on ' + str(profile)}",
           flush=True)
     cfg = ClusterConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
