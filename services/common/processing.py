@@ -16,7 +16,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from services.common.spec import VariantSpec
 
@@ -48,10 +48,22 @@ class ItemResult:
 @dataclass
 class Prepared:
     """A query's preprocessed input, ready to be batched. ``data`` is processor-defined
-    (e.g. a normalised CHW float32 array plus the geometry needed to map boxes back)."""
+    (e.g. a normalised CHW float32 array plus the geometry needed to map boxes back).
+    ``bucket``: the input shape bucket it was padded to (None: the processor has none);
+    items of different buckets never share a model run (the worker batches within a
+    bucket, and ``run_batch`` splits a mixed list by :func:`split_by_bucket`)."""
 
     data: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    bucket: Hashable = None
+
+
+def split_by_bucket(items: list[Prepared]) -> list[list[int]]:
+    """Indices of ``items`` grouped by bucket, groups in order of first appearance."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.bucket, []).append(i)
+    return list(groups.values())
 
 
 class Processor(ABC):
@@ -75,6 +87,17 @@ class Processor(ABC):
         """A representative input to run once when the model loads (a fresh ONNX Runtime
         session's first runs are several times slower), or None for no warm-up."""
         return None
+
+    def shape_buckets(self) -> tuple[Hashable, ...]:
+        """The input shape buckets this processor pads to (empty: none, shapes unbounded)."""
+        return ()
+
+    def warmup_items(self) -> list[Prepared]:
+        """Prepared inputs to warm the model with: one per shape bucket where there are
+        buckets (the worker runs each at every batch size it may use), else the warm-up
+        payload prepared once (none without one)."""
+        payload = self.warmup_payload()
+        return [] if payload is None else [self.prepare(payload)]
 
     @abstractmethod
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:

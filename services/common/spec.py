@@ -22,6 +22,31 @@ DEFAULT_MAX_INPUT_SIDE = 4096
 DEFAULT_MAX_INPUT_PIXELS = DEFAULT_MAX_INPUT_SIDE * DEFAULT_MAX_INPUT_SIDE
 
 
+MAX_SHAPE_BUCKETS = 8   # "a small set": every bucket is warmed at every batch size a worker runs
+
+
+@dataclass(frozen=True)
+class ShapeBuckets:
+    """The input shapes a variant's model is fed: each input is padded to the smallest
+    bucket it fits, so a worker runs at most ``len(buckets) x batch sizes`` shapes and can
+    warm them all before it serves (on a GPU each new shape costs a cuDNN algorithm search).
+
+    ``widths``: line models (recognition), the padded widths at the model's height, ascending
+    (a crop wider than the last is resized down to it). ``aspects``: page models
+    (detection), ``(width, height)`` ratios of the padded input whose long side is the
+    variant's ``side`` (a page is letterboxed into the bucket that keeps it largest).
+    ``off``: no buckets, each batch padded to its own largest input (unbounded shapes).
+    A variant without ``buckets`` in its spec gets its processor kind's default."""
+
+    widths: tuple[int, ...] = ()
+    aspects: tuple[tuple[int, int], ...] = ()
+    off: bool = False
+
+    @classmethod
+    def none(cls) -> "ShapeBuckets":
+        return cls(off=True)
+
+
 @dataclass(frozen=True)
 class VariantSpec:
     """One model variant of a task: its ONNX file and how to drive it."""
@@ -34,6 +59,7 @@ class VariantSpec:
     output_names: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
     accuracy: float | None = None   # optional prior; profiles supersede it
+    buckets: ShapeBuckets | None = None   # None: the processor kind's default buckets
 
 
 @dataclass(frozen=True)
@@ -129,6 +155,43 @@ def _str_list(value: Any, field_name: str, source: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def parse_buckets(value: Any, field_name: str, source: str) -> ShapeBuckets | None:
+    """``buckets:`` of a variant: ``{widths: [...]}``, ``{aspects: ["W:H", ...]}``, ``off``
+    (YAML reads a bare ``off`` as false), or absent (None: the processor kind's default)."""
+    if value is None:
+        return None
+    if value is False or value == "off":
+        return ShapeBuckets.none()
+    if not isinstance(value, dict) or not value:
+        raise SpecError(source, field_name, f"must be {{widths: [...]}}, {{aspects: [\"W:H\", ...]}} or off, "
+                                            f"got {value!r}")
+    unknown = sorted(set(map(str, value)) - {"widths", "aspects"})
+    if unknown:
+        raise SpecError(source, f"{field_name}.{unknown[0]}", "unknown field (expected 'widths' or 'aspects')")
+    if len(value) != 1:
+        raise SpecError(source, field_name, "give 'widths' (line models) or 'aspects' (page models), not both")
+    (key, items), = value.items()
+    where = f"{field_name}.{key}"
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_SHAPE_BUCKETS:
+        raise SpecError(source, where, f"must be a list of 1 to {MAX_SHAPE_BUCKETS} buckets, got {items!r}")
+    if key == "widths":
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in items):
+            raise SpecError(source, where, f"must be positive whole numbers of pixels, got {items!r}")
+        if any(b <= a for a, b in zip(items, items[1:])):
+            raise SpecError(source, where, f"must be strictly increasing, got {items!r}")
+        return ShapeBuckets(widths=tuple(items))
+    aspects: list[tuple[int, int]] = []
+    for a in items:
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", a) if isinstance(a, str) else None
+        if m is None or not int(m[1]) or not int(m[2]):
+            raise SpecError(source, where, f"each aspect must be \"W:H\" with positive whole numbers, got {a!r}")
+        w, h = int(m[1]), int(m[2])
+        if any(w * h2 == h * w2 for w2, h2 in aspects):
+            raise SpecError(source, where, f"aspect {a!r} repeats an earlier one")
+        aspects.append((w, h))
+    return ShapeBuckets(aspects=tuple(aspects))
+
+
 def parse_spec(data: Any, source: str = "<memory>") -> PipelineSpec:
     if not isinstance(data, dict):
         raise SpecError(source, "<root>", "must be a mapping")
@@ -198,6 +261,7 @@ def parse_spec(data: Any, source: str = "<memory>") -> PipelineSpec:
                 input_names=_str_list(rv.get("input_names"), f"{vw}input_names", source),
                 output_names=_str_list(rv.get("output_names"), f"{vw}output_names", source),
                 settings=dict(settings), accuracy=None if acc is None else float(acc),
+                buckets=parse_buckets(rv.get("buckets"), f"{vw}buckets", source),
             ))
         tasks.append(TaskSpec(name=tname, variants=tuple(variants), children=children))
 

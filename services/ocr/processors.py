@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import InvalidInput
-from services.common.processing import ItemResult, Prepared, Processor, RegionOut, register_processor
-from services.common.spec import VariantSpec
+from services.common.processing import (ItemResult, Prepared, Processor, RegionOut, register_processor,
+                                        split_by_bucket)
+from services.common.spec import ShapeBuckets, VariantSpec
 from services.ocr.ctc import ctc_greedy_decode, load_charset, softmax
 from services.ocr.geometry import DBParams, crop_quad, db_boxes, reading_order
 
@@ -30,6 +31,8 @@ __all__ = ["DetProcessor", "RecProcessor", "ClsProcessor", "decode_image", "enco
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DET_ASPECTS = ((1, 1), (4, 3), (3, 4))   # ppocr_det's default buckets (width:height)
+REC_WIDTHS = (80, 160, 320, 640)          # ppocr_rec's default buckets (pixels at the model's height)
 
 
 def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
@@ -82,10 +85,55 @@ def _feeds(variant: VariantSpec, session: Any, batch: np.ndarray) -> tuple[list[
     return (list(variant.output_names) or None), {name: batch}
 
 
+def _per_bucket(items: list[Prepared], run: Any) -> list[ItemResult]:
+    """``run(items of one bucket) -> results`` over each bucket of ``items`` (one model
+    run never mixes shapes), the results put back in input order."""
+    groups = split_by_bucket(items)
+    if len(groups) == 1:
+        return run(items)
+    out: list[Any] = [None] * len(items)
+    for idx in groups:
+        for i, r in zip(idx, run([items[i] for i in idx])):
+            out[i] = r
+    return out
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return max(multiple, int(math.ceil(x / multiple - 1e-9)) * multiple)
+
+
+def page_buckets(side: int, aspects: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The ``(height, width)`` inputs of a detector whose long side is ``side`` for each
+    ``(width, height)`` aspect, the short side rounded up to a multiple of 32 (the DB
+    network's stride); duplicates dropped, in the order given."""
+    out: list[tuple[int, int]] = []
+    for aw, ah in aspects:
+        shape = (side, _round_up(side * aw / ah, 32)) if ah > aw else (_round_up(side * ah / aw, 32), side)
+        shape = (min(shape[0], side), min(shape[1], side))
+        if shape not in out:
+            out.append(shape)
+    return tuple(out)
+
+
+def fit_page(h: int, w: int, side: int, buckets: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], float]:
+    """The bucket a ``h x w`` page is letterboxed into and its scale: the bucket that keeps
+    the page largest (never above ``side`` on its long side), the smaller one on a tie."""
+    best = None
+    for bh, bw in buckets:
+        scale = min(side / max(h, w), bh / h, bw / w)
+        key = (-scale, bh * bw)
+        if best is None or key < best[0]:
+            best = (key, (bh, bw), scale)
+    assert best is not None
+    return best[1], best[2]
+
+
 @register_processor("ppocr_det")
 class DetProcessor(Processor):
-    """DB text detector. Settings: ``side`` (network input is side x side; the page is
-    resized so its long side = side and padded, so pages of any shape batch together),
+    """DB text detector. Settings: ``side`` (the network input's long side; the page is
+    resized so its long side = side and padded to its shape bucket: ``buckets.aspects``,
+    default 1:1, 4:3, 3:4, each side x (side x ratio rounded up to 32); ``buckets: off``
+    pads every page to side x side),
     ``thresh``, ``box_thresh``, ``unclip_ratio``, ``max_candidates``, ``min_size``,
     ``mean``/``std`` (normalisation of BGR/255), ``crop_format`` (jpeg, default, or png: JPEG
     q95 crops are ~3x smaller at the same CER, see docs/ocr.md), ``crop_quality``,
@@ -110,28 +158,46 @@ class DetProcessor(Processor):
         self.crop_format = str(s.get("crop_format", "jpeg"))
         self.crop_quality = int(s.get("crop_quality", 95))
         self.max_side = int(s.get("max_side", 8192))
+        b = variant.buckets or ShapeBuckets(aspects=DET_ASPECTS)
+        if b.widths:
+            raise ValueError(f"variant {variant.name}: a ppocr_det variant takes buckets.aspects, not widths")
+        self.buckets = page_buckets(self.side, ((1, 1),) if b.off else b.aspects)
+
+    def shape_buckets(self) -> tuple[tuple[int, int], ...]:
+        return self.buckets
 
     def prepare(self, payload: bytes) -> Prepared:
-        image = decode_image(payload, self.max_side)
+        return self.prepare_image(decode_image(payload, self.max_side))
+
+    def prepare_image(self, image: np.ndarray) -> Prepared:
         h, w = image.shape[:2]
-        scale = self.side / max(h, w)
-        rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+        (bh, bw), scale = fit_page(h, w, self.side, self.buckets)
+        rh, rw = min(bh, max(1, round(h * scale))), min(bw, max(1, round(w * scale)))
         resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR if scale < 1 else cv2.INTER_CUBIC)
         norm = (resized.astype(np.float32) / 255.0 - self.mean) / self.std
-        data = np.zeros((3, self.side, self.side), dtype=np.float32)   # pad = the mean colour
+        data = np.zeros((3, bh, bw), dtype=np.float32)   # pad = the mean colour
         data[:, :rh, :rw] = norm.transpose(2, 0, 1)
-        return Prepared(data=data, meta={"image": image, "scale": scale, "valid": (rh, rw)})
+        return Prepared(data=data, meta={"image": image, "scale": scale, "valid": (rh, rw)}, bucket=(bh, bw))
+
+    @staticmethod
+    def _page(h: int, w: int) -> np.ndarray:
+        """A white h x w page with a few dark bars (boxes for the DB post-processing to find)."""
+        page = np.full((h, w, 3), 255, np.uint8)
+        for y in range(h // 8, h - h // 8, max(24, h // 5)):
+            page[y: y + h // 20 + 1, w // 16: w - w // 8] = 20
+        return page
 
     def warmup_payload(self) -> bytes:
-        """A white page with a few dark bars (boxes for the DB post-processing to find)."""
-        page = np.full((480, 640, 3), 255, np.uint8)
-        for i in range(4):
-            page[60 + 90 * i: 84 + 90 * i, 40:560] = 20
-        return encode_image(page, "png")
+        return encode_image(self._page(480, 640), "png")
+
+    def warmup_items(self) -> list[Prepared]:
+        """One page per bucket, exactly the bucket's size (so it lands in it)."""
+        return [self.prepare_image(self._page(bh, bw)) for bh, bw in self.buckets]
 
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
-        if not items:
-            return []
+        return _per_bucket(items, lambda group: self._run(session, group)) if items else []
+
+    def _run(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
         outputs, feeds = _feeds(self.variant, session, np.stack([it.data for it in items]))
         maps = session.run(outputs, feeds)[0]
         if len(maps) != len(items):
@@ -166,8 +232,13 @@ class DetProcessor(Processor):
 @register_processor("ppocr_rec")
 class RecProcessor(Processor):
     """CTC text recogniser. Settings: ``dict`` (character list, relative to the models dir),
-    ``use_space_char`` (default true), ``height`` (48), ``min_width`` (pad narrower batches to
-    this, 320 as PaddleOCR), ``max_width`` (wider crops are squeezed), ``max_side``.
+    ``use_space_char`` (default true), ``height`` (48), ``pad_value`` (what padding holds
+    after normalisation, 0.0 as PaddleOCR's ``resize_norm_img``), ``max_side``.
+
+    Each crop is resized to ``height`` and right-padded to its shape bucket, the smallest of
+    ``buckets.widths`` (default 80, 160, 320, 640) that holds it; a crop wider than the
+    last is squeezed to it. With ``buckets: off`` each batch is padded to its widest crop,
+    at least ``min_width`` (320, as PaddleOCR), crops squeezed to ``max_width`` (1600).
 
     Each result holds one region with the decoded text and its confidence.
     """
@@ -180,25 +251,54 @@ class RecProcessor(Processor):
         self.charset = load_charset(self.model_dir / s["dict"], bool(s.get("use_space_char", True)))
         self.height = int(s.get("height", 48))
         self.min_width = int(s.get("min_width", 320))
-        self.max_width = int(s.get("max_width", 1600))
+        self.pad_value = float(s.get("pad_value", 0.0))
         self.max_side = int(s.get("max_side", 8192))
+        b = variant.buckets or ShapeBuckets(widths=REC_WIDTHS)
+        if b.aspects:
+            raise ValueError(f"variant {variant.name}: a ppocr_rec variant takes buckets.widths, not aspects")
+        self.widths = () if b.off else b.widths
+        self.max_width = self.widths[-1] if self.widths else int(s.get("max_width", 1600))
+
+    def shape_buckets(self) -> tuple[int, ...]:
+        return self.widths
 
     def prepare(self, payload: bytes) -> Prepared:
-        image = decode_image(payload, self.max_side)
+        return self.prepare_image(decode_image(payload, self.max_side))
+
+    def prepare_image(self, image: np.ndarray) -> Prepared:
         h, w = image.shape[:2]
         width = min(self.max_width, max(1, math.ceil(self.height * w / h)))
         resized = cv2.resize(image, (width, self.height), interpolation=cv2.INTER_LINEAR)
-        data = (resized.astype(np.float32) / 255.0 - 0.5) / 0.5
-        return Prepared(data=np.ascontiguousarray(data.transpose(2, 0, 1)), meta={"width": width})
+        norm = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+        if not self.widths:
+            return Prepared(data=np.ascontiguousarray(norm), meta={"width": width})
+        bucket = next(b for b in self.widths if b >= width)
+        data = np.full((3, self.height, bucket), self.pad_value, dtype=np.float32)
+        data[:, :, :width] = norm
+        return Prepared(data=data, meta={"width": width}, bucket=bucket)
 
     def warmup_payload(self) -> bytes:
         return line_crop_payload()
 
+    def warmup_items(self) -> list[Prepared]:
+        """One line per bucket, as wide as the bucket (so it lands in it)."""
+        if not self.widths:
+            return super().warmup_items()
+        items = []
+        for width in self.widths:
+            crop = np.full((self.height, width, 3), 255, np.uint8)
+            crop[self.height // 4: 3 * self.height // 4, width // 16: width - width // 16] = 20
+            items.append(self.prepare_image(crop))
+        return items
+
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
-        if not items:
-            return []
-        width = max(self.min_width, max(it.data.shape[2] for it in items))
-        batch = np.zeros((len(items), 3, self.height, width), dtype=np.float32)
+        return _per_bucket(items, lambda group: self._run(session, group)) if items else []
+
+    def _run(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
+        width = max(it.data.shape[2] for it in items)
+        if not self.widths:
+            width = max(self.min_width, width)
+        batch = np.full((len(items), 3, self.height, width), self.pad_value, dtype=np.float32)
         for i, it in enumerate(items):
             batch[i, :, :, : it.data.shape[2]] = it.data
         outputs, feeds = _feeds(self.variant, session, batch)

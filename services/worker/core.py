@@ -53,7 +53,7 @@ from services.common.errors import InvalidInput, Shed, Unavailable
 from services.common.logging import get_logger
 from services.common.memory import malloc_trim
 from services.common.metrics import WorkerMetrics
-from services.common.onnx import create_session
+from services.common.onnx import DEFAULT_CUDNN_ALGO_SEARCH, create_session
 from services.common.processing import ItemResult, Prepared, Processor, make_processor
 from services.common.spec import TaskSpec, VariantSpec
 from services.common.tasks import supervise
@@ -147,6 +147,8 @@ class ModelHost:
     estimator: ServiceTimeEstimator = field(default_factory=ServiceTimeEstimator)
     batches: int = 0          # batches run on this host (the first few are not reported)
     cheap_prep_streak: int = 0   # items in a row prepared in under INLINE_PREP_ITEM_S
+    warmed: set = field(default_factory=set)   # (shape bucket, batch size) run by warm_up
+    warm_items: list | None = None   # warm_up's inputs, one per bucket (None: never warmed)
 
     def prepare_inline(self, n: int) -> bool:
         """Whether a request of ``n`` items is prepared on the event loop (see the module
@@ -160,20 +162,45 @@ class ModelHost:
 
     @staticmethod
     def load(variant: VariantSpec, models_dir: Path, prefer_gpu: bool, threads: int,
-             plugins: tuple[str, ...] = ()) -> "ModelHost":
+             plugins: tuple[str, ...] = (), max_batch: int = 1,
+             cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH) -> "ModelHost":
         processor = make_processor(variant, models_dir, plugins)
         session, providers = create_session(processor.model_path, prefer_gpu=prefer_gpu,
-                                            intra_op_threads=threads)
+                                            intra_op_threads=threads,
+                                            cudnn_conv_algo_search=cudnn_conv_algo_search)
         host = ModelHost(variant, processor, session, providers)
-        host.warm_up()
+        host.warm_up(max_batch)
         return host
 
-    def warm_up(self, runs: int = 2) -> None:
-        """Run the processor's warm-up input through the session (a fresh session's first
-        runs allocate and are several times slower) before the host serves anything."""
-        payload = self.processor.warmup_payload()
-        for _ in range(runs if payload is not None else 0):
-            self.processor.run_batch(self.session, [self.processor.prepare(payload)])
+    def warm_up(self, max_batch: int = 1) -> None:
+        """Before the host serves: run the processor's warm-up inputs (one per shape bucket)
+        at the batch sizes :func:`warm_batch_sizes` gives for ``max_batch``, each once (the
+        first twice: a fresh session's first runs allocate); pairs run before are skipped.
+        On a GPU every new input shape costs a cuDNN algorithm search."""
+        if self.warm_items is None:
+            self.warm_items = self.processor.warmup_items()
+        sizes = warm_batch_sizes(max_batch, "CUDAExecutionProvider" in self.providers)
+        for item in self.warm_items:
+            for b in sizes:
+                if (item.bucket, b) not in self.warmed:
+                    for _ in range(1 if self.warmed else 2):
+                        self.processor.run_batch(self.session, [item] * b)
+                    self.warmed.add((item.bucket, b))
+
+    def needs_warm_up(self, max_batch: int) -> bool:
+        """Whether batches up to ``max_batch`` would meet a shape :meth:`warm_up` has not run."""
+        return bool(self.warm_items) and any(
+            (it.bucket, b) not in self.warmed for it in self.warm_items
+            for b in warm_batch_sizes(max_batch, "CUDAExecutionProvider" in self.providers))
+
+
+def warm_batch_sizes(max_batch: int, gpu: bool) -> tuple[int, ...]:
+    """The batch sizes a model is warmed at for batches of up to ``max_batch``: on a GPU
+    every size (the work-conserving batcher runs partial batches, and each size is a new
+    shape to cuDNN); on a CPU batch 1 only: there a new shape costs about one more run (an
+    allocation, not a search), and warming rec_v6small's 4 buckets at batch 32 took 10 s
+    of CPU (docs/gpu.md)."""
+    return tuple(range(1, max(1, int(max_batch)) + 1)) if gpu else (1,)
 
 
 @dataclass
@@ -228,7 +255,8 @@ class WorkerCore:
                  loader: Callable[[VariantSpec], ModelHost] | None = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, plugins: tuple[str, ...] = (),
                  prep_threads: int = 2, tasks: Mapping[str, TaskSpec] | None = None,
-                 linger_s: float = DEFAULT_LINGER_S, burst: bool = True) -> None:
+                 linger_s: float = DEFAULT_LINGER_S, burst: bool = True,
+                 cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH) -> None:
         if task is None and not tasks:
             raise ValueError("a worker needs a task or a set of tasks it may serve")
         self.worker_id = worker_id
@@ -241,8 +269,9 @@ class WorkerCore:
         self.clock = clock
         self.max_queue = max_queue
         self.linger_s = linger_s
+        # a model is warmed for the batch size of the plan that loads it (set before the load)
         self._loader = loader or (lambda v: ModelHost.load(v, self.models_dir, prefer_gpu, intra_op_threads,
-                                                          plugins))
+                                                          plugins, self.batch_size, cudnn_conv_algo_search))
         self.state = WorkerState.IDLE
         self.host: ModelHost | None = None
         # hosts submissions may still use: the current one, and ones the plan moved away
@@ -330,6 +359,9 @@ class WorkerCore:
                                  f"(it serves {sorted(self.tasks)})")
             target = self.tasks[name]
             if self.host is not None and self.host.variant.name == variant_name and self.task_name == name:
+                if self.host.needs_warm_up(self.batch_size):   # a larger batch: its new shapes, in the model's thread
+                    await asyncio.get_running_loop().run_in_executor(self._infer_pool, self.host.warm_up,
+                                                                     self.batch_size)
                 return False
             variant = target.variant(variant_name)
             old, old_task = self.host, self.task
@@ -542,7 +574,7 @@ class WorkerCore:
         prep_wall_s = time.perf_counter() - t_prep
         host.observe_prepare(prepared)
         now = self.clock()
-        group: deque[_Pending] = deque()
+        groups: dict = {}   # shape bucket -> its queries: a batch holds one bucket
         outcomes: list[Outcome | asyncio.Future] = []
         for (qid, payload), prep in zip(queries, prepared):
             if isinstance(prep, InvalidInput):
@@ -554,10 +586,11 @@ class WorkerCore:
                 outcomes.append(Outcome(qid, Status.INTERNAL, "pre-processing failed", host.variant.name))
             else:
                 p = _Pending(qid, host, prep[0], now, prep[1], loop.create_future(), arrived, prep_wall_s, payload)
-                group.append(p)
+                groups.setdefault(getattr(prep[0], "bucket", None), deque()).append(p)
                 outcomes.append(p.future)
-        if group:
-            self.queue.push(group, deadline_s, reserve_s, len(group))
+        for bucket, group in groups.items():
+            self.queue.push(group, deadline_s, reserve_s, len(group), bucket)
+        if groups:
             self._wake.set()
             self._prefetch()
         return [o if isinstance(o, Outcome) else await o for o in outcomes]

@@ -19,6 +19,7 @@ from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make
                                         tls_from_args, tls_mode)
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import MetricsServer, add_metrics_argument, serve_metrics
+from services.common.onnx import CUDNN_ALGO_SEARCH, DEFAULT_CUDNN_ALGO_SEARCH
 from services.common.plan import Plan, validate_plan
 from services.common.plan_channel import PlanSubscriber
 from services.common.redis_auth import RedisAuthError, check_credentials
@@ -55,6 +56,7 @@ class WorkerConfig:
     linger_s: float = DEFAULT_LINGER_S
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
     burst: bool = True   # load the plan's burst variant beside the planned one and spill to it
+    cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH   # the CUDA provider's, per new input shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the plan's burst variant for the worker's task (Plan.burst, its "
                         "cheapest capacity) loaded beside the planned one, after it, and run the "
                         "next batch on it when the queue says the plan is overrun (default on)")
+    p.add_argument("--cudnn-conv-algo-search", type=str.upper,
+                   default=os.environ.get("PIPESERVE_CUDNN_CONV_ALGO_SEARCH", DEFAULT_CUDNN_ALGO_SEARCH),
+                   help=f"how cuDNN picks convolution algorithms for each new input shape on the CUDA "
+                        f"provider: {', '.join(CUDNN_ALGO_SEARCH)} (default $PIPESERVE_CUDNN_CONV_ALGO_SEARCH "
+                        f"or {DEFAULT_CUDNN_ALGO_SEARCH}; the worker warms every shape bucket and batch size "
+                        f"before it serves; choose by measuring on the GPU, docs/gpu.md)")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
     add_metrics_argument(p)
@@ -115,12 +123,16 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     if not a.redis_url:
         p.error("--redis-url (or REDIS_URL) is required")
     tls = tls_from_args(a, p)
+    if a.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCH:
+        p.error(f"--cudnn-conv-algo-search (or PIPESERVE_CUDNN_CONV_ALGO_SEARCH) must be one of "
+                f"{', '.join(CUDNN_ALGO_SEARCH)}, got {a.cudnn_conv_algo_search!r}")
     return WorkerConfig(
         spec=Path(a.spec), task=a.task, worker_id=a.worker_id or "", host=a.host, port=a.port,
         advertise=a.advertise or "", controller=a.controller, redis_url=a.redis_url,
         models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
         heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, prep_threads=a.prep_threads, json_logs=a.log_json, tls=tls,
-        linger_s=a.linger_s, metrics_port=a.metrics_port, burst=a.burst == "on")
+        linger_s=a.linger_s, metrics_port=a.metrics_port, burst=a.burst == "on",
+        cudnn_conv_algo_search=a.cudnn_conv_algo_search)
 
 
 class WorkerApp:
@@ -140,6 +152,7 @@ class WorkerApp:
                                prefer_gpu=cfg.device == "auto", intra_op_threads=cfg.intra_op_threads,
                                max_queue=cfg.max_queue, plugins=self.spec.plugins,
                                prep_threads=cfg.prep_threads, linger_s=cfg.linger_s, burst=cfg.burst,
+                               cudnn_conv_algo_search=cfg.cudnn_conv_algo_search,
                                tasks=None if task else {t.name: t for t in self.spec.tasks})
         self.server = make_server()
         self.health = health.aio.HealthServicer()
