@@ -96,6 +96,7 @@ class RouterCore:
         self.reroute = True      # opportunistic rerouting (reroute_target), as in the simulator
         self._outstanding: dict[str, int] = {}   # worker id -> queries sent, not answered yet
         self._batch_s: dict[str, float] = {}     # worker id -> moving average of its batch time
+        self._call_batch_s: dict[str, float] = {}   # worker id -> its calls' round trip per batch ahead
         self.health = WorkerHealth(health)       # calls in flight and circuit breakers per worker
         self.metrics = RouterMetrics(self, self.task.name,
                                      {v: k.lower() for k, v in pb.QueryStatus.items() if v != 0})
@@ -106,6 +107,7 @@ class RouterCore:
             prev = old.get(wid)
             if prev is not None and (prev.variant, prev.batch_size) != (w.variant, w.batch_size):
                 self._batch_s.pop(wid, None)
+                self._call_batch_s.pop(wid, None)
         self.health.forget(plan.workers)
         self.plan = plan
         self.routing.set_plan(plan.routing.get(self.task.name, {}), plan.planned_qps.get(self.task.name, {}),
@@ -221,14 +223,18 @@ class RouterCore:
 
     def expected_call_s(self, plan: Plan, wid: str, n: int) -> float | None:
         """How long a call of ``n`` queries to ``wid`` should take, behind the queries this
-        router has outstanding there: from the worker's learnt batch time, else the plan's
-        latency figure (None when neither is known)."""
+        router has outstanding there: per batch ahead, the larger of the worker's learnt
+        batch time and its calls' learnt round trip per batch (queueing, pre-processing and
+        transfer included), else the plan's latency figure (None when nothing is known)."""
         w = plan.workers[wid]
         lat = self._batch_s.get(wid)
         if lat is None:
             by_batch = plan.latency_ms.get(w.task, {}).get(w.variant, {})
             ms = by_batch.get(w.batch_size) or (by_batch[max(by_batch)] if by_batch else None)
             lat = None if ms is None else ms / 1000.0
+        rtt = self._call_batch_s.get(wid)
+        if rtt is not None:
+            lat = rtt if lat is None else max(lat, rtt)
         if lat is None:
             return None
         return expected_finish_s(0.0, self._outstanding.get(wid, 0) + n, w.batch_size, lat)
@@ -247,6 +253,13 @@ class RouterCore:
         has_other = any(self.health.usable(w.worker_id, now) for w in plan.workers_of(self.task.name)
                         if w.worker_id not in tried)
         return short if has_other else remaining_s
+
+    def _observe_call(self, plan: Plan, wid: str, batches: int, call_s: float) -> None:
+        """A successful call's round trip per batch ahead of it: up at once, down slowly
+        (a call's timeout must not follow a few fast calls down below a normal slow one)."""
+        x = call_s / max(1, batches)
+        prev = self._call_batch_s.get(wid)
+        self._call_batch_s[wid] = x if prev is None or x > prev else prev + 0.1 * (x - prev)
 
     def _observe_batch(self, wid: str, results) -> None:
         times = [r.service_ms for r in results if r.batch_size > 0 and r.service_ms > 0]
@@ -277,6 +290,7 @@ class RouterCore:
             token = self.health.call_started(wid, now, remaining if expected is None else expected)
             failed: bool | None = None      # unknown (cancelled) unless set below
             sent_to = wid
+            ahead = -(-(self._outstanding.get(wid, 0) + len(queries)) // max(1, w.batch_size))
             self._outstanding[sent_to] = self._outstanding.get(sent_to, 0) + len(queries)
             try:
                 t_call = time.perf_counter()
@@ -287,6 +301,7 @@ class RouterCore:
                                                   f"for {len(queries)} queries")
                 failed = False
                 self._observe_batch(wid, resp.results)
+                self._observe_call(plan, wid, ahead, call_ms / 1e3)
                 self._newer(resp.plan_version)
                 for r, i in zip(resp.results, idx):
                     r.call_ms = call_ms   # the latency breakdown's router <-> worker round trip
