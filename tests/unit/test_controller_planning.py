@@ -362,3 +362,21 @@ def test_plans_settle_a_dwell_but_for_rises_beyond_capacity_and_no_drift_back_un
     plain = policy()
     plain.decide(WORKERS, 6.0, None, now=0.0)
     assert plain.held_demand(1.0, 1.0) == 1.0
+
+
+def test_spilled_batches_of_a_burst_variant_do_not_calibrate_it():
+    from services.policy.calibration import Timing
+
+    pol = policy(burst=True)
+    plan = pol.decide(WORKERS, 1.0, None, now=0.0)
+    task, burst = next((t, v) for t, v in plan.burst.items()
+                       if v not in {w.variant for w in plan.workers.values() if w.task == t})
+    base = pol.profile.task(task).variant(burst).latency_ms[1].p50_ms
+    pol.observe_timings([Timing(task, burst, 1, 20, 20 * 15.0 * base)])   # a spilled batch's "time"
+    planned = plan.workers["det-0"]
+    own = pol.profile.task("det").variant(planned.variant).latency_ms[planned.batch_size].p50_ms
+    pol.observe_timings([Timing("det", planned.variant, planned.batch_size, 20, 20 * 1.5 * own)])
+    factors = pol.calibrator.factors()
+    assert factors[("det", planned.variant)] == pytest.approx(1.5, rel=0.01)
+    # the burst variant gets the host factor (that of what was measured), not 15x
+    assert factors[(task, burst)] == pytest.approx(1.5, rel=0.01)
