@@ -80,12 +80,18 @@ def summarise(records: list[dict], history: list[dict], period: float, duration:
                          "parked": h.get("parked"), "demand_qps": h.get("demand_qps"),
                          "capacity_qps": h.get("capacity_qps"), "workers": h.get("workers")})
     paths = Counter(r.get("variant_path") for r in records if r["ok"])
+    # an answer that went through a variant its plan version does not run: a burst variant
+    planned = {h["version"]: {k.split("/", 1)[1] for k in (h.get("workers") or {})} for h in samples
+               if h.get("version") is not None}
+    burst = [r for r in records if r["ok"] and r.get("variant_path") and r.get("plan_version") in planned
+             and set(r["variant_path"].replace("+", "/").split("/")) - planned[r["plan_version"]]]
     reasons = Counter((r["outcome"] if not r["ok"] else "late") for r in records if violated(r))
     return {"requests": n, "violations": bad, "violation_ratio": bad / n if n else None,
             "after_step": {"requests": in_after, "violations": bad_after,
                            "violation_ratio": bad_after / in_after if in_after else None},
             "steps": per_step, "plan_versions": len(versions), "version_range": versions[:1] + versions[-1:],
-            "variant_paths": dict(paths.most_common()), "violation_reasons": dict(reasons.most_common()),
+            "variant_paths": dict(paths.most_common()), "burst_answers": len(burst),
+            "burst_answers_after_step": sum(any(st <= r["scheduled_s"] < st + after_s for st in steps) for r in burst), "violation_reasons": dict(reasons.most_common()),
             "timeline": timeline}
 
 
@@ -99,6 +105,8 @@ def print_summary(s: dict, every_s: float = 3.0) -> None:
     print(f"plan versions: {s['plan_versions']} (v{'..v'.join(str(v) for v in s['version_range'])})")
     print(f"violation reasons: {s['violation_reasons']}")
     print(f"variant paths (OK answers): {s['variant_paths']}")
+    print(f"OK answers through a variant their plan does not run (burst): {s['burst_answers']} "
+          f"({s['burst_answers_after_step']} in the seconds after a step)")
     print("   t_s  ver  active parked  demand  capacity  workers")
     next_t = 0.0
     for x in s["timeline"]:
