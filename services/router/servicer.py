@@ -8,7 +8,6 @@ import json
 import re
 import time
 import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from services.common import oip
 from services.policy.admission import TokenBucket
+from services.policy.fairness import ShareLimits
 from services.common.errors import (DeadlineMissed, InvalidInput, NotFound, ServingError, Shed,
                                     Unavailable)
 from services.common.grpc_utils import map_errors
@@ -27,6 +27,7 @@ from services.gen import inference_pb2_grpc as ipb_grpc
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
 from services.router.core import RouterCore
+from services.router.frontdoor_gate import ReceiveGate, client_of
 from services.router.stats import MODEL_VERSION, FrontDoorStats, breakdown, critical_path, critical_path_ms
 
 log = get_logger(__name__)
@@ -103,6 +104,14 @@ DEFAULT_MIN_BUDGET_MS = 20.0
 payload is looked at: no pipeline we serve answers faster (one detector run alone takes
 longer), so admitting it would only spend work on an answer nobody gets."""
 
+DEFAULT_ANSWER_MARGIN_MS = 50.0
+"""The front door answers this long before a request's deadline when it cannot finish it
+in time (DEADLINE_EXCEEDED, counted ``dropped`` and ``expired``), and works to a deadline
+this much earlier (the deadline it passes downstream), so that its answer reaches the
+client before the client's own gRPC deadline fires (then the client would see gRPC's
+"Deadline Exceeded" and the front door a cancelled call). Tens of milliseconds: more
+than the answer's trip back and the event loop's lag under load."""
+
 INFLIGHT_FACTOR = 3
 """Default cap on the bytes of requests in flight at the front door: this many times the
 spec's ``input.max_bytes`` (24 MiB for pipelines/ocr.yaml)."""
@@ -128,7 +137,7 @@ WAIT_HEADROOM = 4
 be when deciding whether an arrival may wait for a read slot (MAX_WAITING_TO_RECEIVE)."""
 
 RECENT_BODIES = 16
-"""How many of the last request bodies' sizes the waiting rule looks at (their largest)."""
+"""How many of a client's last request bodies' sizes the waiting rule looks at (their largest)."""
 
 VALIDATION_THREADS = 2
 """Threads that validate raw UINT8 pixels and re-encode them as PNG, off the event loop
@@ -242,28 +251,43 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
     result, or DEADLINE_EXCEEDED (dropped), RESOURCE_EXHAUSTED (shed), INVALID_ARGUMENT,
     NOT_FOUND, UNAVAILABLE or INTERNAL.
 
+    **It answers before the client gives up.** The request is served to its deadline less
+    ``answer_margin_ms`` (the deadline passed downstream); when that comes and the request
+    is not answered yet, wherever it is (waiting for a read slot, its body being read,
+    validated, or in the pipeline, whose calls are then cancelled), the front door answers
+    DEADLINE_EXCEEDED itself (counted ``dropped`` and ``expired``), so that a live server's
+    answer reaches the client before the client's own deadline fires.
+
+    **Fair shares of its receive limits** (services/policy/fairness.py through
+    services/router/frontdoor_gate.py): the bytes in flight and the bodies read at once are
+    split among the clients sending (``x-pipeserve-client`` metadata, else the connection):
+    a client's burst of large uploads sheds that client's own requests, not another's.
+
     The checks, cheapest first, so that a request that cannot be served costs little:
 
-    1. before the body is read: an expired gRPC deadline (DEADLINE_EXCEEDED); no room in
-       flight for one more request of the largest allowed size (the requests in flight
-       hold more than ``max_inflight_bytes - max_bytes``), or ``max_receiving`` bodies
-       are being read already and the recent bodies were large or too many wait already
-       (RESOURCE_EXHAUSTED); a wait for a slot that outlasts the deadline
+    1. before the body is read: a deadline that has passed or leaves less than
+       ``min_budget_ms`` after the margin (DEADLINE_EXCEEDED); no room in the client's
+       share of the bytes in flight for one more request of the largest allowed size, or
+       no read slot in its share and its recent bodies were large or too many wait
+       already (RESOURCE_EXHAUSTED); a wait for a slot that outlasts the deadline
        (DEADLINE_EXCEEDED);
-    2. once read: its size would take the bytes in flight past ``max_inflight_bytes``
+    2. once read: its size would take the client's bytes in flight past its share
        (RESOURCE_EXHAUSTED); not a ModelInferRequest (INVALID_ARGUMENT); unknown model
-       (NOT_FOUND); the deadline leaves less than ``min_budget_ms`` (DEADLINE_EXCEEDED,
-       before the payload is validated);
+       (NOT_FOUND); the ``timeout`` parameter leaves less than ``min_budget_ms``
+       (DEADLINE_EXCEEDED, before the payload is validated);
     3. payload validation and UINT8 re-encoding, in a thread (INVALID_ARGUMENT);
        readiness (UNAVAILABLE); the admission rate (RESOURCE_EXHAUSTED);
     4. routing; a failure inside becomes a generic message of its status.
 
-    A request arriving when nothing is in flight is always read, whatever its size.
+    A request of a client with nothing in flight is always read, whatever its size.
 
-    ``counts``: ``received`` (valid requests, admitted or shed by admission control: the
-    demand the controller plans for) and ``accepted`` (routed) count progress; exactly one
-    of ``ok``, ``dropped``, ``shed``, ``invalid``, ``not_found``, ``failed``, ``cancelled``
-    counts each request's outcome. ``stats`` keeps Triton's statistics of the model
+    ``counts``: ``arrived`` (every request, counted as it arrives), ``received`` (valid
+    requests, admitted or shed by admission control: the demand the controller plans for)
+    and ``accepted`` (routed) count progress; exactly one of ``ok``, ``dropped``, ``shed``,
+    ``invalid``, ``not_found``, ``failed``, ``cancelled`` (the client cancelled, or its
+    deadline fired first) counts each request's outcome, so once none is in progress
+    ``arrived`` is their sum; ``expired`` counts the drops of the deadline timer (of
+    ``dropped``). ``stats`` keeps Triton's statistics of the model
     (services/router/stats.py), served by ModelStatistics.
 
     Triton's extensions for perf_analyzer and Triton clients: ModelConfig (the pipeline
@@ -277,24 +301,25 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
                  max_inflight_bytes: int | None = None,
                  max_receiving: int = MAX_RECEIVING,
                  max_waiting_to_receive: int = MAX_WAITING_TO_RECEIVE,
+                 answer_margin_ms: float = DEFAULT_ANSWER_MARGIN_MS,
                  validation_threads: int = VALIDATION_THREADS) -> None:
         self.core = core
         self.spec = core.spec
         self.orientation = has_orientation(self.spec)   # the answer carries line orientations
         self.admission = admission
         self.min_budget_s = min_budget_ms / 1e3
+        self.margin_s = answer_margin_ms / 1e3
         self.max_inflight_bytes = (max_inflight_bytes if max_inflight_bytes is not None
                                    else INFLIGHT_FACTOR * self.spec.input.max_bytes)
         self.max_receiving = max_receiving
         self.max_waiting_to_receive = max_waiting_to_receive
-        self.inflight_bytes = 0   # requests read and not answered yet
-        self.receiving = 0        # request bodies being read
-        self._waiting: deque[asyncio.Future] = deque()   # arrivals waiting for a slot to read
-        self._recent_sizes: deque[int] = deque(maxlen=RECENT_BODIES)
+        self.gate = ReceiveGate(ShareLimits(
+            self.max_inflight_bytes, self.spec.input.max_bytes, max_receiving, max_waiting_to_receive,
+            wait_headroom=WAIT_HEADROOM, recent_bodies=RECENT_BODIES))
         self._pool = ThreadPoolExecutor(max_workers=validation_threads,
                                         thread_name_prefix="frontdoor-validate")
-        self.counts = {"received": 0, "accepted": 0, "ok": 0, "dropped": 0, "shed": 0, "invalid": 0,
-                       "not_found": 0, "failed": 0, "cancelled": 0}
+        self.counts = {"arrived": 0, "received": 0, "accepted": 0, "ok": 0, "dropped": 0, "shed": 0,
+                       "invalid": 0, "not_found": 0, "failed": 0, "cancelled": 0, "expired": 0}
         self.stats = FrontDoorStats()
         self.metrics = FrontDoorMetrics(self)   # counts and bytes in flight read when scraped
 
@@ -302,9 +327,19 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
+    def inflight_bytes(self) -> int:
+        """Bytes of requests read and not answered yet."""
+        return self.gate.inflight_bytes
+
+    @property
+    def receiving(self) -> int:
+        """Request bodies being read."""
+        return self.gate.receiving
+
+    @property
     def waiting_to_receive(self) -> int:
         """Arrivals waiting for a slot to read their body."""
-        return len(self._waiting)
+        return self.gate.waiting
 
     def _check_model(self, name: str, version: str = "") -> None:
         if name != self.spec.name:
@@ -441,6 +476,7 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         ``version`` once it is parsed, and once answered its critical ``path`` (queue, batch
         ms) and the front door's own ``input_ns`` and ``output_ns`` (FrontDoorStats)."""
         note = {} if note is None else note
+        self.counts["arrived"] += 1
         t0 = time.perf_counter_ns()
         note["t0_ns"] = t0
         try:
@@ -473,111 +509,66 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
             structlog.contextvars.unbind_contextvars("request_id")
 
     def _check_budget(self, budget_s: float, when: str) -> None:
-        if budget_s < self.min_budget_s:
+        """Drop a request whose deadline, ``budget_s`` from now, leaves less than
+        ``min_budget_ms`` once the answer margin is taken off."""
+        if budget_s - self.margin_s < self.min_budget_s:
             left = ("has already passed" if budget_s <= 0 else
                     f"leaves {budget_s * 1e3:.0f} ms, less than the {self.min_budget_s * 1e3:.0f} ms "
-                    "the pipeline needs at least")
+                    "the pipeline needs at least"
+                    + (f" and the {self.margin_s * 1e3:.0f} ms the front door keeps to answer in time"
+                       if self.margin_s > 0 else ""))
             raise DeadlineMissed(f"the request's deadline {left}; dropped {when}")
 
-    def _busy(self, what: str) -> Shed:
-        return Shed(f"server busy: {what} (limit {self.max_inflight_bytes / 2**20:.1f} MiB of "
-                    "requests in flight); retry later")
-
     async def _model_infer(self, read, context, note: dict) -> ipb.ModelInferResponse:
+        """The request under its deadline timer: ``answer_margin_ms`` before the earliest
+        of its gRPC deadline and the SLO, moved earlier once its ``timeout`` parameter is
+        read; when it fires, whatever the request is waiting for is cancelled and it is
+        answered DEADLINE_EXCEEDED (counted ``expired``)."""
         now = time.time()
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
         grpc_left = context.time_remaining()
-        if grpc_left is not None and grpc_left <= 0:   # expired: not even read
-            self._check_budget(grpc_left, "on arrival")
-        room = self.max_inflight_bytes - self.spec.input.max_bytes
-        if self.inflight_bytes > 0 and self.inflight_bytes > room:
-            raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight and "
-                             f"{self.receiving} being received")
-        await self._receive_slot(grpc_left)
+        budget_s = self.spec.slo_ms / 1e3 if grpc_left is None else min(self.spec.slo_ms / 1e3, grpc_left)
+        self._check_budget(budget_s, "on arrival")   # before the body is read
+        note["phase"] = "waiting for a slot to read its body"
         try:
+            async with asyncio.timeout_at(arrived + budget_s - self.margin_s) as timer:
+                return await self._within(read, context, note, now, arrived, budget_s, timer)
+        except TimeoutError:
+            self.counts["expired"] += 1
+            raise DeadlineMissed(
+                f"the request's deadline ({note.get('budget_ms', budget_s * 1e3):.0f} ms after it "
+                f"arrived) came while {note['phase']}; dropped {self.margin_s * 1e3:.0f} ms before it, "
+                "so that the answer reaches the client in time") from None
+
+    async def _within(self, read, context, note: dict, now: float, arrived: float, budget_s: float,
+                      timer: asyncio.Timeout) -> ipb.ModelInferResponse:
+        """``now`` (wall clock) and ``arrived`` (the loop's clock): when it arrived;
+        ``budget_s``: its deadline from then, as known before its body is read."""
+        ticket = await self.gate.enter(client_of(context), timer.when() - self.min_budget_s)
+        try:
+            note["phase"] = "its body was being read"
             request = await read()
             raw = request if isinstance(request, RawInferRequest) else None
             size = raw.size if raw is not None else request.ByteSize()
-            self._recent_sizes.append(size)
-        finally:
-            self._release_slot()
-        if self.inflight_bytes > 0 and self.inflight_bytes + size > self.max_inflight_bytes:
-            raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight, this "
-                             f"one ({size / 2**20:.1f} MiB) would pass the limit")
-        self.inflight_bytes += size
-        try:
+            self.gate.body_read(ticket, size)   # Shed when it would pass the client's share
+            note["phase"] = "it was being checked"
             message = raw.parse() if raw is not None else request
             request_id = message.id or uuid.uuid4().hex[:16]
             note.update(id=message.id, model=message.model_name, version=message.model_version)
             structlog.contextvars.bind_contextvars(request_id=request_id)
             self._check_model(message.model_name, message.model_version)
-            budget_s = self.spec.slo_ms / 1e3
             timeout_ms = oip.request_timeout_ms(message)
-            if timeout_ms is not None:
-                budget_s = min(budget_s, timeout_ms / 1e3)
-            if grpc_left is not None:
-                budget_s = min(budget_s, grpc_left)   # both relative to arrival (now)
-            self._check_budget(budget_s, "on arrival")
+            if timeout_ms is not None and timeout_ms / 1e3 < budget_s:
+                budget_s = timeout_ms / 1e3      # relative to arrival, as the others
+                self._check_budget(budget_s, "on arrival")
+                timer.reschedule(arrived + budget_s - self.margin_s)
+            note["budget_ms"] = budget_s * 1e3
             held = [message]   # _serve lets go of it once validated: only the image stays
             del message
             return await self._serve(held, raw, request_id, now, now + budget_s, note)
         finally:
-            self.inflight_bytes -= size
-
-    async def _receive_slot(self, grpc_left: float | None) -> None:
-        """Take one of the ``max_receiving`` slots to read a body, waiting for one when the
-        recent bodies were small (MAX_WAITING_TO_RECEIVE); raises Shed or DeadlineMissed."""
-        if self.receiving < self.max_receiving and not self._waiting:
-            self.receiving += 1
-            return
-        budget_s = self.spec.slo_ms / 1e3 if grpc_left is None else min(self.spec.slo_ms / 1e3, grpc_left)
-        wait_s = budget_s - self.min_budget_s
-        if wait_s <= 0 or len(self._waiting) >= self.max_waiting_to_receive or not self._may_wait():
-            raise self._busy(f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight and "
-                             f"{self.receiving} being received")
-        loop = asyncio.get_running_loop()
-        slot = loop.create_future()   # its result: "granted", "expired" or "shed"
-        self._waiting.append(slot)
-        timer = loop.call_later(wait_s, lambda: slot.done() or slot.set_result("expired"))
-        try:
-            outcome = await slot
-        except BaseException:         # cancelled (the client went away)
-            if slot.done() and not slot.cancelled() and slot.result() == "granted":
-                self._release_slot()  # handed a slot as it was cancelled: pass it on
-            raise
-        finally:
-            timer.cancel()
-            if slot in self._waiting:
-                self._waiting.remove(slot)
-        if outcome == "expired":
-            raise DeadlineMissed(f"the request's deadline passed while it waited for one of the "
-                                 f"{self.max_receiving} slots to read its body; dropped before it "
-                                 "was read")
-        if outcome == "shed":
-            raise self._busy(f"large requests arrived while it waited to be read; "
-                             f"{self.inflight_bytes / 2**20:.1f} MiB of requests in flight")
-
-    def _may_wait(self) -> bool:
-        """Whether an arrival may wait for a read slot: the bodies being read and waiting,
-        and its own, at WAIT_HEADROOM times the largest recent one, fit in the room left in
-        flight (MAX_WAITING_TO_RECEIVE)."""
-        largest = WAIT_HEADROOM * max(self._recent_sizes, default=self.spec.input.max_bytes)
-        bodies = self.receiving + len(self._waiting) + 1
-        return bodies * largest <= self.max_inflight_bytes - self.inflight_bytes
-
-    def _release_slot(self) -> None:
-        """A body is read (or its read failed): its slot goes to the first arrival waiting."""
-        if self._waiting and not self._may_wait():
-            # large bodies now: the arrivals waiting are shed, unread, as new ones would be
-            while self._waiting:
-                slot = self._waiting.popleft()
-                if not slot.done():
-                    slot.set_result("shed")
-        while self._waiting:
-            slot = self._waiting.popleft()
-            if not slot.done():
-                slot.set_result("granted")   # the slot passes on: ``receiving`` stays
-                return
-        self.receiving -= 1
+            self.gate.leave(ticket)
 
     async def _serve(self, held: list, raw: "RawInferRequest | None", request_id: str, now: float,
                      deadline: float, note: dict) -> ipb.ModelInferResponse:
@@ -607,8 +598,9 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         self._check_budget(deadline - time.time(), "before routing")
         self.counts["accepted"] += 1
         t_route = time.perf_counter_ns()
-        try:
-            [result] = await self.core.route(request_id, deadline, queries, "")
+        note["phase"] = "the pipeline was serving it"
+        try:   # the pipeline works to the deadline less the margin; the timer cancels it then
+            [result] = await self.core.route(request_id, deadline - self.margin_s, queries, "")
         except ServingError as exc:
             log.warning("route_failed", code=exc.code, detail=str(exc))
             raise _client_error(exc.code if exc.code != "INVALID_ARGUMENT" else "INTERNAL") from None

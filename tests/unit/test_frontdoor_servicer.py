@@ -21,6 +21,7 @@ from services.common.spec import load_spec
 from services.gen import inference_pb2 as ipb
 from services.gen import pipeserve_pb2 as pb
 from services.policy.admission import TokenBucket
+from services.policy.fairness import Ticket
 from services.router import servicer as servicer_mod
 from services.router.servicer import (INTERNAL_MESSAGE, FrontDoorServicer, RawInferRequest,
                                       receive_limit_bytes)
@@ -77,8 +78,10 @@ class FakeContext:
     as add_front_door_to_server does) once ``gate`` is set."""
 
     def __init__(self, time_remaining: float | None = None, body: bytes | None = None,
-                 gate: asyncio.Event | None = None) -> None:
+                 gate: asyncio.Event | None = None, peer: str = "ipv4:127.0.0.1:40000",
+                 metadata: tuple = ()) -> None:
         self._remaining = time_remaining
+        self._peer, self._metadata = peer, metadata
         self.body, self.gate = body, gate
         self.reads = 0
         self.code: grpc.StatusCode | None = None
@@ -86,6 +89,12 @@ class FakeContext:
 
     def time_remaining(self):
         return self._remaining
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self):
+        return self._metadata
 
     async def read(self):
         self.reads += 1
@@ -147,8 +156,8 @@ def test_ok_request_returns_lines_and_counts_once(make_servicer):
     assert resp.id == "r1"
     [(rid, _, queries, upstream)] = s.core.calls
     assert rid == "r1" and upstream == "" and queries[0].payload == PNG
-    assert s.counts == {"received": 1, "accepted": 1, "ok": 1, "dropped": 0, "shed": 0,
-                        "invalid": 0, "not_found": 0, "failed": 0, "cancelled": 0}
+    assert s.counts == {"arrived": 1, "received": 1, "accepted": 1, "ok": 1, "dropped": 0, "shed": 0,
+                        "invalid": 0, "not_found": 0, "failed": 0, "cancelled": 0, "expired": 0}
 
 
 @pytest.mark.parametrize("grpc_left, timeout_ms, expected_budget", [
@@ -167,7 +176,9 @@ def test_deadline_is_the_earliest_of_grpc_timeout_and_slo(make_servicer, grpc_le
     after = time.time()
     assert ctx.code is None and resp is not None
     [(_, deadline, _, _)] = s.core.calls
-    assert before + expected_budget - 1e-6 <= deadline <= after + expected_budget + 1e-6
+    # the pipeline works to the deadline less the margin the front door keeps to answer in time
+    routed = expected_budget - servicer_mod.DEFAULT_ANSWER_MARGIN_MS / 1e3
+    assert before + routed - 1e-6 <= deadline <= after + routed + 1e-6
 
 
 @pytest.mark.parametrize("grpc_left, timeout_ms, says", [
@@ -194,7 +205,7 @@ def test_budget_floor_is_configurable(make_servicer):
     s = make_servicer(min_budget_ms=100)
     _, ctx = call(s, request(timeout_ms=80))
     assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and "less than the 100 ms" in ctx.details
-    _, ctx = call(s, request(timeout_ms=120))
+    _, ctx = call(s, request(timeout_ms=160))   # 160 - 50 (the answer margin) >= 100
     assert ctx.code is None
     assert outcomes(s) == {"dropped": 1, "ok": 1}
 
@@ -386,8 +397,11 @@ def test_a_slot_handed_to_a_waiter_as_it_is_cancelled_passes_on(make_servicer):
         waiting = asyncio.create_task(_stream(s, last))
         while s.waiting_to_receive < 2:
             await asyncio.sleep(0.001)
-        s.receiving += 1           # one more read ends (a slot for it, so the count stays whole):
-        s._release_slot()          # its slot is handed to `gone` ...
+        client = FakeContext().peer()
+        phantom = Ticket(client, -1, 0.0)   # one more read ends (a slot for it, so the count stays whole):
+        s.gate.policy._active[client].reading += 1
+        s.gate.policy.reading += 1
+        s.gate.leave(phantom)      # its slot is handed to `gone` ...
         gone.cancel()              # ... which is cancelled before it runs: the slot passes on
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -605,3 +619,165 @@ def test_counts_add_up_over_a_mix_of_requests(make_servicer):
     assert sum(s.counts[k] for k in OUTCOMES) == len(reqs)
     assert outcomes(s) == {"ok": 3, "not_found": 1, "invalid": 1, "dropped": 1, "shed": 1}
     assert s.counts["received"] == 4 and s.counts["accepted"] == 3
+
+
+# --------------------------------------------------------------------------- answering before the client's deadline
+
+
+class HangingCore(FakeCore):
+    """A pipeline that never answers; records that its route() was cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+
+    async def route(self, request_id, deadline_s, queries, upstream_path):
+        self.calls.append((request_id, deadline_s, list(queries), upstream_path))
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+def _timed(coro):
+    async def go():
+        t0 = time.perf_counter()
+        await asyncio.wait_for(coro, 10)   # a hang fails the test, not the run
+        return time.perf_counter() - t0
+    return asyncio.run(go())
+
+
+def _idle(s) -> bool:
+    return (s.inflight_bytes, s.receiving, s.waiting_to_receive) == (0, 0, 0) \
+        and s.gate.policy.active_clients() == 0
+
+
+def test_a_pipeline_that_does_not_answer_is_answered_deadline_exceeded_before_the_deadline(make_servicer):
+    core = HangingCore()
+    s = make_servicer(core, answer_margin_ms=200)
+    ctx = FakeContext(time_remaining=1.0, body=request().SerializeToString())
+    elapsed = _timed(_stream(s, ctx))
+    assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "while the pipeline was serving it" in ctx.details and "200 ms before it" in ctx.details
+    assert elapsed < 1.0                     # answered before the client's deadline
+    assert core.cancelled == 1               # the work downstream was cancelled
+    [(_, deadline, _, _)] = core.calls
+    assert deadline <= time.time() + 0.8     # and worked to the deadline less the margin
+    assert outcomes(s) == {"dropped": 1} and s.counts["expired"] == 1 and s.counts["arrived"] == 1
+    assert _idle(s)
+
+
+def test_the_timeout_parameter_moves_the_answer_earlier(make_servicer):
+    s = make_servicer(HangingCore())
+    ctx = FakeContext(body=request(timeout_ms=300).SerializeToString())   # no gRPC deadline
+    elapsed = _timed(_stream(s, ctx))
+    assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and "(300 ms after it arrived)" in ctx.details
+    assert elapsed < 0.3 and s.counts["expired"] == 1
+
+
+def test_a_body_that_does_not_arrive_is_answered_before_the_deadline_and_its_slot_freed(make_servicer):
+    s = make_servicer()
+    ctx = FakeContext(time_remaining=0.5, body=request().SerializeToString(), gate=asyncio.Event())
+    elapsed = _timed(_stream(s, ctx))   # the read never ends
+    assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and "while its body was being read" in ctx.details
+    assert ctx.reads == 1 and elapsed < 0.5
+    assert outcomes(s) == {"dropped": 1} and s.counts["expired"] == 1 and _idle(s)
+
+
+def test_a_deadline_that_leaves_no_room_for_the_margin_is_dropped_unread(make_servicer):
+    s = make_servicer(answer_margin_ms=100)
+    ctx = FakeContext(time_remaining=0.11, body=request().SerializeToString())   # 110 - 100 < 20 ms
+    asyncio.run(_stream(s, ctx))
+    assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and ctx.reads == 0
+    assert "the 100 ms the front door keeps to answer in time" in ctx.details
+    assert outcomes(s) == {"dropped": 1} and s.counts["expired"] == 0
+
+
+def test_without_a_margin_the_pipeline_works_to_the_deadline_itself(make_servicer):
+    s = make_servicer(answer_margin_ms=0)
+    before = time.time()
+    call(s, request(), FakeContext(0.4))
+    [(_, deadline, _, _)] = s.core.calls
+    assert before + 0.4 - 1e-6 <= deadline <= time.time() + 0.4 + 1e-6
+
+
+def test_a_client_that_goes_away_is_counted_cancelled_once_and_frees_what_it_held(make_servicer):
+    core = HangingCore()
+    s = make_servicer(core)
+
+    async def scenario():
+        task = asyncio.create_task(_stream(s, FakeContext(body=request().SerializeToString())))
+        while not core.calls:
+            await asyncio.sleep(0.001)
+        assert s.inflight_bytes > 0
+        task.cancel()                        # what gRPC does when the client cancels
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))   # a hang fails, not hangs
+    assert outcomes(s) == {"cancelled": 1} and s.counts["arrived"] == 1 and core.cancelled == 1
+    assert _idle(s)
+
+
+def test_every_arrival_is_counted_with_exactly_one_outcome(make_servicer):
+    s = make_servicer(rate=3.0)
+    reqs = [request(), request(model="x"), request(b"junk"), request(timeout_ms=1), request(),
+            request(), request()]
+    for r in reqs:
+        call(s, r)
+    ctx = FakeContext(time_remaining=-1, body=request().SerializeToString())
+    asyncio.run(_stream(s, ctx))
+    assert s.counts["arrived"] == len(reqs) + 1 == sum(s.counts[k] for k in OUTCOMES)
+
+
+# --------------------------------------------------------------------------- fair shares
+
+
+def test_one_clients_large_requests_do_not_shed_another_clients_small_ones(make_servicer):
+    core = FakeCore()
+    body = request().SerializeToString()
+    # one client may hold 2 of these and no third (as in the shared-limit test above)
+    s = make_servicer(core, max_inflight_bytes=SPEC.input.max_bytes + int(1.5 * len(body)))
+
+    async def scenario():
+        core.gate = asyncio.Event()
+        big = [FakeContext(body=body, peer="ipv4:10.0.0.1:5000") for _ in range(3)]
+        held = [asyncio.create_task(_stream(s, c)) for c in big[:2]]
+        while len(core.calls) < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(_stream(s, big[2]), 10)          # its own third: shed, unread
+        other = FakeContext(body=body, peer="ipv4:10.0.0.2:6000")
+        served = asyncio.create_task(_stream(s, other))         # another client: read and served
+        while len(core.calls) < 3:
+            await asyncio.sleep(0.001)
+        core.gate.set()
+        await asyncio.wait_for(asyncio.gather(*held, served), 10)
+        return big, other
+
+    big, other = asyncio.run(asyncio.wait_for(scenario(), 30))   # a hang fails, not hangs
+    assert big[2].code == grpc.StatusCode.RESOURCE_EXHAUSTED and big[2].reads == 0
+    assert other.code is None and other.reads == 1
+    assert outcomes(s) == {"ok": 3, "shed": 1} and _idle(s)
+
+
+def test_connections_naming_one_client_share_its_share(make_servicer):
+    core = FakeCore()
+    body = request().SerializeToString()
+    s = make_servicer(core, max_inflight_bytes=SPEC.input.max_bytes + int(1.5 * len(body)))
+    named = (("x-pipeserve-client", "tenant-a"),)
+
+    async def scenario():
+        core.gate = asyncio.Event()
+        ctxs = [FakeContext(body=body, peer=f"ipv4:10.0.0.1:{5000 + i}", metadata=named) for i in range(3)]
+        held = [asyncio.create_task(_stream(s, c)) for c in ctxs[:2]]
+        while len(core.calls) < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(_stream(s, ctxs[2]), 10)   # a third connection, the same client
+        core.gate.set()
+        await asyncio.wait_for(asyncio.gather(*held), 10)
+        return ctxs
+
+    ctxs = asyncio.run(asyncio.wait_for(scenario(), 30))   # a hang fails, not hangs
+    assert ctxs[2].code == grpc.StatusCode.RESOURCE_EXHAUSTED and ctxs[2].reads == 0
+    assert outcomes(s) == {"ok": 2, "shed": 1}
