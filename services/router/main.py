@@ -52,6 +52,7 @@ class RouterConfig:
     tls: TlsConfig | None = None   # its server (front door included) and its channels
     max_inflight_mib: float | None = None   # front door: bytes of requests in flight (None: 3 x max_bytes)
     bdp_probe: bool = False                 # front door: HTTP/2 bandwidth-delay probing (window growth)
+    answer_margin_ms: float | None = None   # front door: answer this long before a deadline (None: 50 ms)
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
     inline_children: bool = False   # child stages without a --child address run in this process
 
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="front door: requests read and not answered yet may hold at most this many "
                         "MiB; beyond it new ones are shed with RESOURCE_EXHAUSTED before their body "
                         "is read (default: 3 x the spec's input.max_bytes, 24 MiB for the OCR spec)")
+    p.add_argument("--answer-margin-ms", type=float, default=None,
+                   help="front door: a request it cannot finish is answered DEADLINE_EXCEEDED this "
+                        "long before its deadline (and the pipeline works to that earlier deadline), so "
+                        "that the answer reaches the client before the client's own deadline fires "
+                        "(default 50)")
     p.add_argument("--http2-bdp-probe", choices=("on", "off"), default="off",
                    help="front door: gRPC's HTTP/2 bandwidth-delay probing, which grows the flow-control "
                         "windows so that one upload uses a long, fast link fully, and with them what "
@@ -110,10 +116,13 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
         if not sep or not task or not addr:
             p.error(f"--child expects TASK=HOST:PORT, got {item!r}")
         children[task] = addr
+    if a.answer_margin_ms is not None and a.answer_margin_ms < 0:
+        p.error(f"--answer-margin-ms must be >= 0, got {a.answer_margin_ms:g}")
     tls = tls_from_args(a, p)
     return RouterConfig(spec=Path(a.spec), task=a.task, host=a.host, port=a.port, redis_url=a.redis_url,
                         children=children, reserve_ms=a.downstream_reserve_ms, json_logs=a.log_json,
                         tls=tls, max_inflight_mib=a.max_inflight_mib, bdp_probe=a.http2_bdp_probe == "on",
+                        answer_margin_ms=a.answer_margin_ms,
                         metrics_port=a.metrics_port,
                         inline_children=a.inline_children)
 
@@ -176,7 +185,8 @@ class RouterApp:
             self.front_door = FrontDoorServicer(
                 self.core, self.admission,
                 max_inflight_bytes=None if self.cfg.max_inflight_mib is None
-                else int(self.cfg.max_inflight_mib * 2**20))
+                else int(self.cfg.max_inflight_mib * 2**20),
+                **({} if self.cfg.answer_margin_ms is None else {"answer_margin_ms": self.cfg.answer_margin_ms}))
             add_front_door_to_server(self.front_door, self.server)   # ModelInfer: shed before reading
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
