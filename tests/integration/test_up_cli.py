@@ -3,6 +3,7 @@ and stopping the whole cluster with it is tests/integration/test_readme.py's job
 README's first command.)"""
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def test_up_plans_on_the_calibrated_profile_and_uses_its_pool_workers(tmp_path):
     from services.gen import pipeserve_pb2_grpc as pb_grpc
     from services.planner import load_profile
     from services.tools.calibrate import host_key
+    from services.tools.up import full_accuracy_floor
 
     import grpc
 
@@ -72,7 +74,8 @@ def test_up_plans_on_the_calibrated_profile_and_uses_its_pool_workers(tmp_path):
             time.sleep(0.5)
         text = out_path.read_text()
         assert f"does not match this host: planning on {calibrated} (det x2.00, rec x2.00)" in text, text
-        assert f"plans from: the planner on {calibrated}" in text, text
+        floor = full_accuracy_floor(calibrated, ["det", "rec"], 1500.0)    # one worker per task, full accuracy
+        assert floor and f"plans from: the planner on {calibrated}, for at least {floor:.1f} req/s" in text, text
         assert "2 workers (2 pool)" in text, text
         assert load_profile(calibrated).task("det").variants[0].latency_ms == {
             b: type(p)(2 * p.p50_ms, 2 * p.p95_ms)
@@ -81,7 +84,10 @@ def test_up_plans_on_the_calibrated_profile_and_uses_its_pool_workers(tmp_path):
             plan = json.loads(pb_grpc.ControllerStub(ch).GetPlan(pb.GetPlanRequest(), timeout=10).plan_json)
         assert set(plan["workers"]) == {"pool-0", "pool-1"}
         assert {w["task"] for w in plan["workers"].values()} == {"det", "rec"}
-        assert f"profile={calibrated} " in (tmp_path / "logs" / "controller.log").read_text()   # what it loaded
+        log = (tmp_path / "logs" / "controller.log").read_text()
+        assert f"profile={calibrated} " in log                                   # what it loaded
+        first = float(re.search(r"planner_solved .*?demand_qps=([\d.]+)", log).group(1))
+        assert first >= floor * 0.99    # the first plan is made for the floor, not for near-zero demand
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
