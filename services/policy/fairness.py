@@ -5,9 +5,9 @@ requests read and not answered yet (``max_inflight_bytes``), and the bodies bein
 once (``max_receiving``), with a short queue of arrivals waiting for a read slot. Shared by
 all clients, those limits let one client's burst of large uploads shed or delay every
 other client's small requests. :class:`FairShareGate` splits them: each client that has
-something in flight, being read or waiting (an *active* client, the arriving one
-included) gets an equal share, ``max_inflight_bytes / n`` and ``max_receiving // n`` (at
-least 1), and
+something in flight, being read or waiting, or sent a request in the last ``active_s``
+seconds (an *active* client, the arriving one included) gets an equal share,
+``max_inflight_bytes / n`` and ``max_receiving // n`` (at least 1), and
 
 * a client over its own share is shed (or waits) itself; it never sheds another;
 * a client with nothing in flight always has one request read, whatever its size;
@@ -18,6 +18,11 @@ least 1), and
 * a freed read slot goes to the waiting arrival of the client reading the fewest bodies
   (the oldest of its arrivals first).
 
+A client sending now and then (2 requests a second, each answered in a few hundred ms)
+keeps its share between its requests for ``active_s``: a burst client then holds its
+share, not the whole, and a page of the steady client waits behind fewer of the burst's
+in the pipeline (the workers serve by deadline, and the burst's came first).
+
 With one client this is the front door's earlier shared rule exactly: a body is read when
 the client holds at most ``max_inflight_bytes - max_bytes`` (room for one more request of
 the largest allowed size) and fewer than ``max_receiving`` bodies are being read; once
@@ -26,8 +31,8 @@ over the read limit waits when its recent bodies were small (``wait_headroom`` t
 largest of them, for each body read and waiting, fits in its room left) and fewer than
 ``max_waiting`` wait, else it is shed at once, unread.
 
-Pure: no I/O and no clock of its own. Times (``wait_until``, ``expire(now)``) are in
-whatever clock the caller uses. The caller maps each :class:`Ticket` to its waiting
+Pure: no I/O and no clock of its own. Times (``now``, ``wait_until``) are in whatever
+monotonic clock the caller uses. The caller maps each :class:`Ticket` to its waiting
 request, and wakes those whose state the gate's methods return as changed.
 """
 from __future__ import annotations
@@ -48,6 +53,7 @@ class ShareLimits:
     recent_bodies: int = 16        # per client: how many of its last body sizes are kept
     over_total: float = 2.0        # clients under their share: the totals' hard bound, x the limits
     remembered_clients: int = 1024  # idle clients whose recent body sizes are kept
+    active_s: float = 2.0          # a client that sent a request this recently keeps its share
 
 
 class State(str, Enum):
@@ -104,6 +110,7 @@ class FairShareGate:
         self.limits = limits
         self._active: dict[str, _Client] = {}
         self._recent: OrderedDict[str, deque] = OrderedDict()   # idle clients' recent sizes
+        self._seen: OrderedDict[str, float] = OrderedDict()      # client -> its last arrival, oldest first
         self._seq = itertools.count()
         self.held = 0
         self.reading = 0
@@ -112,7 +119,16 @@ class FairShareGate:
     # -- shares ---------------------------------------------------------------------
 
     def active_clients(self, also: str | None = None) -> int:
-        return len(self._active) + (also is not None and also not in self._active)
+        """Clients with something in flight, being read or waiting, or that sent a request
+        in the last ``active_s`` (as of the last arrival), with ``also``."""
+        n = len(self._active) + sum(1 for c in self._seen if c not in self._active)
+        return n + (also is not None and also not in self._active and also not in self._seen)
+
+    def _saw(self, client: str, now: float) -> None:
+        self._seen.pop(client, None)
+        while self._seen and next(iter(self._seen.values())) <= now - self.limits.active_s:
+            self._seen.popitem(last=False)
+        self._seen[client] = now
 
     def byte_share(self, client: str) -> float:
         return self.limits.max_inflight_bytes / self.active_clients(client)
@@ -168,9 +184,10 @@ class FairShareGate:
 
     # -- transitions ----------------------------------------------------------------
 
-    def arrive(self, client: str, wait_until: float) -> Ticket:
-        """A request of ``client`` arrives, its body not read yet: READING (read it now),
-        WAITING (for a read slot, until ``wait_until`` at most) or SHED."""
+    def arrive(self, client: str, now: float, wait_until: float) -> Ticket:
+        """A request of ``client`` arrives at ``now``, its body not read yet: READING (read
+        it now), WAITING (for a read slot, until ``wait_until`` at most) or SHED."""
+        self._saw(client, now)
         t = Ticket(client, next(self._seq), wait_until)
         c = self._client(client)
         reason = self._bytes_refused(client, c, self.limits.max_bytes)

@@ -54,7 +54,7 @@ class ReceiveGate:
         return self.policy.waiting
 
     async def enter(self, client: str, wait_until: float) -> Ticket:
-        t = self.policy.arrive(client, wait_until)
+        t = self.policy.arrive(client, asyncio.get_running_loop().time(), wait_until)
         if t.state is State.SHED:
             raise self._shed(t)
         if t.state is State.READING:

@@ -13,7 +13,7 @@ SMALL = 200 * 1024
 
 def read(gate: FairShareGate, client: str, size: int, now: float = 0.0):
     """One request of ``client`` arrives and, if let in, its body of ``size`` is read."""
-    t = gate.arrive(client, now + 1.0)
+    t = gate.arrive(client, now, now + 1.0)
     if t.state is State.READING:
         gate.body_read(t, size)
     return t
@@ -42,7 +42,7 @@ def test_a_burst_client_over_its_share_never_sheds_another_client():
     assert second_small.state is State.HELD
     for t in burst + [small, second_small]:
         g.leave(t)
-    assert g.held == 0 and g.active_clients() == 0
+    assert g.held == 0 and g.reading == 0
 
 
 def test_the_hard_bound_holds_whatever_the_number_of_clients():
@@ -56,11 +56,11 @@ def test_the_hard_bound_holds_whatever_the_number_of_clients():
 
 def test_read_slots_are_shared_and_a_client_under_its_share_reads_at_once():
     g = FairShareGate(ShareLimits(24 * MIB, 8 * MIB, max_receiving=4))
-    burst = [g.arrive("burst", 10.0) for _ in range(4)]   # alone: all 4 slots
+    burst = [g.arrive("burst", 0.0, 10.0) for _ in range(4)]   # alone: all 4 slots
     assert [t.state for t in burst] == [State.READING] * 4
-    small = g.arrive("small", 10.0)     # two clients: 2 slots each; it reads none
+    small = g.arrive("small", 0.0, 10.0)     # two clients: 2 slots each; it reads none
     assert small.state is State.READING and g.reading == 5   # past 4, under the hard bound of 8
-    more = g.arrive("burst", 10.0)      # the burst client is over its 2: waits or is shed, itself only
+    more = g.arrive("burst", 0.0, 10.0)      # the burst client is over its 2: waits or is shed, itself only
     assert more.state is State.SHED and more.reason is Reason.OWN_READS   # no small body seen: no wait
     assert small.state is State.READING
 
@@ -69,14 +69,14 @@ def test_a_freed_slot_goes_to_the_client_reading_the_fewest():
     lim = ShareLimits(24 * MIB, 8 * MIB, max_receiving=2, max_waiting=16)
     g = FairShareGate(lim)
     for c in ("a", "b"):                # small bodies seen: both may wait for a slot
-        g.leave(read(g, c, 1000))
-    a1, a2 = g.arrive("a", 10.0), g.arrive("a", 10.0)
+        g.leave(read(g, c, 1000, now=-10.0))   # long ago: no longer sending
+    a1, a2 = g.arrive("a", 0.0, 10.0), g.arrive("a", 0.0, 10.0)
     assert (a1.state, a2.state) == (State.READING, State.READING)
-    a3 = g.arrive("a", 10.0)            # over the 2 slots: waits (its bodies are small)
-    b1 = g.arrive("b", 10.0)            # two clients, 1 slot each: b reads none, but 2 + 1 > 2 ...
+    a3 = g.arrive("a", 0.0, 10.0)            # over the 2 slots: waits (its bodies are small)
+    b1 = g.arrive("b", 0.0, 10.0)            # two clients, 1 slot each: b reads none, but 2 + 1 > 2 ...
     assert a3.state is State.WAITING
     assert b1.state is State.READING    # ... under its share it may pass the total (hard bound 4)
-    b2 = g.arrive("b", 10.0)
+    b2 = g.arrive("b", 0.0, 10.0)
     assert b2.state is State.WAITING    # its one slot is taken
     changed = g.body_read(b1, 1000)     # b's slot frees: b reads 0, a reads 2 -> b's waiter first
     assert changed == [b2] and b2.state is State.READING
@@ -87,26 +87,26 @@ def test_a_freed_slot_goes_to_the_client_reading_the_fewest():
 
 def test_waiting_ends_at_its_time_on_the_clock():
     g = FairShareGate(ShareLimits(24 * MIB, 8 * MIB, max_receiving=1))
-    g.leave(read(g, "a", 1000))
-    first = g.arrive("a", 5.0)
-    waiter = g.arrive("a", 5.0)
+    g.leave(read(g, "a", 1000, now=-10.0))
+    first = g.arrive("a", 0.0, 5.0)
+    waiter = g.arrive("a", 0.0, 5.0)
     assert (first.state, waiter.state) == (State.READING, State.WAITING)
     assert g.expire(4.999) == []
     assert g.expire(5.0) == [waiter] and waiter.state is State.EXPIRED and g.waiting == 0
     g.leave(waiter)                     # leaving after expiry changes nothing
     g.leave(first)
-    assert g.reading == 0 and g.active_clients() == 0
+    assert g.reading == 0 and not g._active
 
 
 def test_a_large_body_sheds_its_own_clients_waiters_only():
     lim = ShareLimits(int(2.5 * 300_000), 8 * MIB, max_receiving=2)
     g = FairShareGate(lim)
     for c in ("a", "b"):
-        g.leave(read(g, c, 1000))
-    big = g.arrive("a", 9.0)
-    b_read = g.arrive("b", 9.0)
-    a_wait = g.arrive("a", 9.0)         # two clients: 1 slot each
-    b_wait = g.arrive("b", 9.0)
+        g.leave(read(g, c, 1000, now=-10.0))   # long ago: no longer sending
+    big = g.arrive("a", 0.0, 9.0)
+    b_read = g.arrive("b", 0.0, 9.0)
+    a_wait = g.arrive("a", 0.0, 9.0)         # two clients: 1 slot each
+    b_wait = g.arrive("b", 0.0, 9.0)
     assert [t.state for t in (big, a_wait, b_read, b_wait)] == [
         State.READING, State.WAITING, State.READING, State.WAITING]
     changed = g.body_read(big, 300_000)  # 4 x 300 KB per body no longer fits a's share
@@ -116,18 +116,18 @@ def test_a_large_body_sheds_its_own_clients_waiters_only():
 
 def test_the_wait_queue_is_bounded():
     g = FairShareGate(ShareLimits(24 * MIB, 8 * MIB, max_receiving=1, max_waiting=1))
-    g.leave(read(g, "a", 1000))
-    g.arrive("a", 9.0)
-    assert g.arrive("a", 9.0).state is State.WAITING
-    full = g.arrive("a", 9.0)
+    g.leave(read(g, "a", 1000, now=-10.0))
+    g.arrive("a", 0.0, 9.0)
+    assert g.arrive("a", 0.0, 9.0).state is State.WAITING
+    full = g.arrive("a", 0.0, 9.0)
     assert full.state is State.SHED and full.reason is Reason.WAIT_FULL
 
 
 def test_a_slot_granted_to_a_waiter_that_leaves_passes_on():
     g = FairShareGate(ShareLimits(24 * MIB, 8 * MIB, max_receiving=1))
-    g.leave(read(g, "a", 1000))
-    reading = g.arrive("a", 9.0)
-    gone, last = g.arrive("a", 9.0), g.arrive("a", 9.0)
+    g.leave(read(g, "a", 1000, now=-10.0))
+    reading = g.arrive("a", 0.0, 9.0)
+    gone, last = g.arrive("a", 0.0, 9.0), g.arrive("a", 0.0, 9.0)
     assert g.body_read(reading, 1000) == [gone] and gone.state is State.READING
     assert g.leave(gone) == [last] and last.state is State.READING   # cancelled before it read
     g.leave(reading)
@@ -135,23 +135,27 @@ def test_a_slot_granted_to_a_waiter_that_leaves_passes_on():
     assert (g.held, g.reading, g.waiting) == (0, 0, 0)
 
 
-def test_idle_clients_leave_the_share_count_and_keep_their_recent_sizes():
-    g = FairShareGate(OCR)
-    t = read(g, "a", 1000)
-    assert g.active_clients() == 1 and g.byte_share("b") == 12 * MIB   # 24 / 2 with b arriving
-    g.leave(t)
-    assert g.active_clients() == 0 and g.byte_share("b") == 24 * MIB
-    g.arrive("a", 9.0)
-    assert list(g._active["a"].recent) == [1000]   # remembered while idle
+def test_a_client_keeps_its_share_between_requests_for_active_s():
+    g = FairShareGate(OCR)                      # active_s = 2 s
+    burst = read(g, "burst", BIG, now=0.0)      # alone: holds 7 MiB
+    g.leave(read(g, "steady", SMALL, now=0.1))  # one request, answered at once
+    assert g.active_clients() == 2              # steady sent 0.1 s ago: still sending
+    late = g.arrive("burst", 0.5, 9.0)          # 7 + 8 > 24 / 2
+    assert late.state is State.SHED and late.reason is Reason.OWN_BYTES
+    again = g.arrive("burst", 2.2, 9.0)         # steady silent for 2.1 s: burst alone, 7 + 8 <= 24
+    assert again.state is State.READING and g.active_clients() == 1
+    g.leave(again)
+    g.leave(burst)
+    assert list(g._recent["steady"]) == [SMALL]   # an idle client's recent sizes are kept
 
 
 def test_among_waiters_that_may_read_the_client_reading_fewer_goes_first():
     # no passing the totals (over_total 1): a slot freed by x is the only way in
     g = FairShareGate(ShareLimits(24 * MIB, 8 * MIB, max_receiving=8, over_total=1.0))
     for c in ("a", "b"):
-        g.leave(read(g, c, 1000))        # small bodies seen: a and b may wait
-    x = [g.arrive("x", 9.0) for _ in range(8)]   # alone: all 8 slots
-    a1, a2, b1 = g.arrive("a", 9.0), g.arrive("a", 9.0), g.arrive("b", 9.0)
+        g.leave(read(g, c, 1000, now=-10.0))   # small bodies seen (long ago): a and b may wait
+    x = [g.arrive("x", 0.0, 9.0) for _ in range(8)]   # alone: all 8 slots
+    a1, a2, b1 = g.arrive("a", 0.0, 9.0), g.arrive("a", 0.0, 9.0), g.arrive("b", 0.0, 9.0)
     assert [t.state for t in (a1, a2, b1)] == [State.WAITING] * 3
     assert g.body_read(x[0], BIG) == [a1]   # a and b read none: the older waiter first
     assert g.body_read(x[1], BIG) == [b1]   # a reads one, b none: b's, although a2 is older
@@ -163,7 +167,7 @@ def test_a_client_holding_a_large_request_is_held_to_its_share_once_another_send
     first = read(g, "burst", BIG)
     assert read(g, "burst", BIG).state is State.HELD   # alone: 7 + 8 <= 24
     g.leave(first)                                    # holds 7 MiB again
-    small = g.arrive("small", 9.0)                    # a second client is sending
+    small = g.arrive("small", 0.0, 9.0)                    # a second client is sending
     assert small.state is State.READING
-    late = g.arrive("burst", 9.0)                     # 7 + 8 > 24 / 2: over its share
+    late = g.arrive("burst", 0.0, 9.0)                     # 7 + 8 > 24 / 2: over its share
     assert late.state is State.SHED and late.reason is Reason.OWN_BYTES

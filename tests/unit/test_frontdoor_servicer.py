@@ -649,8 +649,7 @@ def _timed(coro):
 
 
 def _idle(s) -> bool:
-    return (s.inflight_bytes, s.receiving, s.waiting_to_receive) == (0, 0, 0) \
-        and s.gate.policy.active_clients() == 0
+    return (s.inflight_bytes, s.receiving, s.waiting_to_receive) == (0, 0, 0) and not s.gate.policy._active
 
 
 def test_a_pipeline_that_does_not_answer_is_answered_deadline_exceeded_before_the_deadline(make_servicer):
