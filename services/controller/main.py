@@ -66,6 +66,7 @@ class ControllerConfig:
     min_dwell_s: float = 5.0            # planner: a plan stays this long but for rises beyond its capacity
     peak_hold_s: float = 30.0           # planner: plan for at least the highest estimate of this long
     headroom_low: float | None = 1.25   # planner: off-peak headroom (None: --headroom throughout)
+    calibration_dwell_s: float = 15.0   # planner: a re-plan for calibration drift alone waits this long
     k8s_policy: ScalePolicy | None = None
 
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planner: plan for at least the highest demand estimate of the last this many "
                         "seconds, so the plan does not drift back between the peaks of a periodic load "
                         "(default 30; 0: the estimate alone)")
+    p.add_argument("--calibration-dwell-s", type=float, default=15.0,
+                   help="planner: re-plan for calibration drift alone only when the plan is at least "
+                        "this old (default 15 s; a busy host's measured speed moves every few seconds)")
     p.add_argument("--headroom-low", type=float, default=1.25,
                    help="planner: the headroom off-peak (below a quarter of the workers' full-accuracy "
                         "capacity; rising linearly to --headroom at half of it), so low demand uses "
@@ -189,7 +193,7 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                             k8s_deployment=a.k8s_scale_deployment, k8s_namespace=a.k8s_namespace,
                             k8s_policy=k8s_policy if a.k8s_scale_deployment else None,
                             hardware_only=a.hardware_only, min_dwell_s=a.min_dwell_s, peak_hold_s=a.peak_hold_s,
-                            headroom_low=a.headroom_low or None)
+                            headroom_low=a.headroom_low or None, calibration_dwell_s=a.calibration_dwell_s)
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -293,7 +297,7 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
                                           headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps,
                                           cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration,
                                           burst=cfg.burst, min_dwell_s=cfg.min_dwell_s,
-                                          peak_hold_s=cfg.peak_hold_s,
+                                          peak_hold_s=cfg.peak_hold_s, calibration_dwell_s=cfg.calibration_dwell_s,
                                           headroom_low=cfg.headroom_low if cfg.burst else None)
         if cfg.hardware_only:
             planner.min_accuracy = full_accuracy_floor(planner.profile, spec.slo_ms)

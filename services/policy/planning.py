@@ -104,6 +104,10 @@ class PlannerPolicy:
     min_dwell_s: float = 0.0
     # plan for at least the highest estimate of this many seconds (0: the estimate alone)
     peak_hold_s: float = 0.0
+    # a re-plan for calibration drift alone waits until the plan is this old (and min_dwell_s):
+    # on a busy host the measured factors move by 30 % every few seconds, and each re-plan
+    # that moves a model costs seconds of CPU (live: one every 5 s in the high phase)
+    calibration_dwell_s: float = 0.0
     planned_demand: float | None = field(default=None, init=False)
     planned_capacity: float | None = field(default=None, init=False)   # what the last plan serves (req/s)
     planned_members: tuple = field(default=(), init=False)
@@ -196,7 +200,7 @@ class PlannerPolicy:
             return False
         if now - self.planned_at > self.max_plan_age_s:
             return True
-        if self.calibrate and self.calibrator.needs_replan():
+        if self.calibrate and self.calibrator.needs_replan() and now - self.planned_at >= self.calibration_dwell_s:
             return True
         if rising:
             return True
