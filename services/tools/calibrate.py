@@ -8,7 +8,9 @@ most accurate and the fastest, batch size 1, a few pages; the child task's paylo
 the parent variant's real outputs), exactly as the profiler does (``prepare`` of every
 item + ``run_batch``), and compares with the profile's p50. Every payload it times has run
 once before (a new input shape's first call is a stall, not speed: on a GPU the cuDNN
-algorithm search takes 0.4-2.9 s), and it takes the median of the timed batches:
+algorithm search takes 0.4-2.9 s), it times at least 0.4 s per variant (on a shared host a
+few milliseconds measure a moment, not the share a worker gets), and it takes the mean of
+the timed batches without those over 4x their median:
 
 - every variant of a task is scaled by the task's factor (the geometric mean of its
   probed variants' ratios), so the planner's latencies and capacities fit this host;
@@ -40,6 +42,7 @@ from services.policy.calibration import scale_profile
 
 DEFAULT_CACHE = Path("runs/profiles")
 DEFAULT_TOLERANCE = 0.15
+DEFAULT_MIN_S = 0.4          # seconds of timed batches per probed variant, at least
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def probe(spec: PipelineSpec, profile: PipelineProfile, models: Path, pages: lis
                 outs = [proc.run_batch(sess, [proc.prepare(p)])[0] for p in pool]
                 for c in task.children:
                     pools[c] = [x for o in outs for x in o.child_payloads]
-            measured = warm_median_ms(proc, sess, pool, repeats)
+            measured = warm_batch_ms(proc, sess, pool, repeats)
             v = profile.task(task.name).variant(name)
             expected = v.latency_ms[min(v.latency_ms)].p50_ms / min(v.latency_ms)
             samples[name] = (expected, measured)
@@ -110,15 +113,27 @@ def probe(spec: PipelineSpec, profile: PipelineProfile, models: Path, pages: lis
     return result
 
 
-def warm_median_ms(proc, session, pool: list[bytes], repeats: int,
-                   clock: Callable[[], float] = time.perf_counter) -> float:
-    """Median ms of ``repeats`` single-item batches over the first ``repeats`` payloads of
-    ``pool``, each of which ran once untimed first (its input shape warm)."""
-    from services.tools.profiler import time_batches
-
-    sub = pool[:max(1, repeats)]
-    ms = sorted(time_batches(proc, session, sub, 1, repeats, warmup=len(sub), clock=clock))
-    return ms[len(ms) // 2]
+def warm_batch_ms(proc, session, pool: list[bytes], repeats: int, min_s: float = DEFAULT_MIN_S,
+                  clock: Callable[[], float] = time.perf_counter, outlier_k: float = 4.0) -> float:
+    """Mean ms of single-item batches over ``repeats`` payloads spread over ``pool``, each
+    of which ran once untimed first (its input shape warm). It times at least ``repeats``
+    batches and at least ``min_s`` seconds of them (a few milliseconds catch a moment when
+    the process has a core to itself; a host shared with other work gives a worker its
+    share over a longer time), and leaves out batches over ``outlier_k`` x their median
+    (stalls)."""
+    sub = pool[::max(1, len(pool) // max(1, repeats))][:max(1, repeats)]   # spread over the pool's pages
+    for x in sub:
+        proc.run_batch(session, [proc.prepare(x)])
+    samples: list[float] = []
+    start = clock()
+    while len(samples) < repeats or (clock() - start < min_s and len(samples) < 10_000):
+        x = sub[len(samples) % len(sub)]
+        t = clock()
+        proc.run_batch(session, [proc.prepare(x)])
+        samples.append((clock() - t) * 1e3)
+    med = sorted(samples)[len(samples) // 2]
+    kept = [ms for ms in samples if ms <= outlier_k * med]
+    return sum(kept) / len(kept)
 
 
 def calibrated(profile: PipelineProfile, result: ProbeResult, host: str) -> PipelineProfile:
