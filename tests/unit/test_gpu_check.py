@@ -230,3 +230,26 @@ def test_the_bare_pipeline_runs_det_then_rec_on_the_cpu_with_the_real_models():
     assert r.providers == {"det": ["CPUExecutionProvider"], "rec": ["CPUExecutionProvider"]}
     assert r.pages_per_s > 0 and set(r.task_seconds) == {"det", "rec"}
     assert r.seconds >= sum(r.task_seconds.values()) * 0.99
+
+
+def test_the_script_picks_the_line_before_installing_and_refuses_an_old_driver(tmp_path):
+    """scripts/gpu_check.sh asks nvidia-smi's CUDA version which extra to install; a CUDA 11
+    driver stops it before `make setup`, with the reason."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$1" in\n  -L) echo "GPU 0: NVIDIA H200 (UUID: GPU-0)" ;;\n'
+                   '  --query-gpu*) echo "NVIDIA H200, 470.57.02, 143771 MiB" ;;\n'
+                   '  *) echo "| NVIDIA-SMI 470.57.02    Driver Version: 470.57.02    CUDA Version: 11.4 |" ;;\nesac\n')
+    smi.chmod(0o755)
+    make = tmp_path / "make"          # must not be reached
+    make.write_text("#!/bin/sh\necho MAKE-RAN \"$@\"\nexit 99\n")
+    make.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": sys.executable, "CUDA": ""}
+    out = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == gpu_check.NO_CUDA, out.stdout + out.stderr
+    assert "the driver supports CUDA 11.4" in out.stderr and "MAKE-RAN" not in out.stdout
+    env["CUDA"] = "12"                 # the override picks the CUDA 12 line and its own venv
+    out = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert "the [gpu-cuda12] extra (CUDA 12) in .venv-gpu-cuda12" in out.stdout, out.stdout + out.stderr
+    assert "MAKE-RAN setup VENV=.venv-gpu-cuda12 EXTRA=gpu-cuda12" in out.stdout
