@@ -6,6 +6,7 @@ state they measure, the simulator with the state it simulates.
 - ``batching``: the EDF queue, the batching rule and early dropping; batch-time estimates
 - ``routing``: MostAccurateFirst and opportunistic rerouting
 - ``admission``: the token bucket at the plan's admission rate
+- ``fairness``: the front door's receive limits split into fair shares per client
 - ``demand``: the controller's demand estimate
 - ``rates``: per-path query rates as routers measure them
 - ``reserve``: the downstream reserve a stage leaves for the stages below it
