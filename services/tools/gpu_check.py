@@ -364,9 +364,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"profile        {st['profile']['path']} ({st['profile']['device']})")
     if "demo" in st:
         d = st["demo"]
-        lines.append(f"demo           {d['ok']}/{d['sent']} OK, SLO violations {d['slo_violation_ratio']:.4f}, "
+        lines.append(f"demo           {d['ok']}/{d['sent']} OK, SLO violations {d['slo_violation_ratio'] or 0:.4f}, "
                      f"p50 {d['latency_p50_ms'] or 0:.1f} ms, p99 {d['latency_p99_ms'] or 0:.1f} ms, "
-                     f"{d['throughput_rps']:.1f} req/s, CER {d['mean_cer'] or 0:.4f}")
+                     f"{d['throughput_rps'] or 0:.1f} req/s, CER {d['mean_cer'] or 0:.4f}")
         lines.append(f"workers        {d['worker_providers']}")
     if "bare" in st:
         b = st["bare"]

@@ -4,6 +4,7 @@ On a host with a GPU (nvidia-smi present) the no-GPU checks are skipped: there t
 itself is the test (`make gpu-check`)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -253,3 +254,45 @@ def test_the_script_picks_the_line_before_installing_and_refuses_an_old_driver(t
                          timeout=60)
     assert "the [gpu-cuda12] extra (CUDA 12) in .venv-gpu-cuda12" in out.stdout, out.stdout + out.stderr
     assert "MAKE-RAN setup VENV=.venv-gpu-cuda12 EXTRA=gpu-cuda12" in out.stdout
+
+
+def fake_gpu_run(monkeypatch, tmp_path, profile_json: dict, demo_json: dict, providers: list[str]):
+    """main() with every GPU step faked (no GPU here): what the verdict gets and prints."""
+    (tmp_path / "pages").mkdir(parents=True)
+    (tmp_path / "pages" / "p000.png").write_bytes(b"png")
+    monkeypatch.setattr(gpu_check, "find_gpu", lambda: ["NVIDIA H200, 580.95.05, 143771 MiB"])
+    monkeypatch.setattr(gpu_check, "onnxruntime_package", lambda: ("1.31.1", ["onnxruntime-gpu 1.31.1"]))
+    monkeypatch.setattr(gpu_check, "check_models", lambda *a: [
+        gpu_check.ModelCheck("rec_v6small", "m.onnx", [gpu_check.CUDA], True, 4.0)])
+    monkeypatch.setattr(gpu_check, "bare_step", lambda *a: {
+        "variants": {"det": "det_v6small_320:8"}, "pages_per_s": 50.0, "cluster_pages_per_s": 40.0,
+        "cluster_over_bare": 0.8})
+
+    def run(cmd, what, log):
+        out = tmp_path / "out"
+        if what == "profile":
+            (out / "ocr_gpu.json").write_text(json.dumps({**profile_json, "device": f"H200 ({gpu_check.CUDA})"}))
+        else:
+            (out / "demo.json").write_text(json.dumps(demo_json))
+            (out / "demo-logs").mkdir()
+            (out / "demo-logs" / "worker-rec-0.log").write_text(json.dumps(
+                {"event": "variant_loaded", "variant": "rec_v6small", "providers": providers}) + "\n")
+
+    monkeypatch.setattr(gpu_check, "_run", run)
+    code = gpu_check.main(["--out", str(tmp_path / "out"), "--pages", str(tmp_path / "pages")])
+    return code, json.loads((tmp_path / "out" / "summary.json").read_text())
+
+
+def test_the_whole_check_fails_on_the_gpu_run_s_findings_and_passes_a_healthy_one(monkeypatch, tmp_path, capsys):
+    bimodal = profile({2: (6.7, 7.5), 4: (2890.0, 3100.0), 8: (13.0, 2311.0)})
+    code, s = fake_gpu_run(monkeypatch, tmp_path / "bad", bimodal,
+                           {"slo_violation_ratio": 0.9975, "ok": 1, "sent": 402}, [gpu_check.CUDA])
+    out = capsys.readouterr().out
+    assert code == gpu_check.VERDICT_FAILED and not s["ok"] and len(s["reasons"]) == 2
+    assert "== gpu-check: FAILED ==" in out and "FAILED         the demo missed its SLO" in out
+    assert "FAILED         the GPU profile is bimodal" in out
+    code, s = fake_gpu_run(monkeypatch, tmp_path / "cpu", WARM, GOOD_DEMO, ["CPUExecutionProvider"])
+    assert code == gpu_check.NO_CUDA and "worker sessions not on CUDAExecutionProvider" in s["error"]
+    code, s = fake_gpu_run(monkeypatch, tmp_path / "good", WARM, GOOD_DEMO, [gpu_check.CUDA])
+    out = capsys.readouterr().out
+    assert code == 0 and s["ok"] and "== gpu-check: PASSED ==" in out and "= 80% of it" in out
