@@ -298,7 +298,7 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
                                           cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration,
                                           burst=cfg.burst, min_dwell_s=cfg.min_dwell_s,
                                           peak_hold_s=cfg.peak_hold_s, calibration_dwell_s=cfg.calibration_dwell_s,
-                                          headroom_low=cfg.headroom_low if cfg.burst else None)
+                                          headroom_low=cfg.headroom_low if cfg.burst and not cfg.hardware_only else None)
         if cfg.hardware_only:
             planner.min_accuracy = full_accuracy_floor(planner.profile, spec.slo_ms)
             log.info("hardware_only", min_accuracy=round(planner.min_accuracy, 6))
