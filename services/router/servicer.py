@@ -531,10 +531,13 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         budget_s = self.spec.slo_ms / 1e3 if grpc_left is None else min(self.spec.slo_ms / 1e3, grpc_left)
         self._check_budget(budget_s, "on arrival")   # before the body is read
         note["phase"] = "waiting for a slot to read its body"
+        timer = asyncio.timeout_at(arrived + budget_s - self.margin_s)
         try:
-            async with asyncio.timeout_at(arrived + budget_s - self.margin_s) as timer:
+            async with timer:
                 return await self._within(read, context, note, now, arrived, budget_s, timer)
         except TimeoutError:
+            if not timer.expired():
+                raise   # not the timer's: an error like any other
             self.counts["expired"] += 1
             raise DeadlineMissed(
                 f"the request's deadline ({note.get('budget_ms', budget_s * 1e3):.0f} ms after it "
