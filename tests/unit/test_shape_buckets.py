@@ -171,6 +171,34 @@ def test_a_plan_with_a_larger_batch_warms_the_new_sizes_before_it_returns():
     assert changed is False and warmed == [(80, 3), (320, 3)] and after == warmed
 
 
+def test_the_warm_up_counts_in_the_load_time_the_worker_logs():
+    from structlog.testing import capture_logs
+
+    class SlowWarm(BucketProcessor):
+        def run_batch(self, session, items):
+            time.sleep(0.05)    # each warm-up run: at least 50 ms
+            return super().run_batch(session, items)
+
+    spec = spec_with(omit=True)
+
+    def loader(variant):
+        host = ModelHost(variant, SlowWarm(variant), session=None, providers=["CUDAExecutionProvider"])
+        host.warm_up(core.batch_size)
+        return host
+
+    core = WorkerCore("w", spec.task("t"), ".", loader=loader)
+
+    async def scenario():
+        with capture_logs() as logs:
+            await core.apply("v1", 2, plan_version=1)
+        return logs
+
+    logs = asyncio.run(scenario())
+    loaded = [e for e in logs if e["event"] == "variant_loaded"]
+    # 2 buckets x sizes 1, 2, the first pair twice: 5 runs of at least 50 ms
+    assert loaded and loaded[0]["load_ms"] >= 5 * 50 and core.last_load_ms >= 5 * 50
+
+
 # -- CUDA provider options -------------------------------------------------------------
 
 def test_cuda_provider_options_carry_the_cudnn_search_mode():
