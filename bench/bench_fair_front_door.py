@@ -18,8 +18,11 @@ Two clients, each with its own process and channel (so its own connection):
 - **steady**: ``--rate`` requests a second at fixed intervals (real pages, ~1 MB), for the
   same ``--duration`` seconds, starting once the first burst is on its way.
 
-Each run first sends 4 pages one at a time, not measured (a fresh cluster's first model
-runs are slow).
+``--burst 0`` leaves the burst client out: the steady client alone, at a ``--rate`` past
+what the cluster carries, shows who answers the requests that miss their deadline.
+
+Each run first sends 3 rounds of 4 pages at once, not measured (a fresh cluster's first
+model runs are slow).
 
 Every call has a gRPC deadline of ``--timeout-ms`` (1,500 ms, the OCR SLO). A failure is
 ``client_deadline`` when its status is DEADLINE_EXCEEDED with gRPC's own message
@@ -163,12 +166,20 @@ def compare(before: dict, after: dict, records: list[dict]) -> dict:
             "clients": {"sent": len(records), **dict(client), "client_deadline": client_deadlines}}
 
 
-def warm_up(target: str, pages_dir: Path, n: int = 4) -> None:
-    """A few pages one at a time, not measured: a fresh cluster's first runs are slow."""
+def warm_up(target: str, pages_dir: Path, rounds: int = 3, at_once: int = 4) -> None:
+    """Pages, ``at_once`` at a time, not measured: a fresh cluster's first model runs are
+    slow, and ONNX Runtime's first run of each input shape (batches of 1 and 2 pages, of
+    more or fewer lines) too."""
     with grpc.insecure_channel(target) as ch:
         call = ch.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
-        for p in pages(pages_dir, n):
-            call(oip.build_image_request("ocr", p).SerializeToString(), timeout=30)
+        bodies = [oip.build_image_request("ocr", p).SerializeToString() for p in pages(pages_dir, 8)]
+        for r in range(rounds):
+            futures = [call.future(bodies[(r * at_once + i) % len(bodies)], timeout=30) for i in range(at_once)]
+            for f in futures:
+                try:
+                    f.result()
+                except grpc.RpcError:
+                    pass   # a warm-up answer that failed still ran the models
 
 
 def run_once(target: str, pages_dir: Path, a, redis_url: str | None) -> dict:
@@ -176,15 +187,16 @@ def run_once(target: str, pages_dir: Path, a, redis_url: str | None) -> dict:
     if redis_url:
         time.sleep(1.5)   # the warm-up in the front door's counters before they are read
     before = frontdoor_counts(redis_url) if redis_url else None
-    burst = subprocess.Popen(
-        [sys.executable, __file__, "--role", "burst", "--target", target, "--pages", str(pages_dir),
-         "--burst", str(a.burst), "--burst-mib", str(a.burst_mib), "--duration", str(a.duration),
-         "--timeout-ms", str(a.timeout_ms)], stdout=subprocess.PIPE, text=True)
-    assert burst.stdout.readline().strip() == "SENDING", "the burst client did not start"
-    time.sleep(0.2)   # its first burst is on the wire
+    burst = None
+    if a.burst > 0:
+        burst = subprocess.Popen(
+            [sys.executable, __file__, "--role", "burst", "--target", target, "--pages", str(pages_dir),
+             "--burst", str(a.burst), "--burst-mib", str(a.burst_mib), "--duration", str(a.duration),
+             "--timeout-ms", str(a.timeout_ms)], stdout=subprocess.PIPE, text=True)
+        assert burst.stdout.readline().strip() == "SENDING", "the burst client did not start"
+        time.sleep(0.2)   # its first burst is on the wire
     steady = asyncio.run(steady_client(target, pages_dir, a.rate, a.duration, a.timeout_ms / 1e3))
-    out, _ = burst.communicate(timeout=a.duration + 120)
-    records = steady + json.loads(out)
+    records = steady + (json.loads(burst.communicate(timeout=a.duration + 120)[0]) if burst else [])
     run = {"summary": summarize(records, a.timeout_ms / 1e3), "records": records}
     if redis_url:
         time.sleep(2.5)   # the front door reports its counters once a second

@@ -62,14 +62,44 @@ def test_a_steady_client_beside_bursts_of_large_uploads(cluster, eval_pages, tmp
     assert "RESOURCE_EXHAUSTED" not in steady["codes"], steady
     assert steady["sent"] == 2 * DURATION_S
     assert steady["on_time_share"] >= ON_TIME_TARGET, steady
-    # every failure is the front door's answer: none is gRPC's own "Deadline Exceeded"
+    # every failure of the steady client is the front door's answer: none is gRPC's own
+    # "Deadline Exceeded"
     own = [r for r in records if r["code"] == "DEADLINE_EXCEEDED" and "Deadline Exceeded" in r["message"]]
-    assert own == [], own[:5]
+    assert [r for r in own if r["client"] == "steady"] == [], own[:5]
     assert {r["code"] for r in records} <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, \
         {r["code"] for r in records}
-    # the front door counted what the clients counted, each request once
+    # the front door counted what the clients counted, each request once. A burst call may
+    # reach its deadline before the front door sees it at all (its 50 uploads of 7 MiB on one
+    # connection, both processes short of CPU on a busy machine: 16 of 570 once); the front
+    # door never let the client's deadline end a call it had received (none ``cancelled``),
+    # so those are exactly the calls it did not count
     fd, clients = run["counters"]["front_door"], run["counters"]["clients"]
-    assert fd["arrived"] == clients["sent"] == len(records), run["counters"]
+    assert fd["cancelled"] == 0 and fd["failed"] == 0 and fd["invalid"] == 0, fd
+    assert fd["arrived"] + len(own) == clients["sent"] == len(records), run["counters"]
+    assert len(own) <= 0.1 * burst["sent"], burst
+    assert fd["dropped"] + len(own) == clients.get("dropped", 0), run["counters"]
+    for outcome in ("ok", "shed"):
+        assert fd[outcome] == clients.get(outcome, 0), (outcome, run["counters"])
+
+
+def test_past_capacity_every_missed_deadline_is_answered_by_the_front_door(cluster, eval_pages, tmp_path):
+    """20 requests a second, well past what one det and one rec worker carry here: many
+    miss their deadline in the pipeline, and each is answered by the front door before the
+    client's own deadline fires (without the answer margin, 4-10 of 73-181 failures per run
+    were the client's own, docs/reliability.md)."""
+    pages_dir, _ = eval_pages
+    out = tmp_path / "over.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--target", cluster.front_door, "--redis-url",
+                           cluster.redis_url, "--pages", str(pages_dir), "--burst", "0", "--rate", "20",
+                           "--duration", "8", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print("\n" + done.stdout)
+    [run] = json.loads(out.read_text())["runs"]
+    records = run["records"]
+    own = [r for r in records if r["code"] == "DEADLINE_EXCEEDED" and "Deadline Exceeded" in r["message"]]
+    assert own == [], (len(own), own[:3])
+    fd, clients = run["counters"]["front_door"], run["counters"]["clients"]
+    assert fd["arrived"] == clients["sent"] == len(records) == 160, run["counters"]
     for outcome in ("ok", "dropped", "shed"):
         assert fd[outcome] == clients.get(outcome, 0), (outcome, run["counters"])
-    assert fd["cancelled"] == 0 and fd["failed"] == 0 and fd["invalid"] == 0, fd
+    assert fd["cancelled"] == 0, fd
