@@ -104,9 +104,10 @@ class PlannerPolicy:
     min_dwell_s: float = 0.0
     # plan for at least the highest estimate of this many seconds (0: the estimate alone)
     peak_hold_s: float = 0.0
-    # a re-plan for calibration drift alone waits until the plan is this old (and min_dwell_s):
-    # on a busy host the measured factors move by 30 % every few seconds, and each re-plan
-    # that moves a model costs seconds of CPU (live: one every 5 s in the high phase)
+    # a re-plan for calibration drift alone waits until the plan is this old (and min_dwell_s),
+    # unless a variant the plan runs measured slower than planned (its capacity is less than
+    # the plan says): on a busy host the measured factors move by 30 % every few seconds, and
+    # each re-plan that moves a model costs seconds of CPU (live: one every 5 s at the peak)
     calibration_dwell_s: float = 0.0
     planned_demand: float | None = field(default=None, init=False)
     planned_capacity: float | None = field(default=None, init=False)   # what the last plan serves (req/s)
@@ -118,6 +119,7 @@ class PlannerPolicy:
     _capacity_of: tuple = field(default=(None, 0, 0.0), init=False, repr=False)
     _recent: deque = field(default_factory=deque, init=False, repr=False)   # (time, estimate)
     _spill_only: frozenset = field(default=frozenset(), init=False, repr=False)   # burst, not planned
+    _runs: frozenset = field(default=frozenset(), init=False, repr=False)   # (task, variant) the plan runs
 
     def __post_init__(self) -> None:
         self.calibrator = LatencyCalibrator(self.profile)
@@ -200,11 +202,19 @@ class PlannerPolicy:
             return False
         if now - self.planned_at > self.max_plan_age_s:
             return True
-        if self.calibrate and self.calibrator.needs_replan() and now - self.planned_at >= self.calibration_dwell_s:
+        if self.calibrate and self.calibrator.needs_replan() and \
+                (now - self.planned_at >= self.calibration_dwell_s or self._runs_slower()):
             return True
         if rising:
             return True
         return target < planned * (1 - self.down_threshold) and now - self.planned_at >= self.cooldown_s
+
+    def _runs_slower(self) -> bool:
+        """A variant the plan runs measured slower than the profile the plan was made on,
+        by more than the calibrator's margin: the plan carries less than it says."""
+        cal = self.calibrator
+        factors = cal.factors()
+        return any(factors.get(k, 1.0) > cal.in_use.get(k, 1.0) * (1 + cal.margin) for k in self._runs)
 
     def current_profile(self) -> PipelineProfile:
         """The profile to plan on: the calibrated one, re-scaled when the measurements
@@ -257,6 +267,7 @@ class PlannerPolicy:
         if self.burst and self.min_accuracy is None:   # a burst variant would break the floor
             plan = with_burst_variants(plan, profile, self.slo_ms)
         runs = {(w.task, w.variant) for w in plan.workers.values()}
+        self._runs = frozenset(runs)
         self._spill_only = frozenset((t, v) for t, v in plan.burst.items() if (t, v) not in runs)
         if self.calibrate and self.calibrator.host_factor() is not None:
             plan = replace(plan, calibration={f"{t}/{v}": round(f, 4)

@@ -382,15 +382,22 @@ def test_spilled_batches_of_a_burst_variant_do_not_calibrate_it():
     assert factors[(task, burst)] == pytest.approx(1.5, rel=0.01)
 
 
-def test_calibration_drift_alone_waits_for_its_dwell_a_rise_beyond_capacity_does_not():
+def test_calibration_drift_alone_waits_for_its_dwell_unless_the_plan_runs_slower_than_planned():
     from services.policy.calibration import Timing
 
     pol = policy(min_dwell_s=5.0, calibration_dwell_s=15.0)
     plan = pol.decide(WORKERS, 1.0, None, now=0.0)
     det = plan.workers["det-0"]
-    base = pol.profile.task("det").variant(det.variant).latency_ms[det.batch_size].p50_ms
-    pol.observe_timings([Timing("det", det.variant, det.batch_size, 20, 20 * 2.0 * base)])   # 2x slower
+    fast = next(v for v in pol.profile.task("det").variants if v.name != det.variant)   # not planned
+    b = min(fast.latency_ms)
+    pol.observe_timings([Timing("det", fast.name, b, 20, 20 * 0.5 * fast.latency_ms[b].p50_ms)])   # 2x faster
     assert pol.calibrator.needs_replan()
     assert not pol.should_replan(WORKERS, 1.0, now=6.0)        # past min_dwell_s, not 15 s
     assert pol.should_replan(WORKERS, 2.0 * pol.planned_capacity, now=6.0)   # beyond capacity: at once
     assert pol.should_replan(WORKERS, 1.0, now=15.0)
+    # a variant the plan runs measured 2x slower: the plan carries less than it says, re-plan
+    # after min_dwell_s
+    base = pol.profile.task("det").variant(det.variant).latency_ms[det.batch_size].p50_ms
+    pol.observe_timings([Timing("det", det.variant, det.batch_size, 20, 20 * 2.0 * base)])
+    assert not pol.should_replan(WORKERS, 1.0, now=4.0)
+    assert pol.should_replan(WORKERS, 1.0, now=6.0)
