@@ -15,9 +15,8 @@ Logs go to ``<log-dir>/<process>.log``.
 Like the demo, it first fits the profile to this host (``pipeserve-calibrate``: a short
 speed probe against the profile, cached per host in ``runs/profiles/``) and hands the
 controller a calibrated copy when the profile does not match (``--calibrate off``: the
-profile as it is). The planner then plans for at least what one worker per task carries
-at full accuracy on that profile (``--min-demand-qps``): that costs no accuracy, and a
-first load finds a plan made for it rather than one for near-zero demand.
+profile as it is). ``--min-demand-qps`` tells the planner the load to expect (the demo
+passes the rate it is about to send), so that the first plan is made for it.
 """
 from __future__ import annotations
 
@@ -57,9 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where probe results and calibrated profiles are cached per host (default %(default)s)")
     p.add_argument("--pages", default="data/eval", help="pages the calibration probe uses (make data)")
     p.add_argument("--min-demand-qps", type=float, default=None, metavar="QPS",
-                   help="the planner plans for at least this demand (default: what one worker per task "
-                        "carries at full accuracy on the profile it plans on, so that a first load up to "
-                        "that rate finds a plan made for it, at no cost in accuracy)")
+                   help="the planner plans for at least this demand, e.g. the load you are about to "
+                        "send (default: the controller's, 0.5: it follows the measured demand)")
     p.add_argument("--models", default="models", help="model directory (make models)")
     p.add_argument("--port", type=int, default=DEFAULT_FRONT_DOOR_PORT,
                    help="the front door's port (default %(default)s)")
@@ -96,19 +94,6 @@ def parse_workers(items: list[str], tasks: list[str], pool: int = 0) -> dict[str
             raise ValueError(f"--workers expects TASK=N with a task of {tasks} and N >= 1, got {item!r}")
         workers[task] = int(n)
     return workers
-
-
-def full_accuracy_floor(profile: Path, tasks: list[str], slo_ms: float) -> float | None:
-    """What one worker per task carries at full accuracy on ``profile`` (the planner's
-    relaxed capacity): planning for at least that costs no accuracy, and a first load up
-    to that rate does not meet a plan made for near-zero demand (the most accurate
-    variants at small batches; the README's first 5 req/s failed 23 % that way)."""
-    from services.planner import load_profile
-    from services.planner.capacity import max_demand
-
-    top = max_demand(load_profile(profile), len(tasks), slo_ms, full_accuracy=True, method="relaxed",
-                     task_workers={t: 1 for t in tasks})
-    return round(top.served_qps, 2) if top.ok and top.served_qps > 0 else None
 
 
 def run(a: argparse.Namespace) -> int:
@@ -160,13 +145,12 @@ def run(a: argparse.Namespace) -> int:
         profile = profile_to_plan_on(Path(a.spec), Path(profile), Path(a.models), Path(a.pages), a.calibrate,
                                      Path(a.calibration_cache), log=lambda m: print(m, flush=True))
     min_demand = a.min_demand_qps
-    if profile is not None and min_demand is None:
-        min_demand = full_accuracy_floor(Path(profile), [t.name for t in spec.tasks], spec.slo_ms)
     print(f"plans from: {'the operator plan ' + a.plan_file if a.plan_file else 'the planner on ' + str(profile)}"
           + (f", for at least {min_demand:.1f} req/s" if profile is not None and min_demand else ""), flush=True)
     cfg = ClusterConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
                         profile=Path(profile) if profile else None, models=Path(a.models), workers=workers,
-                        pool=a.pool, min_demand_qps=min_demand if profile is not None else None, log_dir=log_dir, redis_url=a.redis_url or None, tls=tls,
+                        pool=a.pool, min_demand_qps=min_demand if profile is not None else None,
+                        log_dir=log_dir, redis_url=a.redis_url or None, tls=tls,
                         controller_port=a.controller_port, front_door_port=a.port,
                         inline_routers=a.inline_routers)
     cluster = LocalCluster(cfg)
