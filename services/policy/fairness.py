@@ -9,7 +9,13 @@ something in flight, being read or waiting, or sent a request in the last ``acti
 seconds (an *active* client, the arriving one included) gets an equal share,
 ``max_inflight_bytes / n`` and ``max_receiving // n`` (at least 1), and
 
-* a client over its own share is shed (or waits) itself; it never sheds another;
+* a client over its own share is shed (or waits) itself; it never sheds another; with
+  other clients sending, an arrival counts against its client's share as the largest of
+  that client's recent bodies (``max_bytes`` for a client not seen yet), so a client of
+  small pages is not shed for room only a largest-allowed request would need (its body,
+  once read, is checked at its real size);
+* read slots are shared only when they are contended: while fewer than ``max_receiving``
+  bodies are being read, any client's arrival is read at once;
 * a client with nothing in flight always has one request read, whatever its size;
 * a client under its share may take the totals past ``max_inflight_bytes`` and
   ``max_receiving`` (the clients over their share add nothing until they are back under
@@ -168,10 +174,10 @@ class FairShareGate:
 
     def _may_read(self, name: str, c: _Client) -> bool:
         lim = self.limits
+        if self.reading < lim.max_receiving:
+            return True       # a free slot: shares bind only when the slots are contended
         if c.reading >= self.read_share(name):
             return False
-        if self.reading < lim.max_receiving:
-            return True
         # past the total only while under its share, and never past the hard bound; with
         # one active client the share is the total, so this never passes it
         return self.active_clients(name) > 1 and self.reading < lim.over_total * lim.max_receiving
@@ -190,7 +196,12 @@ class FairShareGate:
         self._saw(client, now)
         t = Ticket(client, next(self._seq), wait_until)
         c = self._client(client)
-        reason = self._bytes_refused(client, c, self.limits.max_bytes)
+        # alone, the earlier shared rule: room for one more request of the largest allowed
+        # size; among several, its share is judged by its own recent bodies (a client of
+        # 1 MB pages would otherwise be shed holding 4 of them beside one other client)
+        guess = self.limits.max_bytes if self.active_clients(client) == 1 else \
+            max(c.recent, default=self.limits.max_bytes)
+        reason = self._bytes_refused(client, c, guess)
         if reason is None and not c.waiting and self._may_read(client, c):
             c.reading += 1
             self.reading += 1

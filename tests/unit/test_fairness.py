@@ -38,7 +38,7 @@ def test_a_burst_client_over_its_share_never_sheds_another_client():
     assert g.held == 21 * MIB + SMALL    # past the 24 MiB: allowed up to 2 x 24 for clients under share
     again = read(g, "burst", BIG)        # two clients: the burst client's share is 12 MiB
     assert again.state is State.SHED and again.reason is Reason.OWN_BYTES
-    second_small = read(g, "small", SMALL)   # 0.2 + 8 <= 12: within its own share
+    second_small = read(g, "small", SMALL)   # 0.2 + 0.2 <= 12: within its own share
     assert second_small.state is State.HELD
     for t in burst + [small, second_small]:
         g.leave(t)
@@ -111,7 +111,9 @@ def test_a_large_body_sheds_its_own_clients_waiters_only():
         State.READING, State.WAITING, State.READING, State.WAITING]
     changed = g.body_read(big, 300_000)  # 4 x 300 KB per body no longer fits a's share
     assert a_wait in changed and a_wait.state is State.SHED and a_wait.reason is Reason.LARGE_BODIES
-    assert b_wait.state is State.WAITING   # b's bodies are small: it keeps its place
+    # b's bodies are small: not shed, and a's freed slot (1 of the 2 being read now) is
+    # free for anyone, so b's waiter reads at once
+    assert b_wait in changed and b_wait.state is State.READING
 
 
 def test_the_wait_queue_is_bounded():
@@ -171,3 +173,30 @@ def test_a_client_holding_a_large_request_is_held_to_its_share_once_another_send
     assert small.state is State.READING
     late = g.arrive("burst", 0.0, 9.0)                     # 7 + 8 > 24 / 2: over its share
     assert late.state is State.SHED and late.reason is Reason.OWN_BYTES
+
+
+def test_free_read_slots_are_anyones_however_many_clients_send():
+    # Triton's perf_analyzer: a few connections (clients), several requests each in flight;
+    # 3 clients make the read share 8 // 3 = 2, but with slots free nobody waits or is shed
+    g = FairShareGate(OCR)
+    tickets = [g.arrive(c, 0.0, 1.0) for c in ("a", "a", "b", "b", "c", "c", "c", "c")]
+    assert [t.state for t in tickets] == [State.READING] * 8   # 8 = max_receiving
+    over = g.arrive("c", 0.0, 1.0)           # every slot taken: c, over its share, may not read
+    assert over.state is not State.READING
+
+
+def test_an_arrival_counts_as_its_clients_recent_bodies_not_the_largest_allowed():
+    # a load generator's connection sending 0.5 MiB pages beside another client: its share
+    # is 24 / 2 = 12 MiB; holding 10 MiB it has room for one more page, though not for a
+    # request of the largest allowed size (10 + 8 > 12)
+    g = FairShareGate(OCR)
+    page = MIB // 2
+    held = [read(g, "loadgen", page) for _ in range(20)]
+    assert all(t.state is State.HELD for t in held) and g.holding("loadgen") == 10 * MIB
+    g.leave(read(g, "other", SMALL))         # a second client is sending
+    assert g.active_clients() == 2
+    assert read(g, "loadgen", page).state is State.HELD          # 10 + 0.5 <= 12
+    big = read(g, "loadgen", BIG)             # the estimate is a guess; the body decides:
+    assert big.state is State.SHED and big.reason is Reason.OWN_BYTES   # 10.5 + 7 > 12
+    unseen = g.arrive("new", 0.0, 1.0)        # a client never seen counts as 8 MiB
+    assert unseen.state is State.READING      # nothing of its own held: read
