@@ -29,7 +29,7 @@ from services.controller.scaler import (DeploymentScaler, KubeScaleApi, ScalePol
                                         split_pool)
 from services.controller.status import OutcomeWindow, cluster_status, observe_outcomes
 from services.policy.demand import DemandEstimator
-from services.policy.planning import PlannerPolicy
+from services.policy.planning import CONTROLLER_SETTLING, PlannerPolicy
 from services.controller.registry import WorkerRegistry
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
@@ -63,10 +63,10 @@ class ControllerConfig:
     k8s_deployment: str | None = None   # scale this worker Deployment (None: off)
     k8s_namespace: str | None = None    # its namespace (None: the controller pod's)
     hardware_only: bool = False         # planner: full accuracy only (scale replicas, never variants)
-    min_dwell_s: float = 5.0            # planner: a plan stays this long but for rises beyond its capacity
-    peak_hold_s: float = 30.0           # planner: plan for at least the highest estimate of this long
-    headroom_low: float | None = 1.25   # planner: off-peak headroom (None: --headroom throughout)
-    calibration_dwell_s: float = 15.0   # planner: a re-plan for calibration drift alone waits this long
+    min_dwell_s: float = CONTROLLER_SETTLING["min_dwell_s"]            # planner: a plan stays this long but for rises beyond its capacity
+    peak_hold_s: float = CONTROLLER_SETTLING["peak_hold_s"]           # planner: plan for at least the highest estimate of this long
+    headroom_low: float | None = CONTROLLER_SETTLING["headroom_low"]   # planner: off-peak headroom (None: --headroom throughout)
+    calibration_dwell_s: float = CONTROLLER_SETTLING["calibration_dwell_s"]   # planner: a re-plan for calibration drift alone waits this long
     k8s_policy: ScalePolicy | None = None
 
 
@@ -109,17 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planner: re-plan for lower demand (fewer workers: the rest park) only when "
                         "the current plan is at least this old (default 15 s; higher demand "
                         "re-plans at once)")
-    p.add_argument("--min-dwell-s", type=float, default=5.0,
+    p.add_argument("--min-dwell-s", type=float, default=CONTROLLER_SETTLING["min_dwell_s"],
                    help="planner: keep a plan at least this long (s) unless the workers changed or the "
                         "demand estimate rose beyond the plan's capacity, which re-plan at once (default 5)")
-    p.add_argument("--peak-hold-s", type=float, default=30.0,
+    p.add_argument("--peak-hold-s", type=float, default=CONTROLLER_SETTLING["peak_hold_s"],
                    help="planner: plan for at least the highest demand estimate of the last this many "
                         "seconds, so the plan does not drift back between the peaks of a periodic load "
                         "(default 30; 0: the estimate alone)")
-    p.add_argument("--calibration-dwell-s", type=float, default=15.0,
+    p.add_argument("--calibration-dwell-s", type=float, default=CONTROLLER_SETTLING["calibration_dwell_s"],
                    help="planner: re-plan for calibration drift alone only when the plan is at least "
                         "this old (default 15 s; a busy host's measured speed moves every few seconds)")
-    p.add_argument("--headroom-low", type=float, default=1.25,
+    p.add_argument("--headroom-low", type=float, default=CONTROLLER_SETTLING["headroom_low"],
                    help="planner: the headroom off-peak (below a quarter of the workers' full-accuracy "
                         "capacity; rising linearly to --headroom at half of it), so low demand uses "
                         "fewer workers and the rest park; burst variants absorb a step meanwhile "

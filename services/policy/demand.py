@@ -45,6 +45,33 @@ def report_due(now: float, last_ts: float, arrived: float, rate: float, period_s
     return since >= min_gap_s and jumped(arrived, rate * since, sigmas, min_count)
 
 
+class DemandReporter:
+    """When a front door publishes its request counters: once a ``period_s``, or early when
+    the arrivals since its last report are implausibly many for its rate over the last
+    ``history_s`` of reports (:func:`report_due`). Pure: the front door's reporter loop
+    and the simulator's live model both ask :meth:`due` every ``check_s`` or so."""
+
+    def __init__(self, period_s: float = 1.0, history_s: float = 5.0) -> None:
+        self.period_s = period_s
+        self.history_s = history_s
+        self.reports: deque[tuple[float, float]] = deque()   # (time, received) of recent reports
+        self.last_ts = -math.inf
+        self.last_n = 0.0
+
+    def due(self, now: float, received: float) -> bool:
+        """Whether to publish ``received`` now; a True answer counts as published."""
+        reports = self.reports
+        while len(reports) > 1 and reports[0][0] < now - self.history_s:
+            reports.popleft()
+        rate = ((reports[-1][1] - reports[0][1]) / max(reports[-1][0] - reports[0][0], self.period_s)
+                if reports else 0.0)
+        if not report_due(now, self.last_ts, received - self.last_n, rate, self.period_s):
+            return False
+        self.last_ts, self.last_n = now, received
+        reports.append((now, received))
+        return True
+
+
 class DemandEstimator:
     def __init__(self, tau_s: float = 3.0, window_s: float = 5.0, stale_s: float = 10.0,
                  tau_up_s: float | None = 1.0, rise_window_s: float | None = 1.0, rise_sigmas: float = 4.5,

@@ -70,6 +70,23 @@ def with_burst_variants(plan: Plan, profile: PipelineProfile, slo_ms: float) -> 
     return replace(plan, burst=burst, latency_ms=latency)
 
 
+# The controller's defaults for plans that settle (its --min-dwell-s, --peak-hold-s,
+# --calibration-dwell-s, --headroom-low); PlannerPolicy's own defaults leave them off, and
+# the simulator's live model turns them on with :func:`settle`, as the controller runs.
+CONTROLLER_SETTLING = dict(min_dwell_s=5.0, peak_hold_s=30.0, calibration_dwell_s=15.0, headroom_low=1.25)
+
+
+def settle(planner: "PlannerPolicy", hardware_only: bool = False) -> "PlannerPolicy":
+    """``planner`` with the controller's settling defaults (``CONTROLLER_SETTLING``); the
+    off-peak headroom only with burst variants and not for hardware scaling only, as the
+    controller does."""
+    planner.min_dwell_s = CONTROLLER_SETTLING["min_dwell_s"]
+    planner.peak_hold_s = CONTROLLER_SETTLING["peak_hold_s"]
+    planner.calibration_dwell_s = CONTROLLER_SETTLING["calibration_dwell_s"]
+    planner.headroom_low = CONTROLLER_SETTLING["headroom_low"] if planner.burst and not hardware_only else None
+    return planner
+
+
 @dataclass
 class PlannerPolicy:
     profile: PipelineProfile

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import signal
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
 from services.policy.admission import TokenBucket
-from services.policy.demand import report_due
+from services.policy.demand import DemandReporter
 from services.common.errors import SpecError
 from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make_server, tls_from_args,
                                         tls_mode)
@@ -225,19 +223,10 @@ class RouterApp:
         key = frontdoor_key(self.spec.name, f"{socket.gethostname()}:{self.port}")
         client = connect(self.cfg.redis_url)
         outage = RedisOutage("front-door", self.spec.name)
-        reports: deque[tuple[float, int]] = deque()   # (monotonic time, received) of recent reports
-        last_ts, last_n = -math.inf, 0
+        reporter = DemandReporter(period_s)
         try:
             while True:
-                now = time.monotonic()
-                received = int(self.front_door.counts.get("received", 0))
-                while len(reports) > 1 and reports[0][0] < now - 5.0:
-                    reports.popleft()
-                rate = ((reports[-1][1] - reports[0][1]) / max(reports[-1][0] - reports[0][0], period_s)
-                        if reports else 0.0)
-                if report_due(now, last_ts, received - last_n, rate, period_s):
-                    last_ts, last_n = now, received
-                    reports.append((now, received))
+                if reporter.due(time.monotonic(), int(self.front_door.counts.get("received", 0))):
                     try:
                         await client.hset(key, mapping={**self.front_door.counts, "ts": time.time()})
                         await client.expire(key, 10)

@@ -37,7 +37,7 @@ from services.planner.profile import PipelineProfile
 from services.policy.admission import TokenBucket
 from services.policy.batching import EdfQueue, ServiceTimeEstimator, burst_batch, overrun
 from services.policy.calibration import Timing
-from services.policy.demand import DemandEstimator
+from services.policy.demand import DemandEstimator, DemandReporter
 from services.policy.rates import RATE_TAU_S
 from services.policy.reserve import downstream_reserves
 from services.policy.routing import DEFAULT_FILL, REROUTE_SLACK, StageRouting, expected_finish_s, reroute_choice
@@ -69,6 +69,9 @@ class SimConfig:
     # report at its tick, as ``read_demand`` does; None: the exact count at every tick
     report_s: float | None = None
     report_phase_s: float = 0.5
+    # with ``report_s``: the front door also reports early when its arrivals jump, checked
+    # this often (``DemandReporter``, as the live front door does); None: only periodic reports
+    report_check_s: float | None = None
     ingress_s: float = 0.0        # per request: client -> front door -> first stage's routing
     egress_s: float = 0.0         # per request: the answer's way back to the client
     plan_delay_s: float = 0.0     # a decision reaches routers and workers this much later (solve, publish)
@@ -188,6 +191,8 @@ class _Sim:
         self.task_count = [0] * nt
         # the controller's estimator with its defaults (services/policy/demand.py)
         self.root_est = DemandEstimator()
+        self._reporter = DemandReporter(cfg.report_s or 1.0)
+        self._next_check = cfg.report_phase_s
         self.task_est = [DemandEstimator() for _ in range(nt)]
         self.queries = self.dropped_q = self.batches = self.plans = 0
         self.inflight = 0
@@ -477,6 +482,14 @@ class _Sim:
         rs = self.cfg.report_s
         if rs is None:
             self.root_est.observe("frontdoor", arrived + self.root_offset, now)
+        elif self.cfg.report_check_s:   # the live front door's reporter, stepped to now
+            check = self.cfg.report_check_s
+            while self._next_check <= now + 1e-9:
+                t = self._next_check
+                n = self.received_by(t) + self.root_offset
+                if self._reporter.due(t, n):
+                    self.root_est.observe("frontdoor", n, t)
+                self._next_check = t + check
         else:   # the front door's last report: its count at its own report time
             ts = self.cfg.report_phase_s + math.floor((now - self.cfg.report_phase_s) / rs + 1e-9) * rs
             if ts >= 0.0:

@@ -19,6 +19,7 @@ import numpy as np
 
 from services.sim.engine import SimConfig, simulate
 from services.sim.metrics import OK
+from services.policy.planning import settle
 from services.sim.scenario import (LIVE, RateShape, diurnal_shape, shape_arrivals, square_shape, step_windows,
                                    steps_summary, trace_arrivals, violation_ratio)
 
@@ -81,6 +82,7 @@ def config(a, slo_ms: float | None) -> SimConfig:
     if a.model == "ideal":
         return base
     return SimConfig(**{**base.__dict__, "report_s": a.report_s, "report_phase_s": LIVE["report_phase_s"],
+                        "report_check_s": LIVE["report_check_s"],
                         "control_period_s": a.control_s, "ingress_s": a.frontdoor_ms / 1000.0,
                         "egress_s": a.egress_ms / 1000.0, "plan_delay_s": a.plan_delay_ms / 1000.0,
                         "cold_start": not a.warm_start})
@@ -120,6 +122,8 @@ def run_live(a, prof, policy, error) -> dict:
         arrivals = trace_arrivals(a.trace, a.time_scale, a.rate_scale, a.seed, a.duration)
     if arrivals.times_s.size == 0:
         error("the arrivals are empty")
+    if a.model == "live" and hasattr(policy, "planner"):
+        settle(policy.planner)     # the controller's dwell, peak hold and off-peak headroom
     res = simulate(prof, arrivals.times_s, policy, config(a, slo_ms))
     d = summarise(res, arrivals, a.step_window_s)
     d["model"] = a.model

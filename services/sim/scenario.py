@@ -18,12 +18,13 @@ from services.loadgen.schedule import RateShape, read_trace, shape_schedule, tra
 from services.sim.engine import SimConfig
 
 # What a live cluster on this kind of host adds to the ideal one (docs/simulator.md, "The
-# live model"): the front doors report once a second, the controller's loop runs every
-# 0.5 s, a request spends ~10 ms in the front door before routing and ~5 ms on its way
-# back, a plan reaches the services ~0.2 s after the tick that decided it (the solve on a
-# busy host, then Redis), the cluster starts cold.
-LIVE = dict(report_s=1.0, report_phase_s=0.5, control_period_s=0.5, ingress_s=0.010, egress_s=0.005,
-            plan_delay_s=0.2, cold_start=True)
+# live model"): the front doors report once a second and early when their arrivals jump
+# (checked every 0.1 s), the controller's loop runs every 0.25 s (its --reconcile-s), a
+# request spends ~10 ms in the front door before routing and ~5 ms on its way back, a plan
+# reaches the services ~0.2 s after the tick that decided it (the solve on a busy host,
+# then Redis), the cluster starts cold.
+LIVE = dict(report_s=1.0, report_phase_s=0.5, report_check_s=0.1, control_period_s=0.25, ingress_s=0.010,
+            egress_s=0.005, plan_delay_s=0.2, cold_start=True)
 STEP_WINDOW_S = 3.0
 
 

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-cache", default="runs/profiles")
     p.add_argument("--models", default="models")
     p.add_argument("--pages", default="data/eval")
+    p.add_argument("--resimulate", default=None, metavar="RESULTS_JSON",
+                   help="run only the simulator again, with this code, against an earlier run's "
+                        "results.json (its live figures and measurements, the same arrivals)")
     p.add_argument("--cores", type=float, default=None,
                    help="cores the simulated workers share (default: this host's CPU count)")
     return p
@@ -150,6 +153,7 @@ def live_metrics(data: dict, arrivals, window_s: float) -> dict:
 def simulate(profile, arrivals, a, slo_ms: float, load_s: float | None = None, plan_delay_s: float | None = None):
     from services.sim import SimConfig
     from services.sim import simulate as run_sim
+    from services.policy.planning import settle
     from services.sim.policies import OursPolicy
     from services.sim.run import summarise
     from services.sim.scenario import live_config
@@ -160,7 +164,9 @@ def simulate(profile, arrivals, a, slo_ms: float, load_s: float | None = None, p
     if plan_delay_s is not None:
         over["plan_delay_s"] = plan_delay_s
     cfg = live_config(SimConfig(n_workers=a.pool, seed=a.seed, slo_ms=slo_ms, cores=a.cores), **over)
-    res = run_sim(profile, arrivals.times_s, OursPolicy(profile, a.pool), cfg)
+    policy = OursPolicy(profile, a.pool)
+    settle(policy.planner)     # the controller's dwell, peak hold and off-peak headroom
+    res = run_sim(profile, arrivals.times_s, policy, cfg)
     d = summarise(res, arrivals, a.step_window_s)
     d["config"] = {k: v for k, v in cfg.__dict__.items()}
     return d
@@ -238,16 +244,26 @@ def main(argv: list[str] | None = None) -> int:
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "host": f"{host_description()} ({platform.node()})", "load_average": os.getloadavg()[0],
                      "profile": str(profile_path), "pool": a.pool, "full_capacity_qps": full, "shapes": {}}
+    earlier = json.loads(Path(a.resimulate).read_text())["shapes"] if a.resimulate else None
+    if earlier is not None:
+        shapes = [s for s in shapes if s in earlier]
+        results["resimulated"] = a.resimulate
     for shape in shapes:
         arrivals = arrivals_for(shape, a, full)
-        print(f"== {shape}: {arrivals.describe}: {arrivals.times_s.size} requests; live cluster ...", flush=True)
-        t0 = time.monotonic()
-        data = run_live(a, shape, arrivals, profile_path, pages, logs / shape, spec.slo_ms)
-        write_records(logs / f"{shape}.records.jsonl", data["records"])
-        live = live_metrics(data, arrivals, a.step_window_s)
-        print(f"   {shape} cluster: violations {pct(live['violation_ratio'])}, after steps up "
-              f"{steps_cell(live)}, {live['plan_versions']} plan versions ({time.monotonic() - t0:.0f} s); "
-              f"simulator ...", flush=True)
+        if earlier is not None:      # the live side as it was measured then
+            data = {"calibration": None, "load_ms": None, "solve_ms": None, **earlier[shape]["measured"]}
+            live = earlier[shape]["live"]
+            print(f"== {shape}: {arrivals.describe}: the cluster's figures from {a.resimulate}", flush=True)
+        else:
+            print(f"== {shape}: {arrivals.describe}: {arrivals.times_s.size} requests; live cluster ...",
+                  flush=True)
+            t0 = time.monotonic()
+            data = run_live(a, shape, arrivals, profile_path, pages, logs / shape, spec.slo_ms)
+            write_records(logs / f"{shape}.records.jsonl", data["records"])
+            live = live_metrics(data, arrivals, a.step_window_s)
+            print(f"   {shape} cluster: violations {pct(live['violation_ratio'])}, after steps up "
+                  f"{steps_cell(live)}, {live['plan_versions']} plan versions ({time.monotonic() - t0:.0f} s); "
+                  f"simulator ...", flush=True)
         r = {"arrivals": arrivals.describe, "steps": [s.__dict__ for s in arrivals.steps], "live": live,
              "measured": {k: data[k] for k in ("calibration", "load_ms", "solve_ms")},
              "sim": simulate(profile, arrivals, a, spec.slo_ms)}

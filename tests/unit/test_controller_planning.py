@@ -278,21 +278,19 @@ def test_a_restarted_controller_plans_on_the_host_speed_its_predecessor_measured
 def feed(arrivals, until, est, check_s=0.1, period_s=1.0, controller_s=0.25):
     """The front door's reporter (a check every ``check_s``, :func:`report_due`) and the
     controller's loop (every ``controller_s``) over the arrival times: (time, estimate) pairs."""
-    from services.policy.demand import report_due
+    from services.policy.demand import DemandReporter
 
     arrivals = sorted(arrivals)
-    i, last_ts, last_n, hist, out, t = 0, 0.0, 0, [(0.0, 0)], [], 0.0
+    reporter = DemandReporter(period_s)
+    assert reporter.due(0.0, 0)          # the first check reports
+    i, out, t = 0, [], 0.0
     next_ctl = 0.0
     while t < until:
         t = round(t + check_s, 6)
         while i < len(arrivals) and arrivals[i] <= t:
             i += 1
-        recent = [(ts, n) for ts, n in hist if ts >= t - 5.0] or hist[-1:]
-        rate = (hist[-1][1] - recent[0][1]) / max(hist[-1][0] - recent[0][0], 1.0)
-        if report_due(t, last_ts, i - last_n, rate, period_s):
+        if reporter.due(t, i):
             est.observe("fd", float(i), t)
-            last_ts, last_n = t, i
-            hist.append((t, i))
         if t >= next_ctl - 1e-9:
             next_ctl = t + controller_s
             out.append((t, est.update(t)))
@@ -401,3 +399,16 @@ def test_calibration_drift_alone_waits_for_its_dwell_unless_the_plan_runs_slower
     pol.observe_timings([Timing("det", det.variant, det.batch_size, 20, 20 * 2.0 * base)])
     assert not pol.should_replan(WORKERS, 1.0, now=4.0)
     assert pol.should_replan(WORKERS, 1.0, now=6.0)
+
+
+def test_the_front_door_reporter_reports_once_a_period_and_at_once_on_a_jump():
+    from services.policy.demand import DemandReporter
+
+    r = DemandReporter(period_s=1.0)
+    assert r.due(0.0, 0)                                   # first check
+    times = [round(0.1 * k, 6) for k in range(1, 51)]      # 1 req/s for 5 s: periodic only
+    due = [t for t in times if r.due(t, int(t))]
+    assert due == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert not r.due(5.1, 5)                               # nothing new, 0.1 s later
+    assert r.due(5.3, 5 + 6)                               # 6 in 0.3 s at 1 req/s: a jump, early
+    assert (r.last_ts, r.last_n) == (5.3, 11)

@@ -124,6 +124,34 @@ def test_front_door_reports_lag_the_estimate():
     assert reported < 20.0 < exact
 
 
+def test_early_reports_show_a_step_before_the_next_periodic_report():
+    """The same step: a front door that also reports early when its arrivals jump (checked
+    every 0.1 s, as the live one does) has it in the estimate at 10.5 s; with once-a-second
+    reports (the last at 9.9 s) the estimate has not moved."""
+    prof = load_profile("profiles/traffic_analysis.json")
+    arr = shape_arrivals(RateShape("step", rate=10.0, peak_rate=200.0, step_at_s=10.0), 16.0, 3).times_s
+
+    def est_at(cfg, t):
+        r = simulate(prof, arr, make_policy("ours", prof, 20), cfg)
+        return float(r.series["demand_est"][np.argmin(np.abs(r.series["t"] - t))])
+
+    periodic = est_at(SimConfig(n_workers=20, control_period_s=0.25, report_s=1.0, report_phase_s=0.9), 10.5)
+    early = est_at(SimConfig(n_workers=20, control_period_s=0.25, report_s=1.0, report_phase_s=0.9,
+                             report_check_s=0.1), 10.5)
+    assert periodic < 20.0 < early
+
+
+def test_the_live_model_plans_as_the_controller_does():
+    from services.policy.planning import CONTROLLER_SETTLING, PlannerPolicy, settle
+    prof = load_profile("profiles/traffic_analysis.json")
+    p = settle(PlannerPolicy(prof, prof.slo_ms, burst=True))
+    assert (p.min_dwell_s, p.peak_hold_s, p.calibration_dwell_s, p.headroom_low) == (
+        CONTROLLER_SETTLING["min_dwell_s"], CONTROLLER_SETTLING["peak_hold_s"],
+        CONTROLLER_SETTLING["calibration_dwell_s"], CONTROLLER_SETTLING["headroom_low"])
+    assert settle(PlannerPolicy(prof, prof.slo_ms, burst=False)).headroom_low is None   # as --burst off
+    assert settle(PlannerPolicy(prof, prof.slo_ms, burst=True), hardware_only=True).headroom_low is None
+
+
 def test_a_cold_start_plans_for_no_demand_first():
     prof = load_profile("profiles/traffic_analysis.json")
     arr = np.sort(np.random.default_rng(1).uniform(0.0, 10.0, 1000))   # 100 req/s from the start
@@ -148,7 +176,8 @@ def test_a_plan_reaches_the_workers_after_its_delay():
 
 def test_the_live_config_turns_every_option_on_and_keeps_the_rest():
     c = live_config(SimConfig(n_workers=3, seed=7))
-    assert (c.n_workers, c.seed, c.report_s, c.control_period_s, c.cold_start) == (3, 7, 1.0, 0.5, True)
+    assert (c.n_workers, c.seed, c.report_s, c.control_period_s, c.cold_start) == (3, 7, 1.0, 0.25, True)
+    assert c.report_check_s == 0.1       # the front door's early reports, as it runs live
     assert c.ingress_s > 0 and c.egress_s > 0 and c.plan_delay_s > 0
     assert SimConfig().report_s is None and not SimConfig().cold_start   # make reproduce: unchanged
 
