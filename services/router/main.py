@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight-mib", type=float, default=None,
                    help="front door: requests read and not answered yet may hold at most this many "
                         "MiB; beyond it new ones are shed with RESOURCE_EXHAUSTED before their body "
-                        "is read (default: 3 x the spec's input.max_bytes, 24 MiB for the OCR spec)")
+                        "is read (default: 4 x the spec's input.max_bytes, 32 MiB for the OCR spec)")
     p.add_argument("--answer-margin-ms", type=float, default=None,
                    help="front door: a request it cannot finish is answered DEADLINE_EXCEEDED this "
                         "long before its deadline (and the pipeline works to that earlier deadline), so "

@@ -112,9 +112,13 @@ client before the client's own gRPC deadline fires (then the client would see gR
 "Deadline Exceeded" and the front door a cancelled call). Tens of milliseconds: more
 than the answer's trip back and the event loop's lag under load."""
 
-INFLIGHT_FACTOR = 3
+INFLIGHT_FACTOR = 4
 """Default cap on the bytes of requests in flight at the front door: this many times the
-spec's ``input.max_bytes`` (24 MiB for pipelines/ocr.yaml)."""
+spec's ``input.max_bytes`` (32 MiB for pipelines/ocr.yaml). With one client a body is read
+while there is room for one more of the largest allowed size: 24 MiB, ~21 OCR pages of 1.1 MB.
+At 3x (24 MiB, room for ~15 pages) a busy 2-core host shed pages at 11-13 req/s, well below
+what its workers carried, whenever latency neared the SLO (tests/integration/test_elastic_pool.py
+beside a busy core: 7 and 9 shed; the Twitter peak of the fidelity check: 17)."""
 
 MAX_RECEIVING = 8
 """At most this many request bodies are read at the same time. More arrivals at once wait

@@ -452,7 +452,7 @@ def test_a_single_request_over_the_cap_is_taken_when_nothing_is_in_flight(make_s
 
 def test_default_limits_follow_the_spec(make_servicer):
     s = make_servicer()
-    assert s.max_inflight_bytes == 3 * SPEC.input.max_bytes
+    assert s.max_inflight_bytes == 4 * SPEC.input.max_bytes
     assert receive_limit_bytes(SPEC) == 2 * SPEC.input.max_bytes + 64 * 1024
 
 
