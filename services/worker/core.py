@@ -53,7 +53,8 @@ from services.common.errors import InvalidInput, Shed, Unavailable
 from services.common.logging import get_logger
 from services.common.memory import malloc_trim
 from services.common.metrics import WorkerMetrics
-from services.common.onnx import DEFAULT_CUDNN_ALGO_SEARCH, create_session
+from services.common.onnx import (DEFAULT_CUDNN_ALGO_SEARCH, BatchPaddedSession, create_session, padded_batch,
+                                  pads_batches)
 from services.common.processing import ItemResult, Prepared, Processor, make_processor
 from services.common.spec import TaskSpec, VariantSpec
 from services.common.tasks import supervise
@@ -149,6 +150,7 @@ class ModelHost:
     cheap_prep_streak: int = 0   # items in a row prepared in under INLINE_PREP_ITEM_S
     warmed: set = field(default_factory=set)   # (shape bucket, batch size) run by warm_up
     warm_items: list | None = None   # warm_up's inputs, one per bucket (None: never warmed)
+    padded: bool = False      # the session pads batch sizes to powers of two (BatchPaddedSession)
 
     def prepare_inline(self, n: int) -> bool:
         """Whether a request of ``n`` items is prepared on the event loop (see the module
@@ -163,12 +165,15 @@ class ModelHost:
     @staticmethod
     def load(variant: VariantSpec, models_dir: Path, prefer_gpu: bool, threads: int,
              plugins: tuple[str, ...] = (), max_batch: int = 1,
-             cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH) -> "ModelHost":
+             cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH,
+             batch_padding: str = "auto") -> "ModelHost":
         processor = make_processor(variant, models_dir, plugins)
         session, providers = create_session(processor.model_path, prefer_gpu=prefer_gpu,
                                             intra_op_threads=threads,
                                             cudnn_conv_algo_search=cudnn_conv_algo_search)
-        host = ModelHost(variant, processor, session, providers)
+        padded = pads_batches(batch_padding, providers)
+        host = ModelHost(variant, processor, BatchPaddedSession(session) if padded else session, providers,
+                         padded=padded)
         host.warm_up(max_batch)
         return host
 
@@ -179,7 +184,7 @@ class ModelHost:
         On a GPU every new input shape costs a cuDNN algorithm search."""
         if self.warm_items is None:
             self.warm_items = self.processor.warmup_items()
-        sizes = warm_batch_sizes(max_batch, "CUDAExecutionProvider" in self.providers)
+        sizes = warm_batch_sizes(max_batch, "CUDAExecutionProvider" in self.providers, self.padded)
         for item in self.warm_items:
             for b in sizes:
                 if (item.bucket, b) not in self.warmed:
@@ -191,16 +196,22 @@ class ModelHost:
         """Whether batches up to ``max_batch`` would meet a shape :meth:`warm_up` has not run."""
         return bool(self.warm_items) and any(
             (it.bucket, b) not in self.warmed for it in self.warm_items
-            for b in warm_batch_sizes(max_batch, "CUDAExecutionProvider" in self.providers))
+            for b in warm_batch_sizes(max_batch, "CUDAExecutionProvider" in self.providers, self.padded))
 
 
-def warm_batch_sizes(max_batch: int, gpu: bool) -> tuple[int, ...]:
+def warm_batch_sizes(max_batch: int, gpu: bool, padded: bool = False) -> tuple[int, ...]:
     """The batch sizes a model is warmed at for batches of up to ``max_batch``: on a GPU
     every size (the work-conserving batcher runs partial batches, and each size is a new
-    shape to cuDNN); on a CPU batch 1 only: there a new shape costs about one more run (an
-    allocation, not a search), and warming rec_v6small's 4 buckets at batch 32 took 10 s
-    of CPU (docs/gpu.md)."""
-    return tuple(range(1, max(1, int(max_batch)) + 1)) if gpu else (1,)
+    shape to cuDNN), or with batch padding (:class:`BatchPaddedSession`) the powers of two
+    up to it, the only sizes ONNX Runtime then sees; on a CPU batch 1 only: there a new
+    shape costs about one more run (an allocation, not a search), and warming rec_v6small's
+    4 buckets at batch 32 took 10 s of CPU (docs/gpu.md)."""
+    top = max(1, int(max_batch))
+    if not gpu:
+        return (1,)
+    if padded:
+        return tuple(1 << k for k in range(padded_batch(top).bit_length()))
+    return tuple(range(1, top + 1))
 
 
 @dataclass
@@ -256,7 +267,7 @@ class WorkerCore:
                  max_queue: int = DEFAULT_MAX_QUEUE, plugins: tuple[str, ...] = (),
                  prep_threads: int = 2, tasks: Mapping[str, TaskSpec] | None = None,
                  linger_s: float = DEFAULT_LINGER_S, burst: bool = True,
-                 cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH) -> None:
+                 cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH, batch_padding: str = "auto") -> None:
         if task is None and not tasks:
             raise ValueError("a worker needs a task or a set of tasks it may serve")
         self.worker_id = worker_id
@@ -271,7 +282,8 @@ class WorkerCore:
         self.linger_s = linger_s
         # a model is warmed for the batch size of the plan that loads it (set before the load)
         self._loader = loader or (lambda v: ModelHost.load(v, self.models_dir, prefer_gpu, intra_op_threads,
-                                                          plugins, self.batch_size, cudnn_conv_algo_search))
+                                                          plugins, self.batch_size, cudnn_conv_algo_search,
+                                                          batch_padding))
         self.state = WorkerState.IDLE
         self.host: ModelHost | None = None
         # hosts submissions may still use: the current one, and ones the plan moved away

@@ -19,7 +19,7 @@ from services.common.grpc_utils import (TlsConfig, add_tls_arguments, bind, make
                                         tls_from_args, tls_mode)
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import MetricsServer, add_metrics_argument, serve_metrics
-from services.common.onnx import CUDNN_ALGO_SEARCH, DEFAULT_CUDNN_ALGO_SEARCH
+from services.common.onnx import BATCH_PADDING, CUDNN_ALGO_SEARCH, DEFAULT_CUDNN_ALGO_SEARCH
 from services.common.plan import Plan, validate_plan
 from services.common.plan_channel import PlanSubscriber
 from services.common.redis_auth import RedisAuthError, check_credentials
@@ -57,6 +57,7 @@ class WorkerConfig:
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
     burst: bool = True   # load the plan's burst variant beside the planned one and spill to it
     cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH   # the CUDA provider's, per new input shape
+    batch_padding: str = "auto"   # pad batch sizes to powers of two (auto: on the CUDA provider)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"provider: {', '.join(CUDNN_ALGO_SEARCH)} (default $PIPESERVE_CUDNN_CONV_ALGO_SEARCH "
                         f"or {DEFAULT_CUDNN_ALGO_SEARCH}; the worker warms every shape bucket and batch size "
                         f"before it serves; choose by measuring on the GPU, docs/gpu.md)")
+    p.add_argument("--batch-padding", choices=BATCH_PADDING,
+                   default=os.environ.get("PIPESERVE_BATCH_PADDING", "auto"),
+                   help="feed ONNX Runtime power-of-two batch sizes only, padding a batch with copies of "
+                        "its last item and dropping their outputs, so a GPU meets (and warms) log2(batch)+1 "
+                        "shapes per bucket instead of every size; auto (default, or "
+                        "$PIPESERVE_BATCH_PADDING): on the CUDA provider only")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
     add_metrics_argument(p)
@@ -126,13 +133,16 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     if a.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCH:
         p.error(f"--cudnn-conv-algo-search (or PIPESERVE_CUDNN_CONV_ALGO_SEARCH) must be one of "
                 f"{', '.join(CUDNN_ALGO_SEARCH)}, got {a.cudnn_conv_algo_search!r}")
+    if a.batch_padding not in BATCH_PADDING:   # argparse checks choices of a flag, not of $PIPESERVE_BATCH_PADDING
+        p.error(f"--batch-padding (or PIPESERVE_BATCH_PADDING) must be one of {', '.join(BATCH_PADDING)}, "
+                f"got {a.batch_padding!r}")
     return WorkerConfig(
         spec=Path(a.spec), task=a.task, worker_id=a.worker_id or "", host=a.host, port=a.port,
         advertise=a.advertise or "", controller=a.controller, redis_url=a.redis_url,
         models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
         heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, prep_threads=a.prep_threads, json_logs=a.log_json, tls=tls,
         linger_s=a.linger_s, metrics_port=a.metrics_port, burst=a.burst == "on",
-        cudnn_conv_algo_search=a.cudnn_conv_algo_search)
+        cudnn_conv_algo_search=a.cudnn_conv_algo_search, batch_padding=a.batch_padding)
 
 
 class WorkerApp:
@@ -153,6 +163,7 @@ class WorkerApp:
                                max_queue=cfg.max_queue, plugins=self.spec.plugins,
                                prep_threads=cfg.prep_threads, linger_s=cfg.linger_s, burst=cfg.burst,
                                cudnn_conv_algo_search=cfg.cudnn_conv_algo_search,
+                               batch_padding=cfg.batch_padding,
                                tasks=None if task else {t.name: t for t in self.spec.tasks})
         self.server = make_server()
         self.health = health.aio.HealthServicer()

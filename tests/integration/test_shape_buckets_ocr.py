@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.common.onnx import create_session
+from services.common.onnx import BatchPaddedSession, create_session
 from services.common.processing import make_processor
 from services.common.spec import ShapeBuckets, load_spec
 from services.ocr.cer import page_cer
@@ -53,7 +53,7 @@ def pages():
     return load_pages(EVAL)
 
 
-def run_pages(models_dir: Path, pages, buckets: bool):
+def run_pages(models_dir: Path, pages, buckets: bool, padding: bool = False):
     """OCR every page through a det and a rec worker core; returns (det shapes, rec shapes,
     processors, per-page CER)."""
     spec = load_spec(ROOT / "pipelines" / "ocr.yaml")
@@ -69,7 +69,9 @@ def run_pages(models_dir: Path, pages, buckets: bool):
             session, providers = create_session(proc.model_path, prefer_gpu=False)
             recorders[v.task] = ShapeRecorder(session)
             procs[v.task] = proc
-            host = ModelHost(v, proc, recorders[v.task], providers)
+            # padding outside the recorder: it notes what ONNX Runtime is fed
+            host = ModelHost(v, proc, BatchPaddedSession(recorders[v.task]) if padding else recorders[v.task],
+                             providers, padded=padding)
             host.warm_up(core_ref[0].batch_size)     # as ModelHost.load: counted in the load
             return host
         return load
@@ -133,3 +135,24 @@ def test_padding_to_buckets_does_not_make_cer_worse(with_buckets, without_bucket
     on, off = with_buckets[3], without_buckets[3]
     print(f"\nmean page CER over the 40 eval pages, {DET}/{REC}: buckets {on:.4f}, off {off:.4f}")
     assert on <= off + 0.005
+
+
+@pytest.fixture(scope="module")
+def with_padding(models_dir, pages):
+    return run_pages(models_dir, pages, buckets=True, padding=True)
+
+
+def test_batch_padding_feeds_power_of_two_batches_and_reads_the_pages_as_well(with_buckets, with_padding):
+    det_shapes, rec_shapes, procs, cer = with_padding
+    _, rec_unpadded, _, cer_unpadded = with_buckets
+    powers = {1, 2, 4, 8}
+    assert {s[0] for s in det_shapes} <= powers and {s[0] for s in rec_shapes} <= powers, (
+        sorted({s[0] for s in det_shapes}), sorted({s[0] for s in rec_shapes}))
+    # the same check fails unpadded: partial batches run at every size
+    assert not {s[0] for s in rec_unpadded} <= powers
+    rec_allowed = {(b, 3, 48, w) for w in procs["rec"].shape_buckets() for b in powers}
+    assert set(rec_shapes) <= rec_allowed
+    print(f"\nbatch padding: rec distinct shapes {len(set(rec_shapes))} (bound {len(rec_allowed)}), "
+          f"unpadded {len(set(rec_unpadded))}; CER {cer:.4f} padded, {cer_unpadded:.4f} unpadded")
+    # the padding rows are copies whose answers are dropped: the pages read as they did
+    assert abs(cer - cer_unpadded) <= 0.002

@@ -226,3 +226,72 @@ def test_the_worker_flag_and_its_environment_variable(monkeypatch):
     monkeypatch.setenv("PIPESERVE_CUDNN_CONV_ALGO_SEARCH", "FAST")
     with pytest.raises(SystemExit):
         parse_config(base)
+
+
+# --------------------------------------------------------------------------- batch padding
+
+
+def test_padded_batch_is_the_next_power_of_two():
+    from services.common.onnx import padded_batch
+    assert [padded_batch(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert padded_batch(32) == 32 and padded_batch(33) == 64
+
+
+def test_padding_is_on_for_the_cuda_provider_under_auto():
+    from services.common.onnx import pads_batches
+    assert pads_batches("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not pads_batches("auto", ["CPUExecutionProvider"])
+    assert pads_batches("on", ["CPUExecutionProvider"]) and not pads_batches("off", ["CUDAExecutionProvider"])
+    with pytest.raises(ValueError, match="batch padding"):
+        pads_batches("always", ["CPUExecutionProvider"])
+
+
+class _RecordingSession:
+    """Answers each row with its own sum (batch-first) plus a per-run scalar output."""
+
+    def __init__(self):
+        self.batches = []
+
+    def run(self, outputs, feeds):
+        import numpy as np
+        (x,) = feeds.values()
+        self.batches.append(x.copy())
+        return [x.reshape(len(x), -1).sum(axis=1), np.float32(len(x))]
+
+    def get_inputs(self):
+        return ["passed through"]
+
+
+def test_a_padded_session_feeds_a_power_of_two_batch_of_real_rows_and_cuts_the_outputs_back():
+    import numpy as np
+    from services.common.onnx import BatchPaddedSession
+    inner = _RecordingSession()
+    s = BatchPaddedSession(inner)
+    x = np.arange(3 * 2, dtype=np.float32).reshape(3, 2)      # rows [0,1] [2,3] [4,5]
+    sums, runs = s.run(None, {"x": x})
+    assert inner.batches[0].shape == (4, 2)                      # 3 -> 4
+    assert inner.batches[0][3].tolist() == [4.0, 5.0]            # the last row again, not zeros
+    assert sums.tolist() == [1.0, 5.0, 9.0] and float(runs) == 4.0   # cut back to 3; a scalar untouched
+    s.run(None, {"x": x[:2]})
+    assert inner.batches[1].shape == (2, 2)                      # a power of two already: as is
+    assert s.get_inputs() == ["passed through"]
+
+
+def test_with_padding_a_gpu_warms_the_powers_of_two_only():
+    assert warm_batch_sizes(32, gpu=True, padded=True) == (1, 2, 4, 8, 16, 32)
+    assert warm_batch_sizes(6, gpu=True, padded=True) == (1, 2, 4, 8)   # a batch of 5 or 6 runs at 8
+    assert warm_batch_sizes(8, gpu=False, padded=True) == (1,)          # a CPU: batch 1, as unpadded
+
+
+def test_the_batch_padding_flag_and_its_environment_variable(monkeypatch):
+    from services.worker.main import parse_config
+
+    base = ["--spec", "pipelines/ocr.yaml", "--controller", "c:1", "--redis-url", "redis://x"]
+    monkeypatch.delenv("PIPESERVE_BATCH_PADDING", raising=False)
+    assert parse_config(base).batch_padding == "auto"
+    assert parse_config(base + ["--batch-padding", "on"]).batch_padding == "on"
+    monkeypatch.setenv("PIPESERVE_BATCH_PADDING", "off")
+    assert parse_config(base).batch_padding == "off"
+    monkeypatch.setenv("PIPESERVE_BATCH_PADDING", "sometimes")
+    with pytest.raises(SystemExit):
+        parse_config(base)
