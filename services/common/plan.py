@@ -336,11 +336,14 @@ class RegisteredWorker:
 
 
 def bind_pool(allocations: list[Allocation], workers: list[RegisteredWorker], current: Plan | None,
-              task_order: list[str]) -> list[RegisteredWorker]:
+              task_order: list[str], since: Mapping[str, float] | None = None) -> list[RegisteredWorker]:
     """Give the pool's workers (``task == ""``) the tasks the allocations need beyond the
     task-bound workers: keep a pool worker on the task it runs in ``current`` (those
-    running a wanted variant first), then take workers that ran nothing, then ones
-    released by another task. Pool workers no task needs are left out (parked)."""
+    running a wanted variant first, then those on the task since longest, by ``since``:
+    worker -> when it took the task; a worker that took it a moment ago may still be
+    loading its model, one that has served it for a while is not), then take workers that
+    ran nothing, then ones released by another task. Pool workers no task needs are left
+    out (parked)."""
     pool = sorted((w for w in workers if not w.task), key=lambda w: w.worker_id)
     bound = [w for w in workers if w.task]
     if not pool:
@@ -357,7 +360,7 @@ def bind_pool(allocations: list[Allocation], workers: list[RegisteredWorker], cu
     taken: dict[str, str] = {}
     for task in task_order:
         mine = [w for w in ids if w in cur and cur[w].task == task]
-        mine.sort(key=lambda w: (cur[w].variant not in wanted[task], w))
+        mine.sort(key=lambda w: (cur[w].variant not in wanted[task], (since or {}).get(w, 0.0), w))
         for w in mine[:max(0, need[task])]:
             taken[w] = task
     free = [w for w in ids if w not in cur] + [w for w in ids if w in cur and w not in taken]

@@ -10,6 +10,7 @@ late query rerouted to a faster variant). Worker moves are minimised by
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Mapping
 
 from services.common.plan import ANY_PATH, Plan, RegisteredWorker, assign_workers, bind_pool
 from services.planner.profile import PipelineProfile
@@ -55,17 +56,17 @@ def _weights(rates: dict[tuple[str, int], float], members: dict[tuple[str, int],
 
 
 def plan_from_solution(solution: PlanSolution, workers: list[RegisteredWorker], previous: Plan | None,
-                       version: int, now: float | None = None, profile: PipelineProfile | None = None
-                       ) -> Plan | None:
+                       version: int, now: float | None = None, profile: PipelineProfile | None = None,
+                       since: Mapping[str, float] | None = None) -> Plan | None:
     """Turn a solution into plan ``version``. A failed solution keeps ``previous``
     (returned unchanged, possibly None). Pool workers (no task) are bound to tasks by
-    :func:`bind_pool`; with ``profile`` the plan carries the latency figures of the
+    :func:`bind_pool` (``since``: when each took its task); with ``profile`` the plan carries the latency figures of the
     variants it runs (``Plan.latency_ms``)."""
     if not solution.ok:
         return previous
     order = [t.name for t in profile.tasks] if profile is not None else \
         list(dict.fromkeys(a.task for a in solution.allocations))
-    workers = bind_pool(list(solution.allocations), workers, previous, order)
+    workers = bind_pool(list(solution.allocations), workers, previous, order, since)
     assignments = assign_workers(list(solution.allocations), workers, previous)
     members: dict[str, dict[tuple[str, int], list[str]]] = defaultdict(lambda: defaultdict(list))
     for a in sorted(assignments.values(), key=lambda a: a.worker_id):

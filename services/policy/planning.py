@@ -130,6 +130,7 @@ class PlannerPolicy:
     planned_capacity: float | None = field(default=None, init=False)   # what the last plan serves (req/s)
     planned_members: tuple = field(default=(), init=False)
     planned_at: float = field(default=0.0, init=False)
+    task_since: dict = field(default_factory=dict, init=False)   # worker -> (task, since) in the last plan
     calibrator: LatencyCalibrator = field(init=False)
     in_use: PipelineProfile | None = field(default=None, init=False)   # the profile last planned on
     full_capacity_qps: float | None = field(default=None, init=False)  # at full accuracy, last decide()
@@ -279,7 +280,12 @@ class PlannerPolicy:
         # here is monotonic, not a Unix time); a caller that versions plans itself (the
         # simulator) gets its own clock's time as the creation time
         plan = plan_from_solution(solution, workers, previous, version=version, now=now if version else None,
-                                  profile=profile)
+                                  profile=profile, since={w: t for w, (_, t) in self.task_since.items()})
+        # when each worker took the task it has now: a move between pool workers takes one
+        # that took its task a moment ago (maybe still loading) before one long serving it
+        self.task_since = {w: (a.task, self.task_since[w][1]) if w in self.task_since
+                           and self.task_since[w][0] == a.task else (a.task, now)
+                           for w, a in plan.workers.items()}
         plan = replace(plan, planned_for_qps=target)
         if self.burst and self.min_accuracy is None:   # a burst variant would break the floor
             plan = with_burst_variants(plan, profile, self.slo_ms)

@@ -209,3 +209,37 @@ def test_operator_routing_survives_when_only_share_zero_variants_have_workers():
     assigned = assign_workers(allocs, workers, None)       # d2's worker is not there
     routing = uniform_routing(assigned, allocs)
     assert routing["det"][ANY_PATH] == {"det-0": 1.0}
+
+
+def _plan_of(workers: dict[str, tuple[str, str]]) -> Plan:
+    return Plan(version=1, pipeline="ocr", routing={}, workers={
+        w: WorkerAssignment(w, f"h:{w}", task, variant, 4) for w, (task, variant) in workers.items()})
+
+
+def test_a_pool_move_takes_the_worker_that_took_its_task_last():
+    """Two rec workers (one just moved there, maybe still loading; one serving it for long),
+    and the plan now wants one rec and two det: the newcomer goes to det, the long-serving
+    rec worker stays (by worker id alone, pool-0 would stay and pool-2 would move)."""
+    from services.common.plan import bind_pool
+    pool = [RegisteredWorker(f"pool-{i}", f"h:{i}", "") for i in range(3)]
+    current = _plan_of({"pool-0": ("rec", "r1"), "pool-1": ("det", "d1"), "pool-2": ("rec", "r1")})
+    allocs = [Allocation("det", "d1", 4, 2), Allocation("rec", "r2", 4, 1)]
+    bound = {w.worker_id: w.task for w in bind_pool(allocs, pool, current, ["det", "rec"],
+                                                     since={"pool-0": 43.2, "pool-1": 0.0, "pool-2": 0.0})}
+    assert bound == {"pool-0": "det", "pool-1": "det", "pool-2": "rec"}
+    by_id = {w.worker_id: w.task for w in bind_pool(allocs, pool, current, ["det", "rec"])}
+    assert by_id == {"pool-0": "rec", "pool-1": "det", "pool-2": "det"}   # without ``since``: worker order
+
+
+def test_the_planner_remembers_when_each_worker_took_its_task():
+    from services.planner import load_profile
+    from services.policy.planning import PlannerPolicy
+    profile = load_profile("profiles/ocr_cpu.json")
+    pool = [RegisteredWorker(f"pool-{i}", f"h:{i}", "") for i in range(3)]
+    pol = PlannerPolicy(profile, 1500.0, verbose=False)
+    first = pol.decide(pool, 0.5, None, now=10.0)
+    assert {w: t for w, (_, t) in pol.task_since.items()} == {w: 10.0 for w in first.workers}
+    again = pol.decide(pool, 0.6, first, now=20.0)
+    kept = [w for w in again.workers if w in first.workers and again.workers[w].task == first.workers[w].task]
+    assert kept and all(pol.task_since[w][1] == 10.0 for w in kept)           # same task: since 10 s
+    assert all(pol.task_since[w][1] == 20.0 for w in again.workers if w not in kept)
