@@ -214,16 +214,22 @@ def test_a_bad_search_mode_fails_on_a_cpu_host_too(tmp_path):
         create_session(tmp_path / "missing.onnx", cudnn_conv_algo_search="FAST")
 
 
-def test_the_worker_flag_and_its_environment_variable(monkeypatch):
+@pytest.mark.parametrize("flag, env, field, default, given, got, from_env, bad", [
+    ("--cudnn-conv-algo-search", "PIPESERVE_CUDNN_CONV_ALGO_SEARCH", "cudnn_conv_algo_search",
+     "HEURISTIC", "exhaustive", "EXHAUSTIVE", "DEFAULT", "FAST"),
+    ("--batch-padding", "PIPESERVE_BATCH_PADDING", "batch_padding", "auto", "on", "on", "off", "sometimes"),
+])
+def test_the_worker_flags_and_their_environment_variables(monkeypatch, flag, env, field, default, given, got,
+                                                          from_env, bad):
     from services.worker.main import parse_config
 
     base = ["--spec", "pipelines/ocr.yaml", "--controller", "c:1", "--redis-url", "redis://x"]
-    monkeypatch.delenv("PIPESERVE_CUDNN_CONV_ALGO_SEARCH", raising=False)
-    assert parse_config(base).cudnn_conv_algo_search == "HEURISTIC"
-    assert parse_config(base + ["--cudnn-conv-algo-search", "exhaustive"]).cudnn_conv_algo_search == "EXHAUSTIVE"
-    monkeypatch.setenv("PIPESERVE_CUDNN_CONV_ALGO_SEARCH", "DEFAULT")
-    assert parse_config(base).cudnn_conv_algo_search == "DEFAULT"
-    monkeypatch.setenv("PIPESERVE_CUDNN_CONV_ALGO_SEARCH", "FAST")
+    monkeypatch.delenv(env, raising=False)
+    assert getattr(parse_config(base), field) == default
+    assert getattr(parse_config(base + [flag, given]), field) == got
+    monkeypatch.setenv(env, from_env)
+    assert getattr(parse_config(base), field) == from_env
+    monkeypatch.setenv(env, bad)
     with pytest.raises(SystemExit):
         parse_config(base)
 
@@ -281,17 +287,3 @@ def test_with_padding_a_gpu_warms_the_powers_of_two_only():
     assert warm_batch_sizes(32, gpu=True, padded=True) == (1, 2, 4, 8, 16, 32)
     assert warm_batch_sizes(6, gpu=True, padded=True) == (1, 2, 4, 8)   # a batch of 5 or 6 runs at 8
     assert warm_batch_sizes(8, gpu=False, padded=True) == (1,)          # a CPU: batch 1, as unpadded
-
-
-def test_the_batch_padding_flag_and_its_environment_variable(monkeypatch):
-    from services.worker.main import parse_config
-
-    base = ["--spec", "pipelines/ocr.yaml", "--controller", "c:1", "--redis-url", "redis://x"]
-    monkeypatch.delenv("PIPESERVE_BATCH_PADDING", raising=False)
-    assert parse_config(base).batch_padding == "auto"
-    assert parse_config(base + ["--batch-padding", "on"]).batch_padding == "on"
-    monkeypatch.setenv("PIPESERVE_BATCH_PADDING", "off")
-    assert parse_config(base).batch_padding == "off"
-    monkeypatch.setenv("PIPESERVE_BATCH_PADDING", "sometimes")
-    with pytest.raises(SystemExit):
-        parse_config(base)
