@@ -254,7 +254,7 @@ class RouterCore:
                         if w.worker_id not in tried)
         return short if has_other else remaining_s
 
-    def _observe_call(self, plan: Plan, wid: str, batches: int, call_s: float) -> None:
+    def _observe_call(self, wid: str, batches: int, call_s: float) -> None:
         """A successful call's round trip per batch ahead of it: up at once, down slowly
         (a call's timeout must not follow a few fast calls down below a normal slow one)."""
         x = call_s / max(1, batches)
@@ -301,7 +301,7 @@ class RouterCore:
                                                   f"for {len(queries)} queries")
                 failed = False
                 self._observe_batch(wid, resp.results)
-                self._observe_call(plan, wid, ahead, call_ms / 1e3)
+                self._observe_call(wid, ahead, call_ms / 1e3)
                 self._newer(resp.plan_version)
                 for r, i in zip(resp.results, idx):
                     r.call_ms = call_ms   # the latency breakdown's router <-> worker round trip
@@ -317,6 +317,10 @@ class RouterCore:
                     if nxt is None and not abandoned:   # one worker down: any other the plan weighs
                         others = {k: v for k, v in weights.items() if k not in tried and v > 0}
                         nxt = pick_weighted(others, self.rng.random()) if others else None
+                    elif nxt is None and not hung_retried:
+                        # the other replica the short timeout counted on is no longer usable:
+                        # the same worker again, with the whole remaining budget, not a drop
+                        nxt = wid
                     if nxt is not None and deadline_s - self.clock() > 0:
                         self.metrics.reroutes_unavailable += 1
                         log.warning("worker_hung_retried" if abandoned else "worker_unavailable_rerouted",

@@ -520,3 +520,32 @@ def test_a_calls_timeout_follows_the_workers_learnt_round_trip_up_at_once():
     assert workers.calls[0][2] == pytest.approx(0.11)
     run(core, deadline_in=10.0)
     assert workers.calls[1][2] >= 0.9                             # 0.3 + 0.6
+
+
+def test_a_call_abandoned_for_a_replica_that_then_failed_is_sent_again_not_dropped():
+    """det-a answers in 0.3 s. Its call gets the short timeout (0.11 s) because det-b is
+    usable when it is sent; while it runs, det-b's breaker opens. The abandoned group has no
+    other replica then: it goes to det-a again with the whole remaining budget and is
+    answered, instead of being dropped with most of its budget left."""
+    holder = {}
+
+    class SlowA(FakeWorkers):
+        async def infer(self, address, request, timeout_s):
+            if address != "a:1":
+                return await super().infer(address, request, timeout_s)
+            self.calls.append((address, [q.query_id for q in request.queries], timeout_s))
+            core, now = holder["core"], holder["core"].clock()
+            for _ in range(2):                        # meanwhile det-b fails twice: open
+                core.health.call_ended(core.health.call_started("det-b", now, 0.01), now, True)
+            await asyncio.sleep(min(timeout_s, 0.3))
+            if timeout_s < 0.3:
+                raise CallFailed(pb.DROPPED_DEADLINE, f"worker {address}: DEADLINE_EXCEEDED")
+            self.calls.pop()
+            return await super().infer(address, request, timeout_s)
+
+    workers = SlowA(regions=0)
+    core = holder["core"] = make_healthy(workers, {"det-a": 1.0})
+    [r] = run(core, deadline_in=5.0)
+    assert r.status == pb.OK and r.variant == "d1"
+    assert [c[0] for c in workers.calls] == ["a:1", "a:1"]
+    assert workers.calls[0][2] == pytest.approx(0.11) and workers.calls[1][2] > 4.0
