@@ -276,6 +276,8 @@ class FairShareGate:
     def _pass_slots(self) -> list[Ticket]:
         """Shed the waiters of clients whose bodies became too large to wait for, then
         grant read slots to waiters, the client reading the fewest bodies first."""
+        if not self.waiting:
+            return []
         changed = []
         for c_name, c in list(self._active.items()):
             if c.waiting and not self._may_wait(c_name, c, 0):

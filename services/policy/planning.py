@@ -200,8 +200,10 @@ class PlannerPolicy:
         if self.peak_hold_s <= 0:
             return estimate_qps
         recent = self._recent
-        if not recent or now >= recent[-1][0]:
+        if not recent or now > recent[-1][0]:
             recent.append((now, estimate_qps))
+        elif now == recent[-1][0]:     # should_replan and decide in one tick: one entry
+            recent[-1] = (now, max(recent[-1][1], estimate_qps))
         while recent and recent[0][0] < now - self.peak_hold_s:
             recent.popleft()
         return max([estimate_qps] + [e for _, e in recent])

@@ -233,8 +233,7 @@ class RouterApp:
                         raise_if_cancel_requested()   # a stop redis-py's wait may have swallowed
                         outage.succeeded()
                     except (RedisError, OSError) as exc:
-                        if outage.failed(exc):
-                            log.warning("demand_report_failed", error=str(exc))
+                        outage.failed(exc)     # logs redis_unreachable once per outage
                 await asyncio.sleep(check_s)
         finally:
             await client.aclose()

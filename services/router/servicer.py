@@ -315,8 +315,6 @@ class FrontDoorServicer(ipb_grpc.GRPCInferenceServiceServicer):
         self.margin_s = answer_margin_ms / 1e3
         self.max_inflight_bytes = (max_inflight_bytes if max_inflight_bytes is not None
                                    else INFLIGHT_FACTOR * self.spec.input.max_bytes)
-        self.max_receiving = max_receiving
-        self.max_waiting_to_receive = max_waiting_to_receive
         self.gate = ReceiveGate(ShareLimits(
             self.max_inflight_bytes, self.spec.input.max_bytes, max_receiving, max_waiting_to_receive,
             wait_headroom=WAIT_HEADROOM, recent_bodies=RECENT_BODIES))

@@ -20,8 +20,8 @@ import numpy as np
 from services.sim.engine import SimConfig, simulate
 from services.sim.metrics import OK
 from services.policy.planning import settle
-from services.sim.scenario import (LIVE, RateShape, diurnal_shape, shape_arrivals, square_shape, step_windows,
-                                   steps_summary, trace_arrivals, violation_ratio)
+from services.sim.scenario import (LIVE, RateShape, diurnal_shape, live_config, shape_arrivals, square_shape,
+                                   step_windows, steps_summary, trace_arrivals, violation_ratio)
 
 LOADGEN_SHAPES = ("square", "step", "constant")   # and "diurnal" with --low/--high
 
@@ -81,11 +81,9 @@ def config(a, slo_ms: float | None) -> SimConfig:
                      cores=a.cores)
     if a.model == "ideal":
         return base
-    return SimConfig(**{**base.__dict__, "report_s": a.report_s, "report_phase_s": LIVE["report_phase_s"],
-                        "report_check_s": LIVE["report_check_s"],
-                        "control_period_s": a.control_s, "ingress_s": a.frontdoor_ms / 1000.0,
-                        "egress_s": a.egress_ms / 1000.0, "plan_delay_s": a.plan_delay_ms / 1000.0,
-                        "cold_start": not a.warm_start})
+    return live_config(base, report_s=a.report_s, control_period_s=a.control_s,
+                       ingress_s=a.frontdoor_ms / 1000.0, egress_s=a.egress_ms / 1000.0,
+                       plan_delay_s=a.plan_delay_ms / 1000.0, cold_start=not a.warm_start)
 
 
 def summarise(res, arrivals, window_s: float) -> dict:

@@ -9,7 +9,6 @@ the same parameters and seed get the same requests. ``python -m services.sim run
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -159,5 +158,3 @@ def steps_summary(sw: dict) -> str:
             f"{sum(1 for s in sw['steps'] if s['up'])} step(s) up")
 
 
-def finite(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
