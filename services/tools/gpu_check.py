@@ -1,7 +1,8 @@
 """``make gpu-check``: is this host's GPU path ready? One command, one summary.
 
-On a host with an NVIDIA GPU (``scripts/gpu_check.sh`` first installs the ``[gpu]`` extra
-into its own venv, ``.venv-gpu``, and runs this module there):
+On a host with an NVIDIA GPU (``scripts/gpu_check.sh`` first installs the extra for the
+driver's CUDA line, ``[gpu]`` or ``[gpu-cuda12]``, into its own venv, ``.venv-gpu`` or
+``.venv-gpu-cuda12``, and runs this module there):
 
 1. the GPU and its driver (``nvidia-smi``);
 2. ONNX Runtime: the package (``onnxruntime-gpu``, never beside ``onnxruntime``), and the
@@ -160,10 +161,11 @@ def onnxruntime_package() -> tuple[str, list[str]]:
         hint = ("both onnxruntime and onnxruntime-gpu are installed and overwrite each other's files: "
                 "use a venv with the [gpu] extra only (scripts/gpu_check.sh makes .venv-gpu)"
                 if len(dists) > 1 else
-                "this is the CPU build: install the [gpu] extra (make setup EXTRA=gpu VENV=.venv-gpu)"
+                "this is the CPU build: `make gpu-check` installs the extra for the driver's CUDA "
+                "line ([gpu] for CUDA 13, [gpu-cuda12] for CUDA 12) into its own venv"
                 if not any(d.startswith("onnxruntime-gpu") for d in dists) else
-                "the CUDA/cuDNN libraries did not load (onnxruntime-gpu 1.20-1.26 need CUDA 12.x and "
-                "cuDNN 9.x; see docs/gpu.md)")
+                "the CUDA/cuDNN libraries did not load (onnxruntime-gpu 1.27+ need CUDA 13, 1.20-1.26 "
+                "CUDA 12.x, both cuDNN 9.x; see docs/gpu.md)")
         raise CheckFailed(NO_CUDA, f"ONNX Runtime {ort.__version__} ({', '.join(dists) or '?'}) has no "
                                    f"{CUDA}; available: {ort.get_available_providers()}; {hint}")
     return ort.__version__, dists

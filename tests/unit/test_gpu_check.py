@@ -61,7 +61,7 @@ def test_the_cpu_build_of_onnxruntime_is_named_as_the_reason():
     with pytest.raises(gpu_check.CheckFailed) as exc:
         gpu_check.onnxruntime_package()
     assert exc.value.code == gpu_check.NO_CUDA
-    assert "has no CUDAExecutionProvider" in str(exc.value) and "[gpu] extra" in str(exc.value)
+    assert "has no CUDAExecutionProvider" in str(exc.value) and "make gpu-check" in str(exc.value) and "[gpu-cuda12]" in str(exc.value)
 
 
 def test_the_workers_providers_are_read_from_their_logs(tmp_path):
@@ -217,20 +217,6 @@ def test_the_bare_pipeline_takes_the_demo_s_most_used_variants():
     assert bare_ort.parse_variants("det_v6small_320:8, rec_v6tiny:4") == [("det_v6small_320", 8), ("rec_v6tiny", 4)]
     with pytest.raises(ValueError):
         bare_ort.parse_variants("det_v6small_320")
-
-
-def test_the_bare_pipeline_runs_det_then_rec_on_the_cpu_with_the_real_models():
-    from services.common.spec import load_spec
-    from services.ocr.pages import load_pages
-
-    pages = [p.png for p in load_pages(ROOT / "data" / "eval")[:2]]
-    r = bare_ort.run_pipeline(load_spec(ROOT / "pipelines" / "ocr.yaml"), ROOT / "models", pages,
-                              {"det": ("det_v6tiny_320", 2), "rec": ("rec_v6tiny", 4)}, provider="cpu",
-                              threads=1, passes=1)
-    assert r.pages == 2 and r.items["det"] == 2 and r.items["rec"] > 2     # every line's crop was recognised
-    assert r.providers == {"det": ["CPUExecutionProvider"], "rec": ["CPUExecutionProvider"]}
-    assert r.pages_per_s > 0 and set(r.task_seconds) == {"det", "rec"}
-    assert r.seconds >= sum(r.task_seconds.values()) * 0.99
 
 
 def test_the_script_picks_the_line_before_installing_and_refuses_an_old_driver(tmp_path):
