@@ -63,6 +63,11 @@ class Plan:
     # a batch on when its queue says the plan is overrun (services.policy.batching.overrun);
     # its batch latencies are in ``latency_ms``. Empty: no spilling.
     burst: Mapping[str, str] = field(default_factory=dict)
+    # worker_id -> "task/variant" for workers the plan parks (registered, not in
+    # ``workers``): the model a parked worker loads and keeps ready, so that the plan that
+    # brings it back at the next step (where the pool runs at full capacity) costs no
+    # model load. Empty: parked workers hold nothing.
+    standby: Mapping[str, str] = field(default_factory=dict)
 
     def is_newer_than(self, other: "Plan | None") -> bool:
         return other is None or self.version > other.version
@@ -88,6 +93,7 @@ class Plan:
         d["worker_accuracy"] = dict(self.worker_accuracy)
         d["calibration"] = dict(self.calibration)
         d["burst"] = dict(self.burst)
+        d["standby"] = dict(self.standby)
         d["latency_ms"] = {t: {v: {str(b): x for b, x in sorted(bs.items())} for v, bs in vs.items()}
                            for t, vs in self.latency_ms.items()}
         return d
@@ -160,6 +166,8 @@ class Plan:
                 planned_for_qps=_opt_number(d, "planned_for_qps", source),
                 burst={t: _str(d["burst"], t, source, "burst")
                        for t in _mapping(d, "burst", source, optional=True)},
+                standby={w: _task_variant(_str(d["standby"], w, source, "standby"), f"standby.{w}", source)
+                         for w in _mapping(d, "standby", source, optional=True)},
             )
         except KeyError as exc:
             raise SpecError(source, str(exc.args[0]), "is required") from None
@@ -191,6 +199,14 @@ def _str(d: Mapping, key: str, source: str, where: str) -> str:
     value = d.get(key)
     if not isinstance(value, str) or not value:
         raise SpecError(source, f"{where}.{key}" if where else key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _task_variant(value: str, where: str, source: str) -> str:
+    """``"task/variant"``, both parts non-empty."""
+    task, sep, variant = value.partition("/")
+    if not sep or not task or not variant:
+        raise SpecError(source, where, f"must be 'task/variant', got {value!r}")
     return value
 
 
@@ -255,6 +271,14 @@ def validate_plan(plan: Plan, spec: PipelineSpec) -> None:
                     raise SpecError(src, f"routing.{t.name}.{path}.{wid}", "weight must be >= 0")
             if weights and abs(sum(weights.values()) - 1.0) > 1e-6:
                 raise SpecError(src, f"routing.{t.name}.{path}", "weights must sum to 1")
+    for wid, tv in plan.standby.items():
+        if wid in plan.workers:
+            raise SpecError(src, f"standby.{wid}", "is a worker the plan runs, not a parked one")
+        task, _, variant = tv.partition("/")
+        try:
+            spec.task(task).variant(variant)
+        except KeyError as exc:
+            raise SpecError(src, f"standby.{wid}", str(exc.args[0])) from None
 
 
 # ---------------------------------------------------------------------------

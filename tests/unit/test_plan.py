@@ -243,3 +243,31 @@ def test_the_planner_remembers_when_each_worker_took_its_task():
     kept = [w for w in again.workers if w in first.workers and again.workers[w].task == first.workers[w].task]
     assert kept and all(pol.task_since[w][1] == 10.0 for w in kept)           # same task: since 10 s
     assert all(pol.task_since[w][1] == 20.0 for w in again.workers if w not in kept)
+
+
+def test_standby_round_trips_and_is_checked():
+    """A plan's standby models (for parked workers) survive JSON, and a malformed or
+    unknown one, or one naming a worker the plan runs, is refused with its field named."""
+    from services.common.errors import SpecError
+    from services.common.plan import Plan, validate_plan
+    from services.common.spec import load_spec
+    import json
+    import pytest
+    spec = load_spec("pipelines/echo.yaml")
+    task = spec.tasks[0]
+    variant = task.variants[0].name
+    ids = {t.name: ("w1" if t is task else f"w-{t.name}") for t in spec.tasks}
+    base = {"version": 3, "pipeline": spec.name,
+            "workers": {ids[t.name]: {"worker_id": ids[t.name], "address": "a:1", "task": t.name,
+                                      "variant": t.variants[0].name, "batch_size": 1} for t in spec.tasks},
+            "routing": {t.name: {"*": {ids[t.name]: 1.0}} for t in spec.tasks}}
+    validate_plan(Plan.from_dict({**base, "standby": {"w2": f"{task.name}/{variant}"}}), spec)
+    plan = Plan.from_dict({**base, "standby": {"w2": f"{task.name}/{variant}"}})
+    assert Plan.from_json(plan.to_json()).standby == {"w2": f"{task.name}/{variant}"}
+    with pytest.raises(SpecError, match="standby.w2"):
+        Plan.from_dict({**base, "standby": {"w2": "no-slash"}})
+    with pytest.raises(SpecError, match="standby.w1"):
+        validate_plan(Plan.from_dict({**base, "standby": {"w1": f"{task.name}/{variant}"}}), spec)
+    with pytest.raises(SpecError, match="standby.w2"):
+        validate_plan(Plan.from_dict({**base, "standby": {"w2": f"{task.name}/nope"}}), spec)
+    assert json.loads(plan.to_json())["standby"] == {"w2": f"{task.name}/{variant}"}
