@@ -57,6 +57,7 @@ class ControllerConfig:
     cooldown_s: float = 15.0
     online_calibration: bool = True
     burst: bool = True   # planner: name each task's burst variant (Plan.burst)
+    standby: bool = True   # planner: name each parked worker's standby model (Plan.standby)
     status_s: float = 10.0
     tls: TlsConfig | None = None   # its server
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planner: name each task's burst variant in the plan (its cheapest "
                         "capacity), which workers keep loaded beside the planned one and run a "
                         "batch on when their queue says the plan is overrun (default on)")
+    p.add_argument("--standby", choices=("on", "off"), default="on",
+                   help="planner: name, for each worker the plan parks, the model it would run at the "
+                        "pool's full capacity (Plan.standby); the parked worker loads it and keeps it "
+                        "ready, so the step up that brings it back costs no model load (default on)")
     p.add_argument("--cooldown-s", type=float, default=15.0,
                    help="planner: re-plan for lower demand (fewer workers: the rest park) only when "
                         "the current plan is at least this old (default 15 s; higher demand "
@@ -187,7 +192,7 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                             headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
                             demand_tau_up_s=a.demand_tau_up_s, cooldown_s=a.cooldown_s,
                             online_calibration=a.online_calibration == "on", burst=a.burst == "on",
-                            host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
+                            standby=a.standby == "on", host=a.host, port=a.port, redis_url=a.redis_url, reconcile_s=a.reconcile_s,
                             heartbeat_timeout_s=a.heartbeat_timeout_s, json_logs=a.log_json, tls=tls,
                             adopt_grace_s=a.adopt_grace_s, status_s=a.status_s, metrics_port=a.metrics_port,
                             k8s_deployment=a.k8s_scale_deployment, k8s_namespace=a.k8s_namespace,
@@ -296,7 +301,7 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
         planner = PlannerPolicy.from_file(cfg.profile, spec.slo_ms, method=cfg.planner,
                                           headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps,
                                           cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration,
-                                          burst=cfg.burst, min_dwell_s=cfg.min_dwell_s,
+                                          burst=cfg.burst, standby=cfg.standby, min_dwell_s=cfg.min_dwell_s,
                                           peak_hold_s=cfg.peak_hold_s, calibration_dwell_s=cfg.calibration_dwell_s,
                                           headroom_low=cfg.headroom_low if cfg.burst and not cfg.hardware_only else None)
         if cfg.hardware_only:

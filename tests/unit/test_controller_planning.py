@@ -412,3 +412,24 @@ def test_the_front_door_reporter_reports_once_a_period_and_at_once_on_a_jump():
     assert not r.due(5.1, 5)                               # nothing new, 0.1 s later
     assert r.due(5.3, 5 + 6)                               # 6 in 0.3 s at 1 req/s: a jump, early
     assert (r.last_ts, r.last_n) == (5.3, 11)
+
+
+def test_parked_pool_workers_get_the_model_the_full_capacity_plan_gives_them_as_standby():
+    """At low demand a pool of 4 parks workers; each parked one is named the task/variant
+    it runs in the plan for the pool's full capacity, and the plan for a step to that
+    capacity gives it exactly that model, so its standby slot is warm when the step comes."""
+    pool = [RegisteredWorker(f"w{i}", f"h:{i}", None) for i in range(4)]
+    pol = policy(standby=True)
+    low = pol.decide(pool, 0.5, None, now=0.0)
+    parked = [w.worker_id for w in pool if w.worker_id not in low.workers]
+    assert parked, "the test needs a plan that parks workers"
+    assert set(low.standby) == set(parked)
+    validate_plan(low, SPEC)
+    # the step: demand beyond what the pool serves, re-planned from the low plan
+    step = pol.decide(pool, 1000.0, low, now=1.0)
+    for wid in parked:
+        a = step.workers[wid]
+        assert low.standby[wid] == f"{a.task}/{a.variant}"
+    assert step.standby == {}          # nobody parked at full capacity
+    # off (the default): parked workers hold nothing
+    assert policy().decide(pool, 0.5, None, now=0.0).standby == {}
