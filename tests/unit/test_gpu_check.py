@@ -195,7 +195,17 @@ def test_the_summary_says_failed_with_every_reason():
     text = gpu_check.format_summary(s)
     assert text.splitlines()[0] == "== gpu-check: FAILED =="
     assert "FAILED         the demo missed its SLO" in text and "FAILED         the GPU profile is bimodal" in text
-    assert "40.00 pages/s (det_v6small_320:8, rec_v6tiny:4); cluster 30.00 pages/s on time = 75% of it" in text
+    assert "40.00 pages/s (det_v6small_320:8, rec_v6tiny:4); cluster 30.00 pages/s on time = 75% of it " \
+           "[reported, not judged]" in text
+
+
+def test_a_pass_without_the_demo_does_not_read_as_a_plain_pass():
+    """--skip-demo stops after the profile: the SLO was never judged, and the headline says so."""
+    s = {"ok": True, "skipped": ["demo", "bare"], "steps": {}}
+    head = gpu_check.format_summary(s).splitlines()[0]
+    assert head != "== gpu-check: PASSED =="
+    assert "profile only" in head and "not judged" in head
+    assert gpu_check.format_summary({"ok": True, "steps": {}}).splitlines()[0] == "== gpu-check: PASSED =="
 
 
 # -- the bare ONNX Runtime pipeline ---------------------------------------------------------
