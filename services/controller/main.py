@@ -29,7 +29,7 @@ from services.controller.scaler import (DeploymentScaler, KubeScaleApi, ScalePol
                                         split_pool)
 from services.controller.status import OutcomeWindow, cluster_status, observe_outcomes
 from services.policy.demand import DemandEstimator
-from services.policy.planning import CONTROLLER_SETTLING, PlannerPolicy
+from services.policy.planning import CONTROLLER_SETTLING, PlannerPolicy, off_peak_headroom
 from services.controller.registry import WorkerRegistry
 from services.gen import pipeserve_pb2 as pb
 from services.gen import pipeserve_pb2_grpc as pb_grpc
@@ -303,7 +303,7 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
                                           cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration,
                                           burst=cfg.burst, standby=cfg.standby, min_dwell_s=cfg.min_dwell_s,
                                           peak_hold_s=cfg.peak_hold_s, calibration_dwell_s=cfg.calibration_dwell_s,
-                                          headroom_low=cfg.headroom_low if cfg.burst and not cfg.hardware_only else None)
+                                          headroom_low=off_peak_headroom(cfg.headroom_low, cfg.burst, cfg.hardware_only))
         if cfg.hardware_only:
             planner.min_accuracy = full_accuracy_floor(planner.profile, spec.slo_ms)
             log.info("hardware_only", min_accuracy=round(planner.min_accuracy, 6))

@@ -76,6 +76,13 @@ def with_burst_variants(plan: Plan, profile: PipelineProfile, slo_ms: float) -> 
 CONTROLLER_SETTLING = dict(min_dwell_s=5.0, peak_hold_s=30.0, calibration_dwell_s=15.0, headroom_low=1.25)
 
 
+def off_peak_headroom(headroom_low: float | None, burst: bool, hardware_only: bool) -> float | None:
+    """The off-peak headroom a planner runs with: only with burst variants (they absorb a
+    step while the plan is re-made) and never for hardware scaling only (full accuracy
+    at every load: fewer workers off-peak would be its only lever, and its SLO the cost)."""
+    return headroom_low if burst and not hardware_only else None
+
+
 def settle(planner: "PlannerPolicy", hardware_only: bool = False) -> "PlannerPolicy":
     """``planner`` with the controller's settling defaults (``CONTROLLER_SETTLING``); the
     off-peak headroom only with burst variants and not for hardware scaling only, as the
@@ -83,7 +90,7 @@ def settle(planner: "PlannerPolicy", hardware_only: bool = False) -> "PlannerPol
     planner.min_dwell_s = CONTROLLER_SETTLING["min_dwell_s"]
     planner.peak_hold_s = CONTROLLER_SETTLING["peak_hold_s"]
     planner.calibration_dwell_s = CONTROLLER_SETTLING["calibration_dwell_s"]
-    planner.headroom_low = CONTROLLER_SETTLING["headroom_low"] if planner.burst and not hardware_only else None
+    planner.headroom_low = off_peak_headroom(CONTROLLER_SETTLING["headroom_low"], planner.burst, hardware_only)
     return planner
 
 
