@@ -195,7 +195,8 @@ class RouterApp:
                  front_door=self.is_root, children=self.cfg.children, inline=[t for t in self.cores if t != self.cfg.task] or None,
                  tls=tls_mode(self.cfg.tls))
         self.subscriber = PlanSubscriber(self.cfg.redis_url, self.spec.name, self._on_plan,
-                                         validate=lambda plan: validate_plan(plan, self.spec))
+                                         validate=lambda plan: validate_plan(plan, self.spec),
+                                         who=f"router:{self.cfg.task}")
         self._tasks.append(supervise("plan-subscriber", self.subscriber.run))
         if tuned():   # the heap keeps freed pages for the next request: give them back when idle
             self._tasks.append(supervise("heap-trim", IdleTrimmer(self._activity).run))
