@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from services.common.logging import get_logger
-from services.common.plan import ANY_PATH, Plan, RegisteredWorker
+from services.common.plan import ANY_PATH, Plan, RegisteredWorker, WorkerAssignment
 from services.planner import PlannerContext, PlanSolution, load_profile, plan_from_solution, solve
 from services.planner.capacity import max_demand
 from services.planner.profile import PipelineProfile
@@ -199,28 +199,54 @@ class PlannerPolicy:
 
     def standby_for(self, plan: Plan, workers: list[RegisteredWorker], profile: PipelineProfile,
                     caps) -> dict[str, str]:
-        """``Plan.standby`` for ``plan``: each parked worker's task/variant in the plan for
-        the most demand the pool serves (any accuracy: a step that needs the parked
-        workers is one the plan meets with its cheapest capacity), bound with ``plan`` as
-        the previous plan, so the workers it runs keep their tasks and the parked ones take
-        the rest, as the step's plan binds them. Solved once per profile and cluster."""
+        """``Plan.standby`` for ``plan``: each parked worker's task/variant in the plan this
+        policy would make if demand rose to the pool's full-accuracy capacity (the least
+        demand that needs every worker; with its headroom, the plan of a step to it), or,
+        where that capacity is unknown, in the plan for the most demand the pool serves.
+        It is bound with ``plan`` as the previous plan, as the step's plan will be, so the
+        workers ``plan`` runs keep their tasks and the parked ones take the rest. One solve
+        per profile and worker set."""
         parked = [w for w in workers if w.worker_id not in plan.workers]
         if not parked:
             return {}
         key = (tuple(sorted((w.worker_id, w.task) for w in workers)), tuple(sorted(caps.items())) if caps else None)
-        held, k, peak = self._peak_of
+        held, k, step = self._peak_of
         if held is not profile or k != key:
-            peak = max_demand(profile, len(workers), slo_ms=self.slo_ms, method=self.method,
-                              node_limit=self.node_limit, task_workers=caps, solver=self.solver)
-            self._peak_of = (profile, key, peak)
-        if not peak.ok:
+            cap = self._full_capacity(profile, len(workers), caps)
+            if cap:
+                demand = on_grid(self.target_demand(cap), self.demand_grid, self.min_demand_qps)
+                step = self.solver(PlannerContext(profile, demand_qps=demand, n_workers=len(workers),
+                                                  slo_ms=self.slo_ms, method=self.method,
+                                                  node_limit=self.node_limit, time_limit_s=self.time_limit_s,
+                                                  min_accuracy=self.min_accuracy, task_workers=caps), plan)
+            else:
+                step = max_demand(profile, len(workers), slo_ms=self.slo_ms, method=self.method,
+                                  node_limit=self.node_limit, task_workers=caps, solver=self.solver)
+            self._peak_of = (profile, key, step)
+        if not step.ok:
             return {}
-        full = plan_from_solution(peak, workers, plan, version=0, profile=profile,
+        full = plan_from_solution(step, workers, plan, version=0, profile=profile,
                                   since={w: t for w, (_, t) in self.task_since.items()})
         if full is None:
             return {}
         return {w.worker_id: f"{a.task}/{a.variant}" for w in parked
                 if (a := full.workers.get(w.worker_id)) is not None}
+
+    @staticmethod
+    def with_standby(previous: Plan | None, workers: list[RegisteredWorker]) -> Plan | None:
+        """``previous`` with each parked worker's standby model counted as a model it runs:
+        the solver's change cost then treats adding a replica of it as free (it is loaded),
+        and binding gives a parked worker the allocation of its standby variant when the
+        new plan has one (so the step that brings it back finds its model warm)."""
+        if previous is None or not previous.standby:
+            return previous
+        address = {w.worker_id: w.address for w in workers}
+        extra = {}
+        for wid, tv in previous.standby.items():
+            if wid in address and wid not in previous.workers:
+                task, _, variant = tv.partition("/")
+                extra[wid] = WorkerAssignment(wid, address[wid], task, variant, 1)
+        return replace(previous, workers={**previous.workers, **extra}) if extra else previous
 
     def observe_timings(self, timings: Iterable[Timing]) -> None:
         """Batch times the workers measured (their heartbeats; the simulator's batches).
@@ -303,7 +329,8 @@ class PlannerPolicy:
                              n_workers=len(workers), slo_ms=self.slo_ms, method=self.method,
                              node_limit=self.node_limit, time_limit_s=self.time_limit_s, min_accuracy=self.min_accuracy,
                              task_workers=caps)
-        solution = self.solver(ctx, previous)
+        warm = self.with_standby(previous, workers)
+        solution = self.solver(ctx, warm)
         self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
         self.planned_at = now
         if solution.time_limit_hits:
@@ -319,7 +346,7 @@ class PlannerPolicy:
         # version 0: the controller's publisher stamps version and creation time (its clock
         # here is monotonic, not a Unix time); a caller that versions plans itself (the
         # simulator) gets its own clock's time as the creation time
-        plan = plan_from_solution(solution, workers, previous, version=version, now=now if version else None,
+        plan = plan_from_solution(solution, workers, warm, version=version, now=now if version else None,
                                   profile=profile, since={w: t for w, (_, t) in self.task_since.items()})
         # when each worker took the task it has now: a move between pool workers takes one
         # that took its task a moment ago (maybe still loading) before one long serving it

@@ -414,22 +414,36 @@ def test_the_front_door_reporter_reports_once_a_period_and_at_once_on_a_jump():
     assert (r.last_ts, r.last_n) == (5.3, 11)
 
 
-def test_parked_pool_workers_get_the_model_the_full_capacity_plan_gives_them_as_standby():
+def test_parked_pool_workers_get_the_model_the_step_plan_gives_them_as_standby():
     """At low demand a pool of 4 parks workers; each parked one is named the task/variant
-    it runs in the plan for the pool's full capacity, and the plan for a step to that
-    capacity gives it exactly that model, so its standby slot is warm when the step comes."""
+    it runs in the plan for a step to the pool's full-accuracy capacity, and the plan made
+    when that step comes gives it exactly that model, so its standby slot is warm."""
     pool = [RegisteredWorker(f"w{i}", f"h:{i}", None) for i in range(4)]
-    pol = policy(standby=True)
+    pol = policy(standby=True, burst=True, headroom_low=1.25)
     low = pol.decide(pool, 0.5, None, now=0.0)
     parked = [w.worker_id for w in pool if w.worker_id not in low.workers]
     assert parked, "the test needs a plan that parks workers"
     assert set(low.standby) == set(parked)
     validate_plan(low, SPEC)
-    # the step: demand beyond what the pool serves, re-planned from the low plan
-    step = pol.decide(pool, 1000.0, low, now=1.0)
+    cap = pol.full_capacity_qps
+    step = pol.decide(pool, cap, low, now=1.0)
     for wid in parked:
         a = step.workers[wid]
         assert low.standby[wid] == f"{a.task}/{a.variant}"
     assert step.standby == {}          # nobody parked at full capacity
     # off (the default): parked workers hold nothing
     assert policy().decide(pool, 0.5, None, now=0.0).standby == {}
+
+
+def test_a_standby_model_counts_as_loaded_when_the_next_plan_binds_workers():
+    """Binding treats a parked worker's standby as the model it runs: a plan that needs
+    that variant gives it to that worker, not to one that would have to load it."""
+    from services.common.plan import Plan, WorkerAssignment
+    pool = [RegisteredWorker(f"w{i}", f"h:{i}", None) for i in range(3)]
+    prev = Plan(version=1, pipeline="ocr",
+                workers={"w0": WorkerAssignment("w0", "h:0", "det", "det_v6small_640", 2)},
+                routing={}, standby={"w1": "rec/rec_v6small", "w2": "det/det_v6tiny_320"})
+    warm = PlannerPolicy.with_standby(prev, pool)
+    assert warm.workers["w2"] == WorkerAssignment("w2", "h:2", "det", "det_v6tiny_320", 1)
+    assert warm.workers["w1"].variant == "rec_v6small" and warm.workers["w0"] == prev.workers["w0"]
+    assert PlannerPolicy.with_standby(Plan(version=1, pipeline="ocr", workers={}, routing={}), pool).workers == {}
