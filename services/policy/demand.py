@@ -87,7 +87,6 @@ class DemandEstimator:
         self.estimate = 0.0
         self.jumps = 0                   # updates that jumped to a step's rate
         self._last_update: float | None = None
-        self._jump: dict[str, bool] = {}
 
     def observe(self, source: str, count: float, ts: float) -> None:
         """A front door's cumulative request ``count`` at its clock ``ts`` (seconds)."""
@@ -112,14 +111,17 @@ class DemandEstimator:
         """The front door's rate: over the window, or over its last ``rise_window_s`` (or
         twice that) when those requests are a step up (their count is implausible for the
         rate before them; the window's own rate would include them)."""
+        return self._rate(source)[0]
+
+    def _rate(self, source: str) -> tuple[float, bool]:
+        """:meth:`rate`, and whether it is a step's rate (not the window's)."""
         hist = self.samples[source]
-        self._jump[source] = False
         if len(hist) < 2:
-            return 0.0
+            return 0.0, False
         (t0, c0), (t1, c1) = hist[0], hist[-1]
         windowed = (c1 - c0) / (t1 - t0)
         if not self.rise_window_s:
-            return windowed
+            return windowed, False
         best = None
         for w in (self.rise_window_s, 2.0 * self.rise_window_s):
             ta, ca = next(((t, c) for t, c in reversed(hist) if t <= t1 - w + 1e-9), hist[0])
@@ -132,9 +134,8 @@ class DemandEstimator:
                 recent = (c1 - ca) / (t1 - ta)
                 best = recent if best is None else max(best, recent)
         if best is None or best <= windowed:
-            return windowed
-        self._jump[source] = True
-        return best
+            return windowed, False
+        return best, True
 
     def update(self, now: float) -> float:
         """Fold the current rates into the estimate; returns it (requests/s). A step up
@@ -142,8 +143,9 @@ class DemandEstimator:
         estimate to at least the sum at once; otherwise the moving average follows."""
         for name in [n for n, h in self.samples.items() if now - h[-1][0] > self.stale_s]:
             del self.samples[name]           # a front door that stopped reporting
-        instant = sum(self.rate(n) for n in self.samples)
-        jump = any(self._jump.get(n) for n in self.samples)
+        rates = [self._rate(n) for n in self.samples]
+        instant = sum(r for r, _ in rates)
+        jump = any(j for _, j in rates)
         if self._last_update is None:
             self.estimate = instant
         elif jump and instant > self.estimate:
