@@ -31,6 +31,7 @@ from services.common.memory import IdleTrimmer, MallocTuningError, tune_malloc, 
 from services.common.tasks import raise_if_cancel_requested, stop_tasks, supervise
 from services.router.clients import ChildRouterClient, InlineChildClient, WorkerClient
 from services.router.core import RouterCore
+from services.router.frontdoor_plane import FrontDoorPlane
 from services.router.servicer import (FrontDoorServicer, RouterServicer, add_front_door_to_server,
                                       receive_limit_bytes)
 
@@ -158,7 +159,7 @@ class RouterApp:
         self.subscriber: PlanSubscriber | None = None
         self.is_root = self.spec.root.name == cfg.task
         self.admission = TokenBucket(None)
-        self.front_door: FrontDoorServicer | None = None
+        self.front_door: FrontDoorPlane | None = None
         # the front door takes messages up to twice the spec's max_bytes (gRPC refuses larger)
         self.server = make_server(receive_limit_bytes(self.spec) if self.is_root else None,
                                   bdp_probe=cfg.bdp_probe or not self.is_root)
@@ -180,12 +181,13 @@ class RouterApp:
     async def start(self) -> None:
         pb_grpc.add_RouterServicer_to_server(RouterServicer(self.core), self.server)
         if self.is_root:
-            self.front_door = FrontDoorServicer(
+            self.front_door = FrontDoorPlane(
                 self.core, self.admission,
                 max_inflight_bytes=None if self.cfg.max_inflight_mib is None
                 else int(self.cfg.max_inflight_mib * 2**20),
                 **({} if self.cfg.answer_margin_ms is None else {"answer_margin_ms": self.cfg.answer_margin_ms}))
-            add_front_door_to_server(self.front_door, self.server)   # ModelInfer: shed before reading
+            # ModelInfer: shed before reading
+            add_front_door_to_server(FrontDoorServicer(self.front_door), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = bind(self.server, self.cfg.host, self.cfg.port, tls=self.cfg.tls)

@@ -22,9 +22,10 @@ from services.gen import inference_pb2 as ipb
 from services.gen import pipeserve_pb2 as pb
 from services.policy.admission import TokenBucket
 from services.policy.fairness import Ticket
-from services.router import servicer as servicer_mod
-from services.router.servicer import (INTERNAL_MESSAGE, FrontDoorServicer, RawInferRequest,
-                                      receive_limit_bytes)
+from services.router import frontdoor_plane as plane_mod
+from services.router.frontdoor_plane import FrontDoorPlane, RawInferRequest
+from services.router.frontdoor_results import INTERNAL_MESSAGE
+from services.router.servicer import FrontDoorServicer, receive_limit_bytes
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / "ocr.yaml")
 OUTCOMES = ("ok", "dropped", "shed", "invalid", "not_found", "failed", "cancelled")
@@ -112,13 +113,13 @@ def make_servicer():
     made = []
 
     def make(core=None, rate=None, **kw) -> FrontDoorServicer:
-        s = FrontDoorServicer(core or FakeCore(), TokenBucket(rate), **kw)
+        s = FrontDoorServicer(FrontDoorPlane(core or FakeCore(), TokenBucket(rate), **kw))
         made.append(s)
         return s
 
     yield make
     for s in made:
-        s.close()
+        s.plane.close()
 
 
 def call(servicer, request, ctx=None):
@@ -135,7 +136,7 @@ def call(servicer, request, ctx=None):
 
 
 def outcomes(servicer) -> dict[str, int]:
-    return {k: v for k, v in servicer.counts.items() if k in OUTCOMES and v}
+    return {k: v for k, v in servicer.plane.counts.items() if k in OUTCOMES and v}
 
 
 def request(image: bytes = PNG, model: str = "ocr", **kw) -> ipb.ModelInferRequest:
@@ -154,9 +155,9 @@ def test_ok_request_returns_lines_and_counts_once(make_servicer):
     assert oip.read_parameters(resp.parameters) == {"plan_version": 7,
                                                     "variant_path": "det_v6small_480/rec_v6tiny"}
     assert resp.id == "r1"
-    [(rid, _, queries, upstream)] = s.core.calls
+    [(rid, _, queries, upstream)] = s.plane.core.calls
     assert rid == "r1" and upstream == "" and queries[0].payload == PNG
-    assert s.counts == {"arrived": 1, "received": 1, "accepted": 1, "ok": 1, "dropped": 0, "shed": 0,
+    assert s.plane.counts == {"arrived": 1, "received": 1, "accepted": 1, "ok": 1, "dropped": 0, "shed": 0,
                         "invalid": 0, "not_found": 0, "failed": 0, "cancelled": 0, "expired": 0}
 
 
@@ -175,9 +176,9 @@ def test_deadline_is_the_earliest_of_grpc_timeout_and_slo(make_servicer, grpc_le
     resp, ctx = call(s, request(timeout_ms=timeout_ms), FakeContext(grpc_left))
     after = time.time()
     assert ctx.code is None and resp is not None
-    [(_, deadline, _, _)] = s.core.calls
+    [(_, deadline, _, _)] = s.plane.core.calls
     # the pipeline works to the deadline less the margin the front door keeps to answer in time
-    routed = expected_budget - servicer_mod.DEFAULT_ANSWER_MARGIN_MS / 1e3
+    routed = expected_budget - plane_mod.DEFAULT_ANSWER_MARGIN_MS / 1e3
     assert before + routed - 1e-6 <= deadline <= after + routed + 1e-6
 
 
@@ -197,8 +198,8 @@ def test_request_that_cannot_make_its_deadline_is_dropped_before_validation(
     resp, ctx = call(s, request(b"not an image at all", timeout_ms=timeout_ms), FakeContext(grpc_left))
     assert resp is None and ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert says in ctx.details and "dropped on arrival" in ctx.details
-    assert validated == [] and s.core.calls == []
-    assert outcomes(s) == {"dropped": 1} and s.counts["received"] == 0
+    assert validated == [] and s.plane.core.calls == []
+    assert outcomes(s) == {"dropped": 1} and s.plane.counts["received"] == 0
 
 
 def test_budget_floor_is_configurable(make_servicer):
@@ -220,9 +221,9 @@ def test_admission_token_bucket_sheds_with_resource_exhausted(make_servicer):
     assert first.code is None
     assert second.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "admission rate of 1.0 requests/s" in second.details
-    assert len(s.core.calls) == 1
+    assert len(s.plane.core.calls) == 1
     assert outcomes(s) == {"ok": 1, "shed": 1}
-    assert s.counts["received"] == 2 and s.counts["accepted"] == 1   # shed requests are demand
+    assert s.plane.counts["received"] == 2 and s.plane.counts["accepted"] == 1   # shed requests are demand
 
 
 def _stream(servicer, ctx):
@@ -247,11 +248,11 @@ def test_no_room_for_one_more_request_sheds_before_the_body_is_read(make_service
         held = [asyncio.create_task(_stream(s, c)) for c in ctxs[:2]]
         while len(core.calls) < 2:          # two in flight, held inside route()
             await asyncio.sleep(0.001)
-        assert s.inflight_bytes == 2 * len(body)
+        assert s.plane.inflight_bytes == 2 * len(body)
         await asyncio.wait_for(_stream(s, ctxs[2]), 10)   # over 1.5 x: shed, never read
         core.gate.set()
         done = await asyncio.gather(*held)
-        assert s.inflight_bytes == 0
+        assert s.plane.inflight_bytes == 0
         await asyncio.wait_for(_stream(s, ctxs[3]), 10)   # room again
         return done, ctxs
 
@@ -262,7 +263,7 @@ def test_no_room_for_one_more_request_sheds_before_the_body_is_read(make_service
     assert [c.code for c in (ctxs[0], ctxs[1], ctxs[3])] == [None, None, None]
     assert [c.reads for c in (ctxs[0], ctxs[1], ctxs[3])] == [1, 1, 1]
     assert outcomes(s) == {"ok": 3, "shed": 1}
-    assert s.counts["received"] == 3   # the shed one was never read
+    assert s.plane.counts["received"] == 3   # the shed one was never read
 
 
 def test_bodies_read_at_once_are_limited_and_checked_against_the_cap_once_read(make_servicer):
@@ -275,7 +276,7 @@ def test_bodies_read_at_once_are_limited_and_checked_against_the_cap_once_read(m
         core.gate = asyncio.Event()          # admitted requests stay in flight until released
         ctxs = [FakeContext(body=body, gate=gate) for _ in range(4)]
         tasks = [asyncio.create_task(_stream(s, c)) for c in ctxs[:3]]
-        while s.receiving < 3:               # three bodies being read, none in flight yet
+        while s.plane.receiving < 3:               # three bodies being read, none in flight yet
             await asyncio.sleep(0.001)
         await asyncio.wait_for(_stream(s, ctxs[3]), 10)   # a fourth: not even read
         gate.set()                           # the three arrive; 3 x size > 2.5 x size
@@ -293,7 +294,7 @@ def test_bodies_read_at_once_are_limited_and_checked_against_the_cap_once_read(m
     late = next(c for c in ctxs[:3] if c.code is not None)
     assert late.reads == 1 and "would pass the limit" in late.details
     assert outcomes(s) == {"ok": 2, "shed": 2}
-    assert s.inflight_bytes == 0 and s.receiving == 0
+    assert s.plane.inflight_bytes == 0 and s.plane.receiving == 0
 
 
 def test_after_small_bodies_arrivals_over_the_read_limit_wait_for_a_slot_instead_of_being_shed(make_servicer):
@@ -306,10 +307,10 @@ def test_after_small_bodies_arrivals_over_the_read_limit_wait_for_a_slot_instead
         gate = asyncio.Event()
         ctxs = [FakeContext(body=body, gate=gate) for _ in range(6)]
         tasks = [asyncio.create_task(_stream(s, c)) for c in ctxs]
-        while s.waiting_to_receive < 4:                        # two read at once, four wait
+        while s.plane.waiting_to_receive < 4:                        # two read at once, four wait
             await asyncio.sleep(0.001)
         reading = sum(c.reads for c in ctxs)
-        assert s.receiving == 2 and reading == 2
+        assert s.plane.receiving == 2 and reading == 2
         gate.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         return first, ctxs
@@ -317,7 +318,7 @@ def test_after_small_bodies_arrivals_over_the_read_limit_wait_for_a_slot_instead
     first, ctxs = asyncio.run(scenario())
     assert [c.code for c in [first, *ctxs]] == [None] * 7 and all(c.reads == 1 for c in ctxs)
     assert outcomes(s) == {"ok": 7}
-    assert s.receiving == 0 and not s.waiting_to_receive and s.inflight_bytes == 0
+    assert s.plane.receiving == 0 and not s.plane.waiting_to_receive and s.plane.inflight_bytes == 0
 
 
 def test_a_wait_for_a_read_slot_ends_at_the_deadline_and_the_wait_queue_is_bounded(make_servicer):
@@ -329,12 +330,12 @@ def test_a_wait_for_a_read_slot_ends_at_the_deadline_and_the_wait_queue_is_bound
         gate = asyncio.Event()
         reading = FakeContext(body=body, gate=gate)
         held = asyncio.create_task(_stream(s, reading))
-        while s.receiving < 1:
+        while s.plane.receiving < 1:
             await asyncio.sleep(0.001)
         # 0.5 s left, 20 ms the least a request needs: waits up to 0.48 s, then dropped unread
         waiter = FakeContext(body=body, time_remaining=0.5)
         waiting = asyncio.create_task(_stream(s, waiter))
-        while not s.waiting_to_receive:
+        while not s.plane.waiting_to_receive:
             await asyncio.sleep(0.001)
         extra = FakeContext(body=body)
         await asyncio.wait_for(_stream(s, extra), 10)     # the one waiting place is taken: shed
@@ -351,7 +352,7 @@ def test_a_wait_for_a_read_slot_ends_at_the_deadline_and_the_wait_queue_is_bound
     assert "waited for one of the 1 slots" in waiter.details and 0.3 < waited < 5
     assert extra.code == grpc.StatusCode.RESOURCE_EXHAUSTED and extra.reads == 0
     assert outcomes(s) == {"ok": 2, "dropped": 1, "shed": 1}
-    assert s.receiving == 0 and not s.waiting_to_receive
+    assert s.plane.receiving == 0 and not s.plane.waiting_to_receive
 
 
 def test_arrivals_waiting_for_a_read_slot_are_shed_unread_once_a_large_body_is_read(make_servicer):
@@ -364,11 +365,11 @@ def test_arrivals_waiting_for_a_read_slot_are_shed_unread_once_a_large_body_is_r
         gate = asyncio.Event()
         reading = [FakeContext(body=b, gate=gate) for b in (big, small, small)]
         tasks = [asyncio.create_task(_stream(s, c)) for c in reading]
-        while s.receiving < 3:
+        while s.plane.receiving < 3:
             await asyncio.sleep(0.001)
         waiters = [FakeContext(body=small) for _ in range(3)]
         waiting = [asyncio.create_task(_stream(s, c)) for c in waiters]
-        while s.waiting_to_receive < 3:
+        while s.plane.waiting_to_receive < 3:
             await asyncio.sleep(0.001)
         gate.set()     # the big body is read first: 3 x big no longer fits 2.5 x big
         await asyncio.wait_for(asyncio.gather(*tasks, *waiting), 10)
@@ -379,7 +380,7 @@ def test_arrivals_waiting_for_a_read_slot_are_shed_unread_once_a_large_body_is_r
     assert [c.code for c in waiters] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
     assert all(c.reads == 0 and "large requests arrived" in c.details for c in waiters)
     assert outcomes(s) == {"ok": 4, "shed": 3}
-    assert s.receiving == 0 and not s.waiting_to_receive
+    assert s.plane.receiving == 0 and not s.plane.waiting_to_receive
 
 
 def test_a_slot_handed_to_a_waiter_as_it_is_cancelled_passes_on(make_servicer):
@@ -390,18 +391,18 @@ def test_a_slot_handed_to_a_waiter_as_it_is_cancelled_passes_on(make_servicer):
         await asyncio.wait_for(_stream(s, FakeContext(body=body)), 10)
         gate = asyncio.Event()
         held = asyncio.create_task(_stream(s, FakeContext(body=body, gate=gate)))
-        while s.receiving < 1:
+        while s.plane.receiving < 1:
             await asyncio.sleep(0.001)
         gone = asyncio.create_task(_stream(s, FakeContext(body=body)))   # its client goes away
         last = FakeContext(body=body)
         waiting = asyncio.create_task(_stream(s, last))
-        while s.waiting_to_receive < 2:
+        while s.plane.waiting_to_receive < 2:
             await asyncio.sleep(0.001)
         client = FakeContext().peer()
         phantom = Ticket(client, -1, 0.0)   # one more read ends (a slot for it, so the count stays whole):
-        s.gate.policy._active[client].reading += 1
-        s.gate.policy.reading += 1
-        s.gate.leave(phantom)      # its slot is handed to `gone` ...
+        s.plane.gate.policy._active[client].reading += 1
+        s.plane.gate.policy.reading += 1
+        s.plane.gate.leave(phantom)      # its slot is handed to `gone` ...
         gone.cancel()              # ... which is cancelled before it runs: the slot passes on
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -411,7 +412,7 @@ def test_a_slot_handed_to_a_waiter_as_it_is_cancelled_passes_on(make_servicer):
 
     last = asyncio.run(scenario())
     assert last.code is None and last.reads == 1
-    assert s.receiving == 0 and not s.waiting_to_receive
+    assert s.plane.receiving == 0 and not s.plane.waiting_to_receive
 
 
 def test_expired_grpc_deadline_is_dropped_before_the_body_is_read(make_servicer):
@@ -419,7 +420,7 @@ def test_expired_grpc_deadline_is_dropped_before_the_body_is_read(make_servicer)
     ctx = FakeContext(time_remaining=-0.01, body=request().SerializeToString())
     asyncio.run(_stream(s, ctx))
     assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and ctx.reads == 0
-    assert outcomes(s) == {"dropped": 1} and s.core.calls == []
+    assert outcomes(s) == {"dropped": 1} and s.plane.core.calls == []
 
 
 @pytest.mark.parametrize("body, code, says", [
@@ -433,7 +434,7 @@ def test_stream_form_rejects_what_is_not_a_request(make_servicer, body, code, sa
     ctx = FakeContext(body=body)
     asyncio.run(_stream(s, ctx))
     assert ctx.code == code and says in ctx.details
-    assert s.core.calls == [] and sum(outcomes(s).values()) == 1
+    assert s.plane.core.calls == [] and sum(outcomes(s).values()) == 1
 
 
 def test_stream_form_serves_a_good_request(make_servicer):
@@ -441,7 +442,7 @@ def test_stream_form_serves_a_good_request(make_servicer):
     ctx = FakeContext(body=request(request_id="w1").SerializeToString())
     resp = asyncio.run(_stream(s, ctx))
     assert ctx.code is None and resp.id == "w1" and len(oip.parse_ocr_response(resp)) == 2
-    assert s.core.calls[0][2][0].payload == PNG and outcomes(s) == {"ok": 1}
+    assert s.plane.core.calls[0][2][0].payload == PNG and outcomes(s) == {"ok": 1}
 
 
 def test_a_single_request_over_the_cap_is_taken_when_nothing_is_in_flight(make_servicer):
@@ -452,7 +453,7 @@ def test_a_single_request_over_the_cap_is_taken_when_nothing_is_in_flight(make_s
 
 def test_default_limits_follow_the_spec(make_servicer):
     s = make_servicer()
-    assert s.max_inflight_bytes == 4 * SPEC.input.max_bytes
+    assert s.plane.max_inflight_bytes == 4 * SPEC.input.max_bytes
     assert receive_limit_bytes(SPEC) == 2 * SPEC.input.max_bytes + 64 * 1024
 
 
@@ -483,7 +484,7 @@ def test_bad_images_are_invalid_argument_and_never_routed(make_servicer, image, 
     s = make_servicer()
     _, ctx = call(s, request(image))
     assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and says in ctx.details
-    assert s.core.calls == [] and outcomes(s) == {"invalid": 1} and s.counts["received"] == 0
+    assert s.plane.core.calls == [] and outcomes(s) == {"invalid": 1} and s.plane.counts["received"] == 0
 
 
 def test_bad_timeout_parameter_is_invalid_argument(make_servicer):
@@ -499,15 +500,15 @@ def test_unknown_model_is_not_found_and_counted_once(make_servicer):
     s = make_servicer()
     _, ctx = call(s, request(model="nope"))
     assert ctx.code == grpc.StatusCode.NOT_FOUND and "'nope'" in ctx.details and "'ocr'" in ctx.details
-    assert s.core.calls == [] and outcomes(s) == {"not_found": 1}
-    assert s.counts["received"] == 0 and s.counts["accepted"] == 0
+    assert s.plane.core.calls == [] and outcomes(s) == {"not_found": 1}
+    assert s.plane.counts["received"] == 0 and s.plane.counts["accepted"] == 0
 
 
 def test_not_ready_is_unavailable(make_servicer):
     s = make_servicer(FakeCore(ready=False))
     _, ctx = call(s, request())
     assert ctx.code == grpc.StatusCode.UNAVAILABLE and "retry later" in ctx.details
-    assert s.core.calls == [] and outcomes(s) == {"failed": 1}
+    assert s.plane.core.calls == [] and outcomes(s) == {"failed": 1}
 
 
 def test_raw_pixels_are_validated_and_encoded_off_the_event_loop(make_servicer, monkeypatch):
@@ -527,14 +528,14 @@ def test_raw_pixels_are_validated_and_encoded_off_the_event_loop(make_servicer, 
     resp, ctx = call(s, req)
     assert ctx.code is None and resp is not None
     assert threads and threads[0].startswith("frontdoor-validate")
-    payload = s.core.calls[0][2][0].payload
+    payload = s.plane.core.calls[0][2][0].payload
     with Image.open(io.BytesIO(payload)) as im:
         assert im.format == "PNG" and im.size == (40, 24)
     # a mismatched byte count is refused before anything is routed
     req.raw_input_contents[0] = pixels.tobytes()[:-3]
     _, ctx = call(s, req)
     assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "but 2877 bytes were sent" in ctx.details
-    assert len(s.core.calls) == 1 and outcomes(s) == {"ok": 1, "invalid": 1}
+    assert len(s.plane.core.calls) == 1 and outcomes(s) == {"ok": 1, "invalid": 1}
 
 
 # --------------------------------------------------------------------------- failures inside
@@ -588,8 +589,8 @@ def test_failures_inside_map_to_one_status_with_a_generic_message(make_servicer,
     assert resp is None and ctx.code == code
     assert says in ctx.details.lower()
     assert ADDRESS not in ctx.details and "50123" not in ctx.details and "Traceback" not in ctx.details
-    assert len(s.core.calls) == 1
-    assert outcomes(s) == {counter: 1} and s.counts["accepted"] == 1
+    assert len(s.plane.core.calls) == 1
+    assert outcomes(s) == {counter: 1} and s.plane.counts["accepted"] == 1
 
 
 def test_an_exception_in_route_is_internal_with_the_generic_message(make_servicer):
@@ -603,7 +604,7 @@ def test_any_message_with_an_address_is_scrubbed(make_servicer, monkeypatch):
     from services.common.errors import Shed
 
     s = make_servicer()
-    monkeypatch.setattr(servicer_mod.oip, "extract_image",
+    monkeypatch.setattr(plane_mod.oip, "extract_image",
                         lambda *a, **k: (_ for _ in ()).throw(Shed(f"busy at {ADDRESS}:8001")))
     _, ctx = call(s, request())
     assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -616,9 +617,9 @@ def test_counts_add_up_over_a_mix_of_requests(make_servicer):
             request(), request()]
     for r in reqs:
         call(s, r)
-    assert sum(s.counts[k] for k in OUTCOMES) == len(reqs)
+    assert sum(s.plane.counts[k] for k in OUTCOMES) == len(reqs)
     assert outcomes(s) == {"ok": 3, "not_found": 1, "invalid": 1, "dropped": 1, "shed": 1}
-    assert s.counts["received"] == 4 and s.counts["accepted"] == 3
+    assert s.plane.counts["received"] == 4 and s.plane.counts["accepted"] == 3
 
 
 # --------------------------------------------------------------------------- answering before the client's deadline
@@ -649,7 +650,7 @@ def _timed(coro):
 
 
 def _idle(s) -> bool:
-    return (s.inflight_bytes, s.receiving, s.waiting_to_receive) == (0, 0, 0) and not s.gate.policy._active
+    return (s.plane.inflight_bytes, s.plane.receiving, s.plane.waiting_to_receive) == (0, 0, 0) and not s.plane.gate.policy._active
 
 
 def test_a_pipeline_that_does_not_answer_is_answered_deadline_exceeded_before_the_deadline(make_servicer):
@@ -663,7 +664,7 @@ def test_a_pipeline_that_does_not_answer_is_answered_deadline_exceeded_before_th
     assert core.cancelled == 1               # the work downstream was cancelled
     [(_, deadline, _, _)] = core.calls
     assert deadline <= time.time() + 0.8     # and worked to the deadline less the margin
-    assert outcomes(s) == {"dropped": 1} and s.counts["expired"] == 1 and s.counts["arrived"] == 1
+    assert outcomes(s) == {"dropped": 1} and s.plane.counts["expired"] == 1 and s.plane.counts["arrived"] == 1
     assert _idle(s)
 
 
@@ -672,7 +673,7 @@ def test_the_timeout_parameter_moves_the_answer_earlier(make_servicer):
     ctx = FakeContext(body=request(timeout_ms=300).SerializeToString())   # no gRPC deadline
     elapsed = _timed(_stream(s, ctx))
     assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and "(300 ms after it arrived)" in ctx.details
-    assert elapsed < 0.3 and s.counts["expired"] == 1
+    assert elapsed < 0.3 and s.plane.counts["expired"] == 1
 
 
 def test_a_body_that_does_not_arrive_is_answered_before_the_deadline_and_its_slot_freed(make_servicer):
@@ -681,7 +682,7 @@ def test_a_body_that_does_not_arrive_is_answered_before_the_deadline_and_its_slo
     elapsed = _timed(_stream(s, ctx))   # the read never ends
     assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and "while its body was being read" in ctx.details
     assert ctx.reads == 1 and elapsed < 0.5
-    assert outcomes(s) == {"dropped": 1} and s.counts["expired"] == 1 and _idle(s)
+    assert outcomes(s) == {"dropped": 1} and s.plane.counts["expired"] == 1 and _idle(s)
 
 
 def test_a_deadline_that_leaves_no_room_for_the_margin_is_dropped_unread(make_servicer):
@@ -690,14 +691,14 @@ def test_a_deadline_that_leaves_no_room_for_the_margin_is_dropped_unread(make_se
     asyncio.run(_stream(s, ctx))
     assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and ctx.reads == 0
     assert "the 100 ms the front door keeps to answer in time" in ctx.details
-    assert outcomes(s) == {"dropped": 1} and s.counts["expired"] == 0
+    assert outcomes(s) == {"dropped": 1} and s.plane.counts["expired"] == 0
 
 
 def test_without_a_margin_the_pipeline_works_to_the_deadline_itself(make_servicer):
     s = make_servicer(answer_margin_ms=0)
     before = time.time()
     call(s, request(), FakeContext(0.4))
-    [(_, deadline, _, _)] = s.core.calls
+    [(_, deadline, _, _)] = s.plane.core.calls
     assert before + 0.4 - 1e-6 <= deadline <= time.time() + 0.4 + 1e-6
 
 
@@ -709,13 +710,13 @@ def test_a_client_that_goes_away_is_counted_cancelled_once_and_frees_what_it_hel
         task = asyncio.create_task(_stream(s, FakeContext(body=request().SerializeToString())))
         while not core.calls:
             await asyncio.sleep(0.001)
-        assert s.inflight_bytes > 0
+        assert s.plane.inflight_bytes > 0
         task.cancel()                        # what gRPC does when the client cancels
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(asyncio.wait_for(scenario(), 30))   # a hang fails, not hangs
-    assert outcomes(s) == {"cancelled": 1} and s.counts["arrived"] == 1 and core.cancelled == 1
+    assert outcomes(s) == {"cancelled": 1} and s.plane.counts["arrived"] == 1 and core.cancelled == 1
     assert _idle(s)
 
 
@@ -727,7 +728,7 @@ def test_every_arrival_is_counted_with_exactly_one_outcome(make_servicer):
         call(s, r)
     ctx = FakeContext(time_remaining=-1, body=request().SerializeToString())
     asyncio.run(_stream(s, ctx))
-    assert s.counts["arrived"] == len(reqs) + 1 == sum(s.counts[k] for k in OUTCOMES)
+    assert s.plane.counts["arrived"] == len(reqs) + 1 == sum(s.plane.counts[k] for k in OUTCOMES)
 
 
 # --------------------------------------------------------------------------- fair shares

@@ -21,6 +21,7 @@ from services.gen import inference_pb2 as ipb
 from services.gen import model_config_pb2 as mc
 from services.gen import pipeserve_pb2 as pb
 from services.policy.admission import TokenBucket
+from services.router.frontdoor_plane import FrontDoorPlane
 from services.router.servicer import FrontDoorServicer
 from services.router.stats import FrontDoorStats, critical_path_ms
 from test_frontdoor_servicer import PNG, FakeContext, FakeCore, ok_result  # tests/unit is on sys.path
@@ -31,13 +32,13 @@ def servicer():
     made = []
 
     def make(core=None, rate=None) -> FrontDoorServicer:
-        s = FrontDoorServicer(core or FakeCore(), TokenBucket(rate))
+        s = FrontDoorServicer(FrontDoorPlane(core or FakeCore(), TokenBucket(rate)))
         made.append(s)
         return s
 
     yield make
     for s in made:
-        s.close()
+        s.plane.close()
 
 
 def unary(method, request, ctx=None):
@@ -211,7 +212,7 @@ def test_requested_outputs_come_back_alone_and_a_wrong_name_costs_no_run(service
     req.outputs.add(name="nope")
     resp, ctx = unary(s.ModelInfer, req)
     assert resp is None and ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "'nope'" in ctx.details
-    assert len(s.core.calls) == 1
+    assert len(s.plane.core.calls) == 1
 
 
 def _stream(s: FrontDoorServicer, messages: list, ctx: FakeContext | None = None, *,
@@ -221,7 +222,7 @@ def _stream(s: FrontDoorServicer, messages: list, ctx: FakeContext | None = None
     ctx = ctx or FakeContext()
 
     async def requests():
-        from services.router.servicer import RawInferRequest
+        from services.router.frontdoor_plane import RawInferRequest
         for m in messages:
             yield RawInferRequest(m)
 
@@ -265,7 +266,7 @@ def test_stream_answers_every_request_once_errors_included(servicer):
     assert a.error_message.startswith("NOT_FOUND: ")
     [a] = by_id[""]
     assert a.error_message.startswith("INVALID_ARGUMENT: ") and "not a valid ModelInferRequest" in a.error_message
-    assert s.counts["ok"] == 2 and s.counts["invalid"] == 2 and s.counts["not_found"] == 1
+    assert s.plane.counts["ok"] == 2 and s.plane.counts["invalid"] == 2 and s.plane.counts["not_found"] == 1
 
 
 def test_stream_serves_requests_concurrently(servicer):
@@ -292,7 +293,7 @@ def test_stream_serves_requests_concurrently(servicer):
     def on_answer(a):
         order.append(a.infer_response.id)
         if a.infer_response.id == "fast":
-            s.core.hold().set()
+            s.plane.core.hold().set()
 
     messages = [oip.build_image_request("ocr", PNG, request_id=r).SerializeToString()
                 for r in ("slow", "fast")]

@@ -15,7 +15,7 @@ from services.gen import pipeserve_pb2 as pb
 from services.ocr.orientation import orientation_accuracy, orientation_hits
 from services.ocr.pages import TruthLine, generate_page, load_pages, write_pages
 from services.ocr.processors import encode_image
-from services.router.servicer import format_ocr_lines, has_orientation
+from services.router.frontdoor_results import format_ocr_lines, has_orientation
 
 ROOT = Path(__file__).resolve().parents[2]
 
