@@ -38,7 +38,7 @@ services/gen/%_pb2.py: proto/%.proto scripts/gen_proto.py $(VENV)/.installed
 
 models: models/.fetched models/echo/identity.onnx
 
-models/.fetched: services/ocr/models.py | $(VENV)/.installed
+models/.fetched: services/ocr/models.py services/ocr/fold.py | $(VENV)/.installed
 	$(PY) -m services.ocr.models --dest models
 	touch $@
 

@@ -14,6 +14,9 @@ Guarantees:
   degrees) is fetched as well, for the tree pipeline (``pipelines/ocr_tree.yaml``);
 - PP-OCRv4's character dictionary lives in the ONNX metadata (``character``); it is written out
   as ``models/ppocrv4/ppocrv4_dict.txt`` so every recogniser is driven the same way;
+- next to each detection, recognition and classification model it writes a folded twin that
+  takes uint8 pixels and normalises in the graph (``det.u8.onnx``, :mod:`services.ocr.fold`;
+  needs the ``onnx`` package, skipped with a message without it);
 - models are never fetched at serving time: workers only read ``models/``.
 """
 from __future__ import annotations
@@ -134,7 +137,9 @@ def fetch(dest: Path, cache: Path, log=print) -> list[str]:
             log(f"  wrote {out} (from the ONNX metadata of {model})")
     skipped = len(MANIFEST) + len(EMBEDDED_DICTS) - len(written)
     log(f"{len(written)} file(s) written, {skipped} already present in {dest}")
-    return written
+    from services.ocr.fold import fold_models   # imports onnx: make-models time only
+
+    return written + fold_models(dest, log)
 
 
 def main(argv: list[str] | None = None) -> int:

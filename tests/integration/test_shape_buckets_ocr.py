@@ -32,14 +32,17 @@ DET_BATCH, REC_BATCH = 4, 8
 
 
 class ShapeRecorder:
-    """A real ONNX Runtime session whose ``run`` notes the shape of each input it is fed."""
+    """A real ONNX Runtime session whose ``run`` notes the shape of the image it is fed, as
+    N x C x H x W (a folded model takes uint8 N x H x W x C, and each item's valid size as a
+    second, N x 2 input)."""
 
     def __init__(self, session):
         self._session = session
         self.shapes: list[tuple[int, ...]] = []
 
     def run(self, outputs, feeds):
-        self.shapes.extend(tuple(x.shape) for x in feeds.values())
+        x = next(iter(feeds.values()))
+        self.shapes.append(tuple(x.shape) if x.dtype != np.uint8 else tuple(x.shape[i] for i in (0, 3, 1, 2)))
         return self._session.run(outputs, feeds)
 
     def __getattr__(self, name):

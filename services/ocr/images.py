@@ -1,0 +1,99 @@
+"""Image payloads of the OCR stages, and the uint8 models that take them without CPU
+normalisation.
+
+Payloads: pages arrive as PNG/JPEG/...; the detector sends each crop to the line models as
+JPEG or PNG. :func:`decode_image` takes all of them.
+
+Folded models: ``<name>.u8.onnx`` next to ``<name>.onnx`` takes uint8 NHWC pixels and each
+item's valid size, and normalises in the graph (written by :mod:`services.ocr.fold` at
+``make models`` time). :func:`folded_model` says whether a processor may use one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from services.common.errors import InvalidInput
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VALID_INPUT = "pipeserve_valid"   # the folded models' second input: int64 N x 2 (rows, cols)
+FOLD_LAYOUT = "NHWC"
+
+CROP_FORMATS = ("jpeg", "png")
+
+
+def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
+    """Decode PNG/JPEG/... bytes to an ``H x W x 3`` BGR uint8 array (PaddleOCR's channel
+    order).
+
+    Raises :class:`InvalidInput` for empty, undecodable or truncated bytes and for images
+    with a side above ``max_side`` (checked from the header, before decoding pixels).
+    """
+    if not payload:
+        raise InvalidInput("empty image payload")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(payload))
+            if max(img.size) > max_side:
+                raise InvalidInput(f"image is {img.size[0]}x{img.size[1]}, larger than {max_side} px")
+            img.load()   # raises OSError on truncated data
+    except InvalidInput:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"payload is not a decodable image: {exc}") from None
+    rgb = np.asarray(img.convert("RGB"))
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode a BGR array as PNG (lossless) or JPEG (``quality``)."""
+    if fmt == "png":
+        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    elif fmt in ("jpeg", "jpg"):
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    else:
+        raise ValueError(f"unknown crop format {fmt!r} ({', '.join(CROP_FORMATS)})")
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a crop")
+    return buf.tobytes()
+
+
+def folded_paths(model: Path) -> tuple[Path, Path]:
+    """``(<name>.u8.onnx, <name>.u8.json)`` beside ``<name>.onnx``."""
+    stem = model.with_suffix("")
+    return stem.with_suffix(".u8.onnx"), stem.with_suffix(".u8.json")
+
+
+def folded_model(model: Path, mean, std, pad: float) -> tuple[Path | None, str]:
+    """The folded uint8 model to use instead of ``model`` for a processor that normalises
+    with ``mean``/``std`` and pads with ``pad``, or None, and why in words (logged by the
+    processor): the folded file or its record is missing, was made from another source
+    file, or folds other constants."""
+    path, record = folded_paths(model)
+    if not path.is_file() or not record.is_file():
+        return None, f"no {path.name} (make models writes it with the onnx package)"
+    try:
+        rec = json.loads(record.read_text())
+        source_bytes = model.stat().st_size if model.is_file() else None
+        same = (np.allclose(rec["mean"], mean, rtol=0, atol=1e-7) and np.allclose(rec["std"], std, rtol=0, atol=1e-7)
+                and abs(float(rec["pad"]) - float(pad)) <= 1e-7)
+        layout, valid, made_from = rec["layout"], rec["valid_input"], rec["source_bytes"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{record.name} is unreadable: {exc}"
+    if (layout, valid) != (FOLD_LAYOUT, VALID_INPUT):
+        return None, f"{path.name} takes {layout} and {valid!r}, this code feeds {FOLD_LAYOUT} and {VALID_INPUT!r}"
+    if made_from != source_bytes:
+        return None, f"{path.name} was made from a {made_from}-byte {model.name}, which is now {source_bytes} bytes"
+    if not same:
+        return None, (f"{path.name} folds mean {rec['mean']} std {rec['std']} pad {rec['pad']}, the "
+                      f"variant's are {list(mean)} {list(std)} {pad}")
+    return path, f"{path.name}: uint8 input, normalisation in the model"
