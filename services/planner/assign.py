@@ -17,12 +17,15 @@ from services.planner.profile import PipelineProfile
 from services.planner.solver import PlanSolution
 
 
-def latency_table(profile: PipelineProfile, assignments) -> dict[str, dict[str, dict[int, float]]]:
-    """p50 batch latencies (ms) of the variants the assignments run, per task and variant."""
+def latency_table(profile: PipelineProfile, assignments,
+                  factors: Mapping[str, float] | None = None) -> dict[str, dict[str, dict[int, float]]]:
+    """p50 batch latencies (ms) of the variants the assignments run, per task and variant;
+    ``factors[variant]`` multiplies them (the sharing the plan was solved for)."""
     out: dict[str, dict[str, dict[int, float]]] = {}
     for a in assignments:
         v = profile.task(a.task).variant(a.variant)
-        out.setdefault(a.task, {})[a.variant] = {b: p.p50_ms for b, p in sorted(v.latency_ms.items())}
+        f = (factors or {}).get(a.variant, 1.0)
+        out.setdefault(a.task, {})[a.variant] = {b: p.p50_ms * f for b, p in sorted(v.latency_ms.items())}
     return out
 
 
@@ -94,7 +97,7 @@ def plan_from_solution(solution: PlanSolution, workers: list[RegisteredWorker], 
         paths[ANY_PATH] = sum(paths.values())
     accuracy = dict(solution.variant_accuracy)
     worker_accuracy = {wid: accuracy[a.variant] for wid, a in assignments.items() if a.variant in accuracy}
-    latency = latency_table(profile, assignments.values()) if profile is not None else {}
+    latency = latency_table(profile, assignments.values(), solution.latency_factors) if profile is not None else {}
     return Plan(version=version, pipeline=solution.pipeline, planned_qps=planned, worker_accuracy=worker_accuracy,
                 latency_ms=latency,
                 workers={k: v for k, v in sorted(assignments.items())}, routing=routing,

@@ -20,7 +20,8 @@ One format for every pipeline (JSON, see ``docs/planner.md`` and ``profiles/READ
             "latency_ms": {"1": {"p50_ms": 9.4, "p95_ms": 12.9}, "2": {...}}}],
          "fan_out": {"yolov5n": {"car_classification": 1.985, "facial_recognition": 0.6}}},
         ...],
-      "path_accuracy": {"yolov5n/efficientnet-b0": 0.51}   # optional measured chain accuracy
+      "path_accuracy": {"yolov5n/efficientnet-b0": 0.51},  # optional measured chain accuracy
+      "sharing": {"GTX 1080 Ti": {"1": 1.0, "2": 1.4, "4": 2.6}}   # optional, see below
     }
 
 ``path_accuracy["v1/v2"]`` is keyed by the variants of one root-to-leaf chain joined
@@ -30,6 +31,12 @@ with ``/``; where present it overrides the product of the variant accuracies
 ``fan_out[u][child]`` is the mean number of queries that one query processed by
 variant ``u`` sends to ``child``; it is required for every variant of a task with
 children. Loading validates every field and raises :class:`SpecError` naming it.
+
+``sharing[device][k]`` is what ``k`` workers busy at once on one device cost: the p50
+latency of a batch with ``k`` worker processes running, over its p50 with one
+(``python -m services.tools.sharing``). Absent: no contention is modelled (every
+worker runs as fast as the profile says, whatever else runs beside it). The planner
+and the simulator read it through :mod:`services.planner.sharing`.
 """
 from __future__ import annotations
 
@@ -92,6 +99,7 @@ class PipelineProfile:
     provenance: str = ""
     path_accuracy: Mapping[str, float] = field(default_factory=dict)
     source: str = "<memory>"
+    sharing: Mapping[str, Mapping[int, float]] = field(default_factory=dict)   # device -> k -> factor
 
     @property
     def root(self) -> TaskProfile:
@@ -211,7 +219,8 @@ def parse_profile(data: Any, source: str = "<memory>") -> PipelineProfile:
     """Validate a profile mapping; raise SpecError naming the offending field."""
     if not isinstance(data, dict):
         raise SpecError(source, "<root>", "must be a mapping")
-    known = {"format", "name", "slo_ms", "device", "provenance", "tasks", "path_accuracy", "description"}
+    known = {"format", "name", "slo_ms", "device", "provenance", "tasks", "path_accuracy", "description",
+             "sharing"}
     for k in data:
         if k not in known:
             raise SpecError(source, str(k), f"unknown field (expected one of {sorted(known)})")
@@ -292,7 +301,37 @@ def parse_profile(data: Any, source: str = "<memory>") -> PipelineProfile:
         raise SpecError(source, "path_accuracy", "must be a mapping 'v1/v2/...' -> accuracy")
     path_acc = {str(k): _num(x, f"path_accuracy.{k}", source, 0.0, 1.0) for k, x in pa.items()}
     return PipelineProfile(name=name, slo_ms=slo, tasks=tuple(tasks), device=device, provenance=prov,
-                           path_accuracy=path_acc, source=source)
+                           path_accuracy=path_acc, source=source, sharing=_sharing(data.get("sharing"), source))
+
+
+def _sharing(raw: Any, source: str) -> dict[str, dict[int, float]]:
+    """``sharing``: device -> {k: factor}; k a positive integer, a factor finite and > 0
+    (not >= 1: on a busy host a measured ratio can come out just under 1), and exactly 1
+    at k = 1, the reference every other factor is a ratio to."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError(source, "sharing", "must be a mapping device -> {workers: factor}")
+    out: dict[str, dict[int, float]] = {}
+    for dev, table in raw.items():
+        where = f"sharing.{dev}"
+        if not isinstance(dev, str) or not dev.strip():
+            raise SpecError(source, "sharing", "device names must be non-empty strings")
+        if not isinstance(table, dict) or not table:
+            raise SpecError(source, where, "must be a non-empty mapping workers -> latency factor")
+        parsed: dict[int, float] = {}
+        for k, f in table.items():
+            try:
+                ki = int(k)
+            except (TypeError, ValueError):
+                raise SpecError(source, f"{where}.{k}", "workers must be a positive integer") from None
+            if ki < 1 or str(ki) != str(k).strip():
+                raise SpecError(source, f"{where}.{k}", "workers must be a positive integer")
+            parsed[ki] = _num(f, f"{where}.{k}", source, 0.0, strict_lo=True)
+        if parsed.get(1, 1.0) != 1.0:
+            raise SpecError(source, f"{where}.1", f"must be 1.0 (the reference), got {parsed[1]!r}")
+        out[dev] = dict(sorted(parsed.items()))
+    return out
 
 
 def load_profile(path: str | Path) -> PipelineProfile:
@@ -328,6 +367,8 @@ def profile_to_dict(p: PipelineProfile) -> dict[str, Any]:
                            "provenance": p.provenance, "tasks": tasks}
     if p.path_accuracy:
         out["path_accuracy"] = dict(p.path_accuracy)
+    if p.sharing:
+        out["sharing"] = {dev: {str(k): f for k, f in sorted(t.items())} for dev, t in p.sharing.items()}
     return out
 
 

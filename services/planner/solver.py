@@ -20,6 +20,16 @@ the solution, never decided by an exception.
 size, then the three phases again with replicas bounded by the rounded values and a
 final ceil. Every status is checked against cvxpy's constants; a failed solve returns
 ``ok=False`` and the caller keeps its previous plan.
+
+Workers sharing a device (a profile with a ``sharing`` table, :mod:`services.planner.sharing`):
+how many workers are busy is an outcome of the solve, and their speed depends on it. So
+the problem is solved once per cap ``n`` on busy workers (``sharing.candidates``), with
+latencies scaled by the measured factor of ``n`` (on the busiest device), and the best
+plan kept: most served, then most accurate, then fewest workers. The caps go up from 1
+and stop at the first plan that serves everything at full accuracy: a bigger cap only
+makes every worker slower (factors never decrease), so it cannot beat that plan, and any
+plan of no more workers was open to the smaller cap already. Without a table: one solve,
+exactly as before.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import numpy as np
 
 from services.common.plan import Allocation, Plan
 from services.planner.model import PlanningModel, SolveLimits
+from services.planner import sharing
 from services.planner.profile import PipelineProfile
 from services.planner.verify import check_solution
 
@@ -58,6 +69,8 @@ class PlannerContext:
     min_workers_per_task: int = 1             # keep every stage alive, even at zero demand
     leaf_pruning: bool = True
     repair_node_limit: int = 200              # per phase of the widened repair MILP (relaxed)
+    workers_per_device: int | None = None     # with a sharing table: most workers on one device
+                                              # (None: they all share one, a single host)
     clock: Callable[[], float] = time.perf_counter   # only used to report solve time
 
     @property
@@ -99,6 +112,10 @@ class PlanSolution:
     solver_nodes: int = 0
     solver_iterations: int = 0
     time_limit_hits: int = 0     # calls that reached the wall-clock safety net (should be 0)
+    # with a sharing table: busy workers on the busiest device the latencies assume, and the
+    # factor each variant's profile latencies were multiplied by (empty: none applied)
+    sharing_k: int = 0
+    latency_factors: Mapping[str, float] = field(default_factory=dict)
 
     def replicas(self) -> dict[tuple[str, str, int], int]:
         return {(a.task, a.variant, a.batch_size): a.replicas for a in self.allocations}
@@ -225,9 +242,44 @@ def solve(ctx: PlannerContext, previous_plan: Plan | None = None) -> PlanSolutio
     The solution reports the solver work it took (calls, nodes, simplex iterations, and
     calls that reached the wall-clock safety net, which a result must not depend on)."""
     work = _Work()
-    solution = _solve(ctx, previous_plan, work)
+    if sharing.has_sharing(ctx.profile):
+        solution = _solve_shared(ctx, previous_plan, work)
+    else:
+        solution = _solve(ctx, previous_plan, work)
     return replace(solution, solver_calls=work.calls, solver_nodes=work.nodes,
                    solver_iterations=work.iterations, time_limit_hits=work.time_limit_hits)
+
+
+_SHARED: dict[int, tuple[PipelineProfile, dict[int, PipelineProfile]]] = {}
+
+
+def _shared(profile: PipelineProfile, k: int) -> PipelineProfile:
+    """``sharing.shared_profile``, one object per (profile, k): the compiled-model cache
+    keys on the profile object, so a re-solve must hand it the same one."""
+    held = _SHARED.get(id(profile))
+    if held is None or held[0] is not profile:
+        held = _SHARED[id(profile)] = (profile, {})
+    if k not in held[1]:
+        held[1][k] = sharing.shared_profile(profile, k)
+    return held[1][k]
+
+
+def _solve_shared(ctx: PlannerContext, previous_plan: Plan | None, work: _Work) -> PlanSolution:
+    """One solve per cap on busy workers, latencies at that cap's sharing factor; the best
+    by :func:`_rank` (see the module docstring for why stopping at full accuracy is safe)."""
+    t0 = ctx.clock()
+    best: PlanSolution | None = None
+    last: PlanSolution | None = None
+    for n, k in sharing.candidates(ctx.n_workers, ctx.workers_per_device, sharing.last_measured(ctx.profile)):
+        sub = replace(ctx, profile=_shared(ctx.profile, k), n_workers=n)
+        last = replace(_solve(sub, previous_plan, work), sharing_k=k,
+                       latency_factors=sharing.variant_factors(ctx.profile, k))
+        if last.ok and (best is None or _rank(last) > _rank(best)):
+            best = last
+        if last.ok and last.mode == "hardware":
+            break
+    chosen = best if best is not None else last
+    return replace(chosen, n_workers=ctx.n_workers, solve_ms=(ctx.clock() - t0) * 1000.0)
 
 
 def _solve(ctx: PlannerContext, previous_plan: Plan | None, work: _Work) -> PlanSolution:

@@ -98,3 +98,34 @@ def test_errors_name_the_field(mutate, field):
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         load_profile(tmp_path / "nope.json")
+
+
+def test_sharing_table_round_trips(tmp_path):
+    d = ocr_like()
+    d["sharing"] = {"cpu-2core": {"1": 1.0, "2": 1.12, "4": 2.05}}
+    p = parse_profile(d, "ocr")
+    assert p.sharing == {"cpu-2core": {1: 1.0, 2: 1.12, 4: 2.05}}
+    write_profile(p, tmp_path / "ocr.json")
+    q = load_profile(tmp_path / "ocr.json")
+    assert q.sharing == p.sharing
+    assert json.loads((tmp_path / "ocr.json").read_text())["sharing"] == d["sharing"]
+
+
+def test_no_sharing_table_writes_none(tmp_path):
+    """Absent means no contention modelled, and a profile without one is written as before."""
+    p = parse_profile(ocr_like(), "ocr")
+    assert p.sharing == {}
+    assert "sharing" not in profile_to_dict(p)
+
+
+@pytest.mark.parametrize("sharing, field", [
+    ([1.0, 1.2], "sharing"),
+    ({"cpu": {}}, "sharing.cpu"),
+    ({"cpu": {"0": 1.0}}, "sharing.cpu.0"),
+    ({"cpu": {"two": 1.3}}, "sharing.cpu.two"),
+    ({"cpu": {"2": -1.0}}, "sharing.cpu.2"),
+    ({"cpu": {"2": "fast"}}, "sharing.cpu.2"),
+    ({"cpu": {"1": 1.3, "2": 1.5}}, "sharing.cpu.1"),
+])
+def test_sharing_errors_name_the_field(sharing, field):
+    assert _broken(lambda d: d.__setitem__("sharing", sharing)) == field
