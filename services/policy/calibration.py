@@ -28,6 +28,19 @@ variant's tail is not mistaken for one):
   against the batch-weighted median of them all (so a stall among the first batches does
   not set the start).
 
+Sharing is not speed either. With a ``sharing`` table in the profile
+(:mod:`services.planner.sharing`) the planner multiplies the latencies by the measured
+factor of the busy workers a plan implies. A batch measured while k workers were busy
+already holds that contention, so the factor reported here is against the profile
+*at that load*: ``measured / (profile p50 x sharing factor at k)``. Then a host that is
+only as slow as its sharing table says calibrates to 1.0, and the planner's factor is
+applied once, not twice. ``k`` is the batch's own report (``Timing.busy``: the mean
+number of workers busy on its device while the batches ran, itself included, as the
+simulator reports it) or, where a report does not know it (a live worker sees only
+itself), the load of the plan in force, set by :meth:`LatencyCalibrator.set_busy` (the
+plan's ``PlanSolution.sharing_k``: what the planner assumed for it). Without a table the
+factor is the plain ratio, as before.
+
 :meth:`LatencyCalibrator.drift` says how far the factors have moved from those of the
 profile in use; the planning policy re-plans when that passes ``margin`` (hysteresis: a
 new compiled problem costs a solve, and noise must not re-plan).
@@ -39,6 +52,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from services.planner.profile import LatencyPoint, PipelineProfile, TaskProfile
+from services.planner.sharing import factor as sharing_factor
 
 DEFAULT_MIN_BATCHES = 10     # batches before a variant's own factor is trusted
 DEFAULT_ALPHA = 0.03         # weight of one batch in the smoothed ratio (a report of n: 1 - 0.97^n)
@@ -58,6 +72,7 @@ class Timing:
     items: int = 0
     regions: int = 0
     max_ms: float = 0.0        # the slowest of those batches (0: not known)
+    busy: float = 0.0          # mean workers busy on the device meanwhile, itself included (0: not known)
 
 
 @dataclass
@@ -83,6 +98,8 @@ class LatencyCalibrator:
         self.outlier_k = outlier_k
         self._tracks: dict[tuple[str, str], _Track] = {}
         self._variants = {(t.name, v.name): v for t in profile.tasks for v in t.variants}
+        self._share = {key: profile.sharing.get(v.device or profile.device) for key, v in self._variants.items()}
+        self.busy = 1.0            # load of the plan in force, for reports that do not say (set_busy)
         self.in_use: dict[tuple[str, str], float] = {}   # factors of the profile last planned on
 
     def observe(self, timings: Iterable[Timing]) -> None:
@@ -96,6 +113,9 @@ class LatencyCalibrator:
             expected = point.p50_ms
             if size != t.batch_size:   # a partial batch: scale the next profiled size linearly
                 expected *= t.batch_size / size
+            table = self._share[(t.task, t.variant)]
+            if table is not None:      # against the profile at the load it ran under
+                expected *= sharing_factor(table, t.busy if t.busy > 0 else self.busy)
             limit = self.outlier_k * max(1.0, point.p95_ms / point.p50_ms if point.p50_ms > 0 else 1.0)
             tr = self._tracks.setdefault((t.task, t.variant), _Track())
             count, total = t.count, t.total_ms
@@ -138,6 +158,13 @@ class LatencyCalibrator:
             self._absorb(tr, r)
         if tr.batches >= self.min_batches:
             tr.start, tr.stalls_in_start = [], 0
+
+    def set_busy(self, k: float) -> None:
+        """The busy workers per device the plan in force implies (its solution's
+        ``sharing_k``): the load of reports that do not carry their own ``busy``."""
+        if not (isinstance(k, (int, float)) and k >= 1):
+            raise ValueError(f"busy workers must be a number >= 1, got {k!r}")
+        self.busy = float(k)
 
     def stalls(self) -> dict[tuple[str, str], int]:
         """Batches left out as stalls, per ``(task, variant)``."""

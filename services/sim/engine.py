@@ -21,6 +21,13 @@ i-th query a variant processes, model swaps as the worker does them (a worker th
 changes variant within its task keeps serving with the old model, new arrivals
 included, while the new one loads for ``load_s``; one that moves to another task
 serves nothing until its model is loaded), and a transport that takes no time.
+
+Workers sharing a device: with a ``sharing`` table in the profile
+(:mod:`services.planner.sharing`, measured by ``python -m services.tools.sharing``), a
+batch that starts while k workers on its device run batches (itself included) takes the
+measured factor at k times its drawn time, fixed at its start; ``workers_per_device``
+says which workers share one (None: all of them). Without a table, ``cores`` models
+processor sharing, an assumption (max(1, k / cores)); without either, no contention.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import numpy as np
 
 from services.common.plan import Plan
 from services.planner.profile import PipelineProfile
+from services.planner.sharing import factor as sharing_factor
 from services.policy.admission import TokenBucket
 from services.policy.batching import EdfQueue, ServiceTimeEstimator, burst_batch, overrun
 from services.policy.calibration import Timing
@@ -79,14 +87,17 @@ class SimConfig:
     # cores shared by the workers: a batch that starts while k workers run batches takes
     # max(1, k / cores) times its drawn time (1 intra-op thread each); None: no contention
     cores: float | None = None
+    # with a sharing table in the profile: most workers on one device (None: every worker shares one)
+    workers_per_device: int | None = None
 
 
 class _Variant:
     """Per-run tables of one (task, variant): latency by batch size, fan-out counters."""
 
-    __slots__ = ("name", "task", "ti", "acc", "p50", "sig", "children", "counts", "load_s", "maxb")
+    __slots__ = ("name", "task", "ti", "acc", "p50", "sig", "children", "counts", "load_s", "maxb", "share")
 
-    def __init__(self, v, ti: int, children: list[tuple[int, float]], load_s: float) -> None:
+    def __init__(self, v, ti: int, children: list[tuple[int, float]], load_s: float,
+                 share: list[float] | None = None) -> None:
         self.name, self.task, self.ti, self.acc = v.name, v.task, ti, v.accuracy
         top = max(v.latency_ms)
         self.maxb = top
@@ -101,15 +112,17 @@ class _Variant:
         self.children = children
         self.counts = [0] * len(children)
         self.load_s = load_s if v.load_s is None else v.load_s
+        self.share = share            # latency factor by busy workers on its device (None: no table)
 
 
 
 class _Worker:
     __slots__ = ("wid", "var", "maxb", "queue", "est", "reserve", "busy", "busy_until", "ready_at",
-                 "draining", "active", "gen", "pending", "burst", "burst_est")
+                 "draining", "active", "gen", "pending", "burst", "burst_est", "dev")
 
-    def __init__(self, wid: str) -> None:
+    def __init__(self, wid: str, dev: int = 0) -> None:
         self.wid = wid
+        self.dev = dev                # index of the device it shares (with a sharing table)
         self.var: _Variant | None = None
         self.maxb = 1
         self.queue = None
@@ -150,6 +163,8 @@ class _Sim:
         self.egress = float(cfg.egress_s)
         self.cores = cfg.cores
         self.running = 0              # workers running a batch (for ``cores``)
+        per_dev = cfg.workers_per_device or max(cfg.n_workers, 1)
+        self.running_on = [0] * (-(-max(cfg.n_workers, 1) // per_dev))   # the same, per device
         self.latest: Plan | None = None   # the newest plan decided (applied or on its way)
         self.tasks = [t.name for t in profile.tasks]
         tix = {t: i for i, t in enumerate(self.tasks)}
@@ -159,8 +174,10 @@ class _Sim:
         for t in profile.tasks:
             for v in t.variants:
                 ch = [(tix[c], float(t.fan_out[v.name][c])) for c in t.children]
-                self.variants[(t.name, v.name)] = _Variant(v, tix[t.name], ch, cfg.load_s)
-        self.workers = {w: _Worker(w) for w in worker_ids(cfg.n_workers)}
+                table = profile.sharing.get(v.device or profile.device)
+                share = None if table is None else [sharing_factor(table, k) for k in range(per_dev + 1)]
+                self.variants[(t.name, v.name)] = _Variant(v, tix[t.name], ch, cfg.load_s, share)
+        self.workers = {w: _Worker(w, i // per_dev) for i, w in enumerate(worker_ids(cfg.n_workers))}
         self.rng = np.random.default_rng(cfg.seed)
         self._u: list[float] = []
         self._ui = 0
@@ -358,14 +375,18 @@ class _Sim:
         for _, n in batch:
             size += n
         dur = self.exec_time(v, size)
-        if self.cores is not None:
+        busy = self.running_on[w.dev] + 1
+        if v.share is not None:
+            dur *= v.share[busy]      # measured sharing, fixed at the batch's start
+        elif self.cores is not None:
             # processor sharing, fixed at the batch's start: k batches on fewer cores
             dur *= max(1.0, (self.running + 1) / self.cores)
         self.running += 1
+        self.running_on[w.dev] = busy
         w.busy = True
         w.busy_until = now + dur
         self.batches += 1
-        heapq.heappush(self.heap, (now + dur, BATCH, next(self.seq), BATCH, (w, batch, v, size, dur, est)))
+        heapq.heappush(self.heap, (now + dur, BATCH, next(self.seq), BATCH, (w, batch, v, size, dur, est, busy)))
         return True
 
     def route(self, ti: int, path: str, r: int, k: int, now: float) -> None:
@@ -419,15 +440,17 @@ class _Sim:
         return reroute_choice(w, finish, deadline, w.reserve, self.reroute_slack)
 
     def on_batch(self, now: float, payload) -> None:
-        w, batch, v, size, dur, est = payload
+        w, batch, v, size, dur, est, busy = payload
         w.busy = False
         self.running -= 1
+        self.running_on[w.dev] -= 1
         est.observe(size, dur)
         tm = self.timings.get((v.task, v.name, size))
         if tm is None:
-            tm = self.timings[(v.task, v.name, size)] = [0, 0.0, 0, 0]
+            tm = self.timings[(v.task, v.name, size)] = [0, 0.0, 0, 0, 0]
         tm[0] += 1
         tm[1] += dur * 1000.0
+        tm[4] += busy
         ti, a = v.ti, v.acc
         sacc, scnt = self.sacc[ti], self.scnt[ti]
         pend = self.pend
@@ -503,7 +526,8 @@ class _Sim:
         if self.timings:
             observe = getattr(self.policy, "observe_timings", None)
             if observe is not None:   # the heartbeats: what the workers' batches cost
-                observe([Timing(t, v, b, x[0], x[1], x[2], x[3]) for (t, v, b), x in self.timings.items()])
+                observe([Timing(t, v, b, x[0], x[1], x[2], x[3], busy=x[4] / x[0])
+                         for (t, v, b), x in self.timings.items()])
             self.timings = {}
         d = self.policy.decide(self._observation(now))
         if d is not None:

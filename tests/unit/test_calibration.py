@@ -212,3 +212,34 @@ def test_the_controller_hands_the_calibration_each_reports_slowest_batch():
                                             "total_ms": 11 * ms + 2500.0, "max_ms": 2500.0}]})
     assert pol.calibrator.stalls() == {("det", v.name): 1}
     assert pol.calibrator.factors()[("det", v.name)] == pytest.approx(1.0)
+
+
+def _shared(table):
+    from dataclasses import replace
+    return replace(PROFILE, device="cpu", sharing={"cpu": table})
+
+
+def test_sharing_of_the_load_is_divided_out_of_the_factor():
+    """Batches measured with 3 workers busy on a device whose table says 3 cost 1.8x: a
+    host only as slow as that calibrates to 1.0, so the planner's 1.8 applies once."""
+    cal = LatencyCalibrator(_shared({1: 1.0, 2: 1.2, 3: 1.8}), min_batches=10)
+    cal.observe([Timing("det", "d1", 1, 10, 10 * 100.0 * 1.8, busy=3.0)])
+    assert cal.factors()[("det", "d1")] == pytest.approx(1.0)
+    cal.observe([Timing("rec", "r1", 8, 10, 10 * 40.0 * 1.2 * 2.0, busy=2.0)])   # 2x beyond the sharing
+    assert cal.factors()[("rec", "r1")] == pytest.approx(2.0)
+
+
+def test_reports_without_their_load_use_the_plans():
+    cal = LatencyCalibrator(_shared({1: 1.0, 2: 1.5}), min_batches=10)
+    cal.set_busy(2)
+    cal.observe([Timing("det", "d1", 1, 10, 10 * 150.0)])
+    assert cal.factors()[("det", "d1")] == pytest.approx(1.0)    # 150 / (100 x 1.5)
+    with pytest.raises(ValueError, match="busy"):
+        cal.set_busy(0)
+
+
+def test_without_a_table_the_load_changes_nothing():
+    cal = LatencyCalibrator(PROFILE, min_batches=10)
+    cal.set_busy(3)
+    cal.observe([Timing("det", "d1", 1, 10, 10 * 180.0, busy=3.0)])
+    assert cal.factors()[("det", "d1")] == pytest.approx(1.8)
