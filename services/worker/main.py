@@ -58,6 +58,7 @@ class WorkerConfig:
     burst: bool = True   # load the plan's burst variant beside the planned one and spill to it
     cudnn_conv_algo_search: str = DEFAULT_CUDNN_ALGO_SEARCH   # the CUDA provider's, per new input shape
     batch_padding: str = "auto"   # pad batch sizes to powers of two (auto: on the CUDA provider)
+    model_memory_mb: float = 0.0   # the models held, by their files' sizes (0: no budget)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "its last item and dropping their outputs, so a GPU meets (and warms) log2(batch)+1 "
                         "shapes per bucket instead of every size; auto (default, or "
                         "$PIPESERVE_BATCH_PADDING): on the CUDA provider only")
+    p.add_argument("--model-memory-mb", type=float, default=0.0,
+                   help="memory budget, in MB, for the models the worker holds at once (the planned "
+                        "one, the burst variant, a parked worker's standby, and models the plan moved "
+                        "away from that still serve for --linger-s), each counted by its ONNX file's "
+                        "size; past it the least recently used lingering and standby models are freed "
+                        "first, and a burst or standby model that does not fit is not loaded (the "
+                        "planned one always is). Default 0: no budget")
     p.add_argument("--log-json", action="store_true", default=os.environ.get("PIPESERVE_LOG_JSON") == "1",
                    help="log JSON lines instead of key=value")
     add_metrics_argument(p)
@@ -133,6 +141,8 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     if a.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCH:
         p.error(f"--cudnn-conv-algo-search (or PIPESERVE_CUDNN_CONV_ALGO_SEARCH) must be one of "
                 f"{', '.join(CUDNN_ALGO_SEARCH)}, got {a.cudnn_conv_algo_search!r}")
+    if a.model_memory_mb < 0:
+        p.error(f"--model-memory-mb must be >= 0 (0: no budget), got {a.model_memory_mb}")
     if a.batch_padding not in BATCH_PADDING:   # argparse checks choices of a flag, not of $PIPESERVE_BATCH_PADDING
         p.error(f"--batch-padding (or PIPESERVE_BATCH_PADDING) must be one of {', '.join(BATCH_PADDING)}, "
                 f"got {a.batch_padding!r}")
@@ -142,7 +152,8 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         models=Path(a.models), device=a.device, intra_op_threads=a.intra_op_threads,
         heartbeat_s=a.heartbeat_s, max_queue=a.max_queue, prep_threads=a.prep_threads, json_logs=a.log_json, tls=tls,
         linger_s=a.linger_s, metrics_port=a.metrics_port, burst=a.burst == "on",
-        cudnn_conv_algo_search=a.cudnn_conv_algo_search, batch_padding=a.batch_padding)
+        cudnn_conv_algo_search=a.cudnn_conv_algo_search, batch_padding=a.batch_padding,
+        model_memory_mb=a.model_memory_mb)
 
 
 class WorkerApp:
@@ -163,7 +174,7 @@ class WorkerApp:
                                max_queue=cfg.max_queue, plugins=self.spec.plugins,
                                prep_threads=cfg.prep_threads, linger_s=cfg.linger_s, burst=cfg.burst,
                                cudnn_conv_algo_search=cfg.cudnn_conv_algo_search,
-                               batch_padding=cfg.batch_padding,
+                               batch_padding=cfg.batch_padding, model_memory_mb=cfg.model_memory_mb,
                                tasks=None if task else {t.name: t for t in self.spec.tasks})
         self.server = make_server()
         self.health = health.aio.HealthServicer()
@@ -202,9 +213,12 @@ class WorkerApp:
     async def _on_plan(self, plan: Plan) -> None:
         mine = plan.workers.get(self.worker_id)
         if mine is None:
-            # the plan does not need this worker: park (the model is freed after the linger)
-            if await self.core.park(plan.version):
-                log.info("parked", worker_id=self.worker_id, plan_version=plan.version)
+            # the plan does not need this worker: park (the model is freed after the linger),
+            # loading the standby model the plan names for it, if any
+            standby = plan.standby.get(self.worker_id)
+            key = tuple(standby.split("/", 1)) if standby else None
+            if await self.core.park(plan.version, standby=key, standby_batch=standby_batch(plan, key)):
+                log.info("parked", worker_id=self.worker_id, plan_version=plan.version, standby=standby)
             await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
             return
         try:
@@ -281,6 +295,18 @@ class WorkerApp:
         if self.metrics_server is not None:
             self.metrics_server.close()
         log.info("worker_stopped", worker_id=self.worker_id)
+
+
+def standby_batch(plan: Plan, standby: tuple[str, str] | None) -> int | None:
+    """The batch size a standby model is warmed for: the largest the plan has latency
+    figures for in its task (the profile's batch sizes for it). Warming more shapes costs
+    a parked worker nothing it needs (it serves nothing), while each shape left cold costs
+    the step that brings it back a cuDNN search on a GPU (on a CPU only batch 1 is warmed,
+    whatever the size). None (the worker's last planned size) when the plan has none."""
+    if standby is None:
+        return None
+    sizes = [b for figures in plan.latency_ms.get(standby[0], {}).values() for b in figures]
+    return max(sizes) if sizes else None
 
 
 async def serve(cfg: WorkerConfig) -> None:

@@ -205,7 +205,7 @@ def test_queries_held_by_a_crashing_batch_loop_get_internal_not_a_hang():
         core, procs = make_core()
         core.start()
         await core.apply("v1", 2, 1)
-        real = core._run_group
+        real = core.batches._run_group
         calls = {"n": 0}
 
         async def crash_once(loop, items, **kwargs):
@@ -214,7 +214,7 @@ def test_queries_held_by_a_crashing_batch_loop_get_internal_not_a_hang():
                 raise RuntimeError("injected bug after the batch was taken")
             return await real(loop, items, **kwargs)
 
-        core._run_group = crash_once
+        core.batches._run_group = crash_once
         held = await asyncio.wait_for(core.submit([("a", b"x"), ("b", b"x")], time.time() + 10), 5)
         after = await asyncio.wait_for(core.submit([("c", b"x")], time.time() + 10), 5)
         await core.stop()
@@ -597,7 +597,7 @@ def test_a_pool_worker_moving_to_another_task_releases_its_burst_model():
     assert moved is None and loads == ["b1", "b2", "a1"]
 
 
-# -- a full batch waiting is queued behind the running one (WorkerCore._prefetch) ------
+# -- a full batch waiting is queued behind the running one (BatchLoop._prefetch) ------
 
 def test_a_full_batch_waiting_is_queued_behind_the_running_one_and_timed_from_its_own_start():
     async def scenario():
@@ -725,7 +725,7 @@ async def until_prepared_on_the_loop(core, proc, in_a_row: int) -> list[bool]:
 
 
 def test_cheap_inputs_are_prepared_on_the_loop_after_a_streak_and_a_slow_one_sends_them_back(monkeypatch):
-    import services.worker.core as core_mod
+    import services.worker.host as core_mod
     monkeypatch.setattr(core_mod, "INLINE_PREP_STREAK", 4)
 
     async def scenario():
@@ -752,7 +752,7 @@ def test_cheap_inputs_are_prepared_on_the_loop_after_a_streak_and_a_slow_one_sen
 
 
 def test_a_request_past_the_inline_budget_is_prepared_in_the_pool(monkeypatch):
-    import services.worker.core as core_mod
+    import services.worker.host as core_mod
     monkeypatch.setattr(core_mod, "INLINE_PREP_STREAK", 4)
 
     async def scenario():
@@ -773,7 +773,7 @@ def test_a_request_past_the_inline_budget_is_prepared_in_the_pool(monkeypatch):
 
 
 def test_inputs_that_take_longer_than_a_hand_off_are_never_prepared_on_the_loop(monkeypatch):
-    import services.worker.core as core_mod
+    import services.worker.host as core_mod
     monkeypatch.setattr(core_mod, "INLINE_PREP_STREAK", 4)
 
     async def scenario():
