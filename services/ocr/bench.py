@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n| crop encoding | mean bytes/crop | CER (det_v6small_480 + rec_v6tiny) |")
     print("|---|---|---|")
-    for fmt in ("png", "jpeg"):
+    for fmt in ("png", "jpeg", "raw"):
         det = load_stage(spec, "det_v6small_480", args.models, args.threads)
         det.proc.crop_format = fmt
         sizes = [len(c) for p in sub for c in det(p.png).child_payloads]

@@ -2,7 +2,9 @@
 normalisation.
 
 Payloads: pages arrive as PNG/JPEG/...; the detector sends each crop to the line models as
-JPEG or PNG. :func:`decode_image` takes all of them.
+JPEG, PNG or a raw tensor (:func:`encode_raw`: a 16-byte header and the BGR pixels, which
+costs no encoding or decoding and, being lossless, gives the line models exactly the crop
+the detector cut). :func:`decode_image` takes all of them.
 
 Folded models: ``<name>.u8.onnx`` next to ``<name>.onnx`` takes uint8 NHWC pixels and each
 item's valid size, and normalises in the graph (written by :mod:`services.ocr.fold` at
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import warnings
 from pathlib import Path
 
@@ -26,18 +29,57 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VALID_INPUT = "pipeserve_valid"   # the folded models' second input: int64 N x 2 (rows, cols)
 FOLD_LAYOUT = "NHWC"
 
-CROP_FORMATS = ("jpeg", "png")
+RAW_MAGIC = b"PSRT"
+RAW_HEADER = struct.Struct("<4sBBHII")   # magic, version, dtype, channels, height, width
+RAW_VERSION = 1
+RAW_UINT8 = 1
+CROP_FORMATS = ("jpeg", "png", "raw")
+
+
+def encode_raw(image: np.ndarray) -> bytes:
+    """A uint8 ``H x W x 3`` array as a raw tensor payload: :data:`RAW_HEADER` (magic
+    ``PSRT``, version 1, dtype 1 = uint8, channels, height, width; little-endian) then the
+    pixels in C order."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"a raw payload holds a uint8 H x W x 3 image, got {image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    return RAW_HEADER.pack(RAW_MAGIC, RAW_VERSION, RAW_UINT8, 3, h, w) + np.ascontiguousarray(image).tobytes()
+
+
+def decode_raw(payload: bytes, max_side: int = 8192) -> np.ndarray:
+    """The image of a raw tensor payload (read-only, no copy). Raises :class:`InvalidInput`
+    for a short or unknown header, a dtype or channel count other than uint8 x 3, a side of 0
+    or above ``max_side``, or a body whose length is not exactly height x width x 3."""
+    if len(payload) < RAW_HEADER.size:
+        raise InvalidInput(f"raw tensor payload of {len(payload)} bytes is shorter than its "
+                           f"{RAW_HEADER.size}-byte header")
+    magic, version, dtype, channels, h, w = RAW_HEADER.unpack_from(payload)
+    if magic != RAW_MAGIC:
+        raise InvalidInput("payload is not a raw tensor (bad magic)")
+    if version != RAW_VERSION:
+        raise InvalidInput(f"raw tensor version {version} is not supported (only {RAW_VERSION})")
+    if dtype != RAW_UINT8 or channels != 3:
+        raise InvalidInput(f"raw tensor must be uint8 with 3 channels, got dtype code {dtype}, "
+                           f"{channels} channels")
+    if not (0 < h <= max_side and 0 < w <= max_side):
+        raise InvalidInput(f"raw tensor is {w}x{h}: each side must be 1..{max_side} px")
+    body = len(payload) - RAW_HEADER.size
+    if body != h * w * 3:
+        raise InvalidInput(f"raw tensor {w}x{h}x3 needs {h * w * 3} bytes of pixels, got {body}")
+    return np.frombuffer(payload, np.uint8, offset=RAW_HEADER.size).reshape(h, w, 3)
 
 
 def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
-    """Decode PNG/JPEG/... bytes to an ``H x W x 3`` BGR uint8 array (PaddleOCR's channel
-    order).
+    """Decode PNG/JPEG/... bytes or a raw tensor payload (:func:`encode_raw`) to an
+    ``H x W x 3`` BGR uint8 array (PaddleOCR's channel order; read-only for raw payloads).
 
     Raises :class:`InvalidInput` for empty, undecodable or truncated bytes and for images
     with a side above ``max_side`` (checked from the header, before decoding pixels).
     """
     if not payload:
         raise InvalidInput("empty image payload")
+    if payload[:len(RAW_MAGIC)] == RAW_MAGIC:
+        return decode_raw(payload, max_side)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -55,7 +97,9 @@ def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
 
 
 def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """Encode a BGR array as PNG (lossless) or JPEG (``quality``)."""
+    """Encode a BGR array as PNG (lossless), JPEG (``quality``) or a raw tensor payload."""
+    if fmt == "raw":
+        return encode_raw(image)
     if fmt == "png":
         ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     elif fmt in ("jpeg", "jpg"):

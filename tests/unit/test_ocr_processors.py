@@ -84,8 +84,20 @@ def test_det_maps_boxes_back_to_page_coordinates_and_crops(det):
         xs, ys = r.regions[0].points[0::2], r.regions[0].points[1::2]
         # map box 50..150 x 40..60 (plus unclip), scale 0.5 -> page 100..300 x 80..120
         assert min(xs) < 100 < 300 < max(xs) and min(ys) < 80 < 120 < max(ys)
-        crop = Image.open(io.BytesIO(r.child_payloads[0]))
-        assert crop.width > crop.height
+        crop = decode_image(r.child_payloads[0])
+        assert crop.shape[1] > crop.shape[0]
+
+
+def test_det_sends_raw_crops_unless_told_otherwise(det, tmp_path):
+    item = det.prepare(_png(640, 320))
+    raw = det.run_batch(FakeDetSession((50, 40, 150, 60)), [item])[0].child_payloads[0]
+    assert raw[:4] == b"PSRT"
+    jpeg_det = make_processor(VariantSpec("d", "det", "det.onnx", "ppocr_det",
+                                          settings={"side": 320, "crop_format": "jpeg"}, buckets=OFF),
+                              tmp_path, ["services.ocr.processors"])
+    jpeg = jpeg_det.run_batch(FakeDetSession((50, 40, 150, 60)), [jpeg_det.prepare(_png(640, 320))])[0]
+    assert jpeg.child_payloads[0][:2] == b"\xff\xd8"
+    assert decode_image(raw).shape == decode_image(jpeg.child_payloads[0]).shape
 
 
 class FakeRecSession:
