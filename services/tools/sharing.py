@@ -10,9 +10,11 @@ them running batches of ``--batch`` payloads (``prepare`` of every item + ``run_
 what the profiler times) until every one has timed ``--repeats`` batches. A batch counts
 only if it ended while all k were still running, so every sample is one of k busy
 workers. The factor at k is the p50 of all k processes' samples over the p50 at k = 1.
-``--runs R`` repeats the whole sweep R times and keeps, per k, the median of the R
-factors (each run's factors are printed): on a host where other work comes and goes, one
-sweep can catch a burst of it at one k.
+``--runs R`` repeats the whole sweep R times (each run's factors are printed) and the
+table is, per k, the lowest p50 of the runs over the lowest p50 at k = 1: other work on
+the host only ever adds time, so the least disturbed measurement at each k is the closest
+to what the workers cost each other. (A median of the runs' ratios is not: one run whose
+k = 1 caught a burst of other work reads k = 2 as faster than k = 1.)
 
 With ``--profile`` the table goes into that profile's ``sharing`` under its device name
 (``--device-name``: another key); the planner (``services.planner.sharing``) and the
@@ -108,9 +110,10 @@ def factors(samples: dict[int, list[float]]) -> dict[int, float]:
     return {k: (1.0 if k == 1 else round(statistics.median(s) / base, 3)) for k, s in sorted(samples.items())}
 
 
-def median_table(runs: list[dict[int, float]]) -> dict[int, float]:
-    """Per k, the median of the runs' factors (rounded to 3 decimals)."""
-    return {k: round(statistics.median(r[k] for r in runs), 3) for k in sorted(runs[0])}
+def least_disturbed(p50s: list[dict[int, float]]) -> dict[int, float]:
+    """``k -> min over runs of p50(k) / min over runs of p50(1)`` (rounded to 3 decimals)."""
+    best = {k: min(r[k] for r in p50s) for k in sorted(p50s[0])}
+    return {k: (1.0 if k == 1 else round(best[k] / best[1], 3)) for k in best}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="most workers at once (measure up to as many as one device will hold)")
     p.add_argument("--repeats", type=int, default=30, help="timed batches per worker, at least")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches per worker before the start")
-    p.add_argument("--runs", type=int, default=1, help="sweeps; the table is the per-k median of their factors")
+    p.add_argument("--runs", type=int, default=1,
+                   help="sweeps; the table is each k's lowest p50 over the lowest at k = 1")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per session (the workers use 1)")
     p.add_argument("--device", choices=("cpu", "auto"), default="cpu", help="auto: CUDA where there is one")
     p.add_argument("--profile", type=Path, default=None, help="write the table into this profile's sharing")
@@ -135,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_k < 2 or a.batch < 1 or a.repeats < 1 or a.runs < 1:
         p.error("--max-k must be >= 2, --batch, --repeats and --runs >= 1")
     profile = load_profile(a.profile) if a.profile is not None else None
+    key = (a.device_name or profile.device) if profile is not None else None
+    if profile is not None and not key:
+        p.error(f"{a.profile} names no device: give --device-name")
     providers: list[str] = []
-    runs = []
+    runs, p50s = [], []
     for run in range(1, a.runs + 1):
         samples: dict[int, list[float]] = {}
         for k in range(1, a.max_k + 1):
@@ -144,15 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run} k={k}: {len(samples[k])} batches, p50 {statistics.median(samples[k]):.1f} ms",
                   flush=True)
         runs.append(factors(samples))
+        p50s.append({k: statistics.median(s) for k, s in samples.items()})
         print(f"run {run}: " + ", ".join(f"k={k} x{f:.3f}" for k, f in runs[-1].items()), flush=True)
-    table = median_table(runs)
+    table = least_disturbed(p50s)
     print(f"{a.variant} batch {a.batch}, {providers[0] if providers else '?'}: sharing "
           + ", ".join(f"k={k} x{f:.3f}" for k, f in table.items())
-          + (f" (median of {a.runs} runs)" if a.runs > 1 else ""))
+          + (f" (least disturbed of {a.runs} runs)" if a.runs > 1 else ""))
     if profile is not None:
-        key = a.device_name or profile.device
-        if not key:
-            p.error(f"{a.profile} names no device: give --device-name")
         updated = replace(profile, sharing={**profile.sharing, key: table})
         write_profile(updated, a.profile)
         print(f"wrote sharing[{key!r}] into {a.profile}")
