@@ -163,6 +163,8 @@ class _Sim:
         self.egress = float(cfg.egress_s)
         self.cores = cfg.cores
         self.running = 0              # workers running a batch (for ``cores``)
+        if cfg.workers_per_device is not None and cfg.workers_per_device < 1:
+            raise ValueError(f"workers_per_device must be >= 1, got {cfg.workers_per_device}")
         per_dev = cfg.workers_per_device or max(cfg.n_workers, 1)
         self.running_on = [0] * (-(-max(cfg.n_workers, 1) // per_dev))   # the same, per device
         self.latest: Plan | None = None   # the newest plan decided (applied or on its way)

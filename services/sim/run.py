@@ -49,7 +49,10 @@ def add_arguments(one) -> None:
     one.add_argument("--load-s", type=float, default=SimConfig.load_s,
                      help="model load time where the profile has none (default %(default)g)")
     one.add_argument("--cores", type=float, default=None,
-                     help="cores the workers share (batches slow down when more run at once); default: no contention")
+                     help="cores the workers share (batches slow down when more run at once); default: no "
+                          "contention. A profile's measured sharing table takes its place")
+    one.add_argument("--workers-per-device", type=int, default=None,
+                     help="with a sharing table in the profile: workers on one device (default: all on one)")
     one.add_argument("--warm-start", action="store_true", help="live model without the cold start")
     one.add_argument("--step-window-s", type=float, default=3.0)
 
@@ -78,7 +81,7 @@ def loadgen_shape(a, error) -> RateShape:
 
 def config(a, slo_ms: float | None) -> SimConfig:
     base = SimConfig(n_workers=a.workers, seed=a.seed, hop_s=a.hop_ms / 1000.0, slo_ms=slo_ms, load_s=a.load_s,
-                     cores=a.cores)
+                     cores=a.cores, workers_per_device=a.workers_per_device)
     if a.model == "ideal":
         return base
     return live_config(base, report_s=a.report_s, control_period_s=a.control_s,

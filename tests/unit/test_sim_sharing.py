@@ -53,6 +53,11 @@ def test_workers_on_other_devices_do_not_slow_each_other():
     assert np.allclose(np.sort(r.latency_s), [0.1, 0.1, 0.14, 0.14], atol=1e-5)
 
 
+def test_workers_per_device_must_be_positive():
+    with pytest.raises(ValueError, match="workers_per_device"):
+        _run(shared({1: 1.0, 2: 1.4}), 2, np.array([1.0]), workers_per_device=0)
+
+
 class _Recording(_Fixed):
     def __init__(self, *a):
         super().__init__(*a)
@@ -70,3 +75,16 @@ def test_timings_report_the_load_they_ran_under():
     t = pol.seen[0]
     assert t.count == 2 and t.busy == 1.5          # one alone, one beside it
     assert t.total_ms == pytest.approx(100.0 + 140.0)
+
+
+def test_the_run_command_passes_workers_per_device():
+    import argparse
+
+    from services.sim.run import add_arguments, config
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    common = argparse.Namespace(workers=4, seed=0, hop_ms=0.0, model="ideal")   # the run parser's own flags
+    a = p.parse_args(["--workers-per-device", "2"], namespace=argparse.Namespace(**vars(common)))
+    assert config(a, None).workers_per_device == 2
+    assert config(p.parse_args([], namespace=argparse.Namespace(**vars(common))), None).workers_per_device is None
