@@ -285,7 +285,8 @@ class ModelManager:
                 self._forget(key, role)
                 continue
             if self.slots.get(key) is not slot:
-                continue        # its role ended while it loaded: dropped
+                del host        # its role ended while it loaded: dropped (not held through the next load)
+                continue
             seconds = time.perf_counter() - t0
             if slot.role is Role.BURST:
                 host.estimator = ServiceTimeEstimator.seeded({b: x for b, x in enumerate(self.burst_s) if b})

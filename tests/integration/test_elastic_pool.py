@@ -101,7 +101,10 @@ def test_the_pool_parks_workers_when_demand_falls_and_takes_them_back_when_it_ri
                         # plans on the probed profile the rate above comes from: corrected online
                         # by the workers' batch times, it can say two workers carry the load (with
                         # another core busy the probe measured ~2x slower than the workers ran)
-                        controller_args=("--cooldown-s", "4", "--hardware-only", "--online-calibration", "off"))
+                        # no standby models (Plan.standby): a parked worker here holds no model
+                        # (tests/integration/test_worker_standby.py covers standbys)
+                        controller_args=("--cooldown-s", "4", "--hardware-only", "--online-calibration", "off",
+                                         "--standby", "off"))
     reports = []
     with LocalCluster(cfg) as cluster:
         # 1) no load: one det and one rec worker; the third parks, holding no model
