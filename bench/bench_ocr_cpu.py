@@ -6,9 +6,11 @@ and after the data-path changes of issue 20 (item 2), in one run.
 
 Two configurations, page by page in turn (so a change in the host's load hits both alike):
 
-- **before**: float models, the CPU normalises (``fold_normalisation: false``), JPEG q95 crops;
-- **after**: the folded ``.u8.onnx`` models (uint8 input, normalisation in the graph) and
-  raw tensor crops (``crop_format: raw``, no encoding).
+- **before**: the page's PNG decoded by Pillow (``decode_image(fast_png=False)``), float
+  models, the CPU normalises (``fold_normalisation: false``), JPEG q95 crops;
+- **after**: the page's PNG decoded by OpenCV (what ``decode_image`` does), the folded
+  ``.u8.onnx`` models (uint8 input, normalisation in the graph) and raw tensor crops
+  (``crop_format: raw``, no encoding).
 
 Every page of ``data/eval`` goes through the same functions the processors use, one stage at
 a time, each timed by this process's CPU clock (``time.process_time``; ONNX Runtime on one
@@ -55,6 +57,7 @@ STAGES = ("page decode", "det preprocess", "det model", "DB boxes", "crop warp",
 MODEL_STAGES = ("det model", "rec model")
 CONFIGS = {"before": {"fold_normalisation": False, "crop_format": "jpeg"},
            "after": {"fold_normalisation": True, "crop_format": "raw"}}
+FAST_PNG = {"before": False, "after": True}   # the page's PNG decoded by Pillow, or by OpenCV
 HOPS = (("det worker -> det router", pb.InferBatchResponse), ("det router -> rec router", pb.RouteRequest),
         ("rec router -> rec worker", pb.InferBatchRequest))
 
@@ -120,8 +123,8 @@ class Transport:
 
 
 def one_page(png: bytes, det, det_sess, rec, rec_sess, rec_batch: int, transport: Transport, clock: Clock,
-             sizes: list[int]) -> int:
-    image = clock("page decode", decode_image, png, det.max_side)
+             sizes: list[int], fast_png: bool) -> int:
+    image = clock("page decode", decode_image, png, det.max_side, fast_png)
     prep = clock("det preprocess", det.prepare_image, image)
     valid = [prep.meta["valid"]] if det.folded else None
     outputs, feeds = _feeds(det.variant, det_sess, prep.data[None], valid)
@@ -218,20 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for config, procs in setups.items():
             for page in pages[:2]:                     # first runs allocate: not counted
-                one_page(page.png, *procs, args.rec_batch, transport, Clock(), [])
+                one_page(page.png, *procs, args.rec_batch, transport, Clock(), [], FAST_PNG[config])
         clocks = {c: Clock() for c in setups}
         sizes: dict[str, list[int]] = {c: [] for c in setups}
         lines = 0
         for page in pages:
             for config, procs in setups.items():
-                lines += one_page(page.png, *procs, args.rec_batch, transport, clocks[config], sizes[config])
+                lines += one_page(page.png, *procs, args.rec_batch, transport, clocks[config], sizes[config],
+                                  FAST_PNG[config])
     finally:
         transport.close()
     n = len(pages)
     before, after = clocks["before"].ms, clocks["after"].ms
     print(f"{n} pages ({lines // 2} lines), {args.det} + {args.rec}, buckets {args.buckets}, rec batches of "
           f"{args.rec_batch}, ONNX Runtime on one thread: CPU ms per page")
-    print(f"  before: {CONFIGS['before']}; after: {CONFIGS['after']}")
+    print(f"  before: {CONFIGS['before']}, page PNG by Pillow; after: {CONFIGS['after']}, page PNG by OpenCV")
     print(f"  {'stage':18s} {'before':>8s} {'after':>8s}  after/before")
     for stage in STAGES:
         ratio = f"{after[stage] / before[stage]:6.2f}" if before[stage] > 0 else "     -"

@@ -69,10 +69,18 @@ def decode_raw(payload: bytes, max_side: int = 8192) -> np.ndarray:
     return np.frombuffer(payload, np.uint8, offset=RAW_HEADER.size).reshape(h, w, 3)
 
 
-def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
+# 8-bit PNG modes OpenCV decodes to the very pixels Pillow's convert("RGB") gives (alpha
+# and a palette's transparency dropped, grey replicated); tests/unit/test_ocr_images.py
+CV2_PNG_MODES = ("RGB", "RGBA", "L", "LA", "P")
+
+
+def decode_image(payload: bytes, max_side: int = 8192, fast_png: bool = True) -> np.ndarray:
     """Decode PNG/JPEG/... bytes or a raw tensor payload (:func:`encode_raw`) to an
     ``H x W x 3`` BGR uint8 array (PaddleOCR's channel order; read-only for raw payloads).
 
+    Pillow reads the header (format, size, mode) and decodes; an 8-bit PNG
+    (:data:`CV2_PNG_MODES`) is decoded by OpenCV instead, straight to BGR: 1.8x less CPU
+    on the eval pages, the same pixels (``fast_png=False``: Pillow, for comparison).
     Raises :class:`InvalidInput` for empty, undecodable or truncated bytes and for images
     with a side above ``max_side`` (checked from the header, before decoding pixels).
     """
@@ -86,6 +94,12 @@ def decode_image(payload: bytes, max_side: int = 8192) -> np.ndarray:
             img = Image.open(io.BytesIO(payload))
             if max(img.size) > max_side:
                 raise InvalidInput(f"image is {img.size[0]}x{img.size[1]}, larger than {max_side} px")
+            if fast_png and img.format == "PNG" and img.mode in CV2_PNG_MODES:
+                bgr = cv2.imdecode(np.frombuffer(payload, np.uint8),
+                                   cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+                if bgr is None or bgr.shape[:2] != (img.size[1], img.size[0]):
+                    raise InvalidInput("payload is not a decodable image: truncated or corrupt PNG")
+                return bgr
             img.load()   # raises OSError on truncated data
     except InvalidInput:
         raise

@@ -126,7 +126,7 @@ class DetProcessor(_Folding, Processor):
     ``thresh``, ``box_thresh``, ``unclip_ratio``, ``max_candidates``, ``min_size``,
     ``mean``/``std`` (normalisation of BGR/255), ``crop_format`` (raw, default: the crop's
     pixels behind a 16-byte header, no encoding at det nor decoding at rec, ~5x the bytes
-    of JPEG and 3.0-3.4 ms less CPU per page, see docs/gpu.md; jpeg: q95 crops are ~3x
+    of JPEG and 2.7-2.9 ms less CPU per page, see docs/gpu.md; jpeg: q95 crops are ~3x
     smaller than png at the same CER, see docs/ocr.md), ``crop_quality``,
     ``max_side``, ``fold_normalisation`` (:class:`_Folding`).
 

@@ -82,3 +82,45 @@ def test_det_refuses_an_unknown_crop_format(tmp_path):
     with pytest.raises(ValueError, match="crop_format must be one of jpeg, png, raw"):
         make_processor(VariantSpec("d", "det", "det.onnx", "ppocr_det", settings={"crop_format": "webp"}),
                        tmp_path, ["services.ocr.processors"])
+
+
+def _png_of(mode, seed=0, transparency=False):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "RGBA")
+    img = rgba.convert(mode) if mode != "P" else rgba.convert("RGB").quantize(64)
+    buf = io.BytesIO()
+    # a tRNS chunk: one palette index, or one RGB colour
+    img.save(buf, "PNG", **({"transparency": 3 if mode == "P" else (10, 20, 30)} if transparency else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,transparency", [("RGB", False), ("RGBA", False), ("L", False), ("LA", False),
+                                               ("P", False), ("P", True), ("RGB", True)])
+def test_png_decoded_by_opencv_gives_pillows_pixels(mode, transparency):
+    payload = _png_of(mode, transparency=transparency)
+    fast, pil = decode_image(payload), decode_image(payload, fast_png=False)
+    assert fast.shape == pil.shape == (37, 53, 3) and fast.dtype == np.uint8
+    assert np.array_equal(fast, pil)
+
+
+@pytest.mark.parametrize("cut", [60, 200, -20, -13, -12])   # -12: no IEND chunk, which Pillow let pass
+def test_truncated_png_is_refused_by_the_fast_path(cut):
+    payload = _png_of("RGB")
+    with pytest.raises(InvalidInput, match="not a decodable image"):
+        decode_image(payload[:cut])
+
+
+def test_pngs_opencv_is_not_given_stay_with_pillow():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 5), 40000, np.uint16)).save(buf, "PNG")   # 16-bit grey: Pillow's I;16
+    img = decode_image(buf.getvalue())
+    assert img.shape == (4, 5, 3) and img.dtype == np.uint8
+    assert np.array_equal(img, decode_image(buf.getvalue(), fast_png=False))
