@@ -90,22 +90,25 @@ def shared_profile(profile: PipelineProfile, k: int) -> PipelineProfile:
     return replace(profile, tasks=tuple(tasks), sharing={})
 
 
-def candidates(n_workers: int, workers_per_device: int | None, k_last: int) -> list[tuple[int, int]]:
+def candidates(n_workers: int, workers_per_device: int | None, k_last: int,
+               n_min: int = 1) -> list[tuple[int, int]]:
     """``(cap on busy workers, k on the busiest device)`` the planner solves for, ascending.
 
-    Every cap ``n`` up to the smallest of the cluster, one device's share and ``k_last``
-    (past the table one device gains no throughput, so a bigger cap on one device only
-    adds latency); then, when the cluster spans several devices, the whole cluster at
-    ``k = min(n_workers, workers_per_device)`` (every device as busy as allowed)."""
-    per_device = n_workers if workers_per_device is None else workers_per_device
-    if per_device < 1:
+    Every cap ``n`` from ``n_min`` (the workers the plan must keep anyway: one per stage)
+    up to the smallest of the cluster, one device's share and ``k_last`` (past the table
+    one device gains no throughput, so a bigger cap on one device only adds latency); then,
+    when the cluster spans several devices, the whole cluster at ``k = min(n_workers,
+    workers_per_device)`` (every device as busy as allowed)."""
+    if workers_per_device is not None and workers_per_device < 1:
         raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}")
-    top = min(n_workers, per_device, max(k_last, 1))
-    out = [(n, n) for n in range(1, top + 1)]
-    if per_device < n_workers:
+    if n_workers < 1:
+        return [(n_workers, 0)]
+    per_device = n_workers if workers_per_device is None else workers_per_device
+    n_min = max(1, min(n_min, n_workers))
+    top = max(n_min, min(n_workers, per_device, k_last))
+    out = [(n, busy_on_device(n, workers_per_device)) for n in range(n_min, top + 1)]
+    if top < n_workers and per_device < n_workers:
         out.append((n_workers, per_device))
-    elif not out:
-        out.append((n_workers, n_workers))
     return out
 
 

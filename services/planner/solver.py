@@ -230,10 +230,14 @@ def _round(m: PlanningModel, ctx: PlannerContext, r: np.ndarray) -> np.ndarray:
 
 
 def _task_caps(m: PlanningModel, ctx: PlannerContext) -> np.ndarray:
-    caps = np.full(len(m.tasks), float(ctx.n_workers))
+    return _task_caps_of(ctx, m.tasks)
+
+
+def _task_caps_of(ctx: PlannerContext, tasks: list[str]) -> np.ndarray:
+    caps = np.full(len(tasks), float(ctx.n_workers))
     for t, c in (ctx.task_workers or {}).items():
-        if t in m.tasks:
-            caps[m.tasks.index(t)] = float(c)
+        if t in tasks:
+            caps[tasks.index(t)] = float(c)
     return caps
 
 
@@ -270,7 +274,9 @@ def _solve_shared(ctx: PlannerContext, previous_plan: Plan | None, work: _Work) 
     t0 = ctx.clock()
     best: PlanSolution | None = None
     last: PlanSolution | None = None
-    for n, k in sharing.candidates(ctx.n_workers, ctx.workers_per_device, sharing.last_measured(ctx.profile)):
+    kept = np.minimum(float(ctx.min_workers_per_task), _task_caps_of(ctx, [t.name for t in ctx.profile.tasks]))
+    for n, k in sharing.candidates(ctx.n_workers, ctx.workers_per_device, sharing.last_measured(ctx.profile),
+                                   n_min=int(kept.sum())):
         sub = replace(ctx, profile=_shared(ctx.profile, k), n_workers=n)
         last = replace(_solve(sub, previous_plan, work), sharing_k=k,
                        latency_factors=sharing.variant_factors(ctx.profile, k))

@@ -54,6 +54,10 @@ def test_candidates():
     assert sharing.candidates(8, 2, 4) == [(1, 1), (2, 2), (8, 2)]
     with pytest.raises(ValueError, match="workers_per_device"):
         sharing.candidates(8, 0, 4)
+    # a plan keeps one worker per stage anyway: caps start there
+    assert sharing.candidates(6, None, 4, n_min=2) == [(2, 2), (3, 3), (4, 4)]
+    assert sharing.candidates(6, None, 2, n_min=3) == [(3, 3)]
+    assert sharing.candidates(0, None, 4) == [(0, 0)]
 
 
 def test_shared_profile_scales_only_the_tables_device():
@@ -117,6 +121,14 @@ def test_low_demand_stops_at_the_first_full_accuracy_plan():
     """At low demand two workers at full accuracy suffice: no bigger cap is tried."""
     sol = solve(PlannerContext(profile_with({1: 1.0, 2: 1.1, 3: 1.6, 4: 2.0}), 2.0, 4))
     assert sol.mode == "hardware" and sol.workers_used == 2 and sol.sharing_k == 2
+
+
+def test_zero_demand_keeps_a_worker_per_stage():
+    """A cap of one worker cannot keep both stages alive: it is not tried (at zero demand
+    it would serve everything, by serving nothing, with no worker at all)."""
+    sol = solve(PlannerContext(profile_with({1: 1.0, 2: 1.3, 4: 2.9}), 0.0, 3))
+    assert sol.ok and sol.workers_used == 2 and sol.sharing_k == 2
+    assert {a.task for a in sol.allocations} == {"det", "rec"}
 
 
 def test_several_devices_scale_by_workers_per_device():
