@@ -10,11 +10,10 @@ them running batches of ``--batch`` payloads (``prepare`` of every item + ``run_
 what the profiler times) until every one has timed ``--repeats`` batches. A batch counts
 only if it ended while all k were still running, so every sample is one of k busy
 workers. The factor at k is the p50 of all k processes' samples over the p50 at k = 1.
-``--runs R`` repeats the whole sweep R times (each run's factors are printed) and the
-table is, per k, the lowest p50 of the runs over the lowest p50 at k = 1: other work on
-the host only ever adds time, so the least disturbed measurement at each k is the closest
-to what the workers cost each other. (A median of the runs' ratios is not: one run whose
-k = 1 caught a burst of other work reads k = 2 as faster than k = 1.)
+``--runs R`` sweeps k = 1 .. N R times, interleaved, and pools each k's samples over the
+sweeps (each sweep's own factors are printed too): on a host where other work comes and
+goes, one sweep can catch a burst of it at one k -- a sweep whose k = 1 did read k = 2 as
+0.41 -- while over interleaved sweeps every k meets about the same share of it.
 
 With ``--profile`` the table goes into that profile's ``sharing`` under its device name
 (``--device-name``: another key); the planner (``services.planner.sharing``) and the
@@ -110,12 +109,6 @@ def factors(samples: dict[int, list[float]]) -> dict[int, float]:
     return {k: (1.0 if k == 1 else round(statistics.median(s) / base, 3)) for k, s in sorted(samples.items())}
 
 
-def least_disturbed(p50s: list[dict[int, float]]) -> dict[int, float]:
-    """``k -> min over runs of p50(k) / min over runs of p50(1)`` (rounded to 3 decimals)."""
-    best = {k: min(r[k] for r in p50s) for k in sorted(p50s[0])}
-    return {k: (1.0 if k == 1 else round(best[k] / best[1], 3)) for k in best}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.tools.sharing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed batches per worker, at least")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches per worker before the start")
     p.add_argument("--runs", type=int, default=1,
-                   help="sweeps; the table is each k's lowest p50 over the lowest at k = 1")
+                   help="interleaved sweeps of k = 1 .. N; the table is from each k's samples of all of them")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per session (the workers use 1)")
     p.add_argument("--device", choices=("cpu", "auto"), default="cpu", help="auto: CUDA where there is one")
     p.add_argument("--profile", type=Path, default=None, help="write the table into this profile's sharing")
@@ -143,20 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     if profile is not None and not key:
         p.error(f"{a.profile} names no device: give --device-name")
     providers: list[str] = []
-    runs, p50s = [], []
+    pooled: dict[int, list[float]] = {k: [] for k in range(1, a.max_k + 1)}
     for run in range(1, a.runs + 1):
         samples: dict[int, list[float]] = {}
         for k in range(1, a.max_k + 1):
             samples[k], providers = measure_k(k, a)
             print(f"run {run} k={k}: {len(samples[k])} batches, p50 {statistics.median(samples[k]):.1f} ms",
                   flush=True)
-        runs.append(factors(samples))
-        p50s.append({k: statistics.median(s) for k, s in samples.items()})
-        print(f"run {run}: " + ", ".join(f"k={k} x{f:.3f}" for k, f in runs[-1].items()), flush=True)
-    table = least_disturbed(p50s)
+            pooled[k] += samples[k]
+        print(f"run {run}: " + ", ".join(f"k={k} x{f:.3f}" for k, f in factors(samples).items()), flush=True)
+    table = factors(pooled)
     print(f"{a.variant} batch {a.batch}, {providers[0] if providers else '?'}: sharing "
           + ", ".join(f"k={k} x{f:.3f}" for k, f in table.items())
-          + (f" (least disturbed of {a.runs} runs)" if a.runs > 1 else ""))
+          + (f" (the samples of {a.runs} runs)" if a.runs > 1 else ""))
     if profile is not None:
         updated = replace(profile, sharing={**profile.sharing, key: table})
         write_profile(updated, a.profile)
