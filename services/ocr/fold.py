@@ -28,6 +28,7 @@ from typing import Callable
 from services.ocr.images import FOLD_LAYOUT, IMAGENET_MEAN, IMAGENET_STD, VALID_INPUT, folded_paths
 
 HALF = (0.5, 0.5, 0.5)
+FOLD_VERSION = 1   # raise it when the prefix graph changes: make models then rewrites every twin
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,6 @@ def fold_normalisation(src: Path, dst: Path, fold: FoldSpec) -> None:
         "scale": (1.0 / (255.0 * std)).reshape(1, 3, 1, 1).astype(np.float32),
         "bias": (-mean / std).reshape(1, 3, 1, 1).astype(np.float32),
         "pad": np.array(fold.pad, np.float32),
-        "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
         "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "i2": np.array(2, np.int64),
         "rows_shape": np.array([1, 1, -1, 1], np.int64), "cols_shape": np.array([1, 1, 1, -1], np.int64),
         "item_shape": np.array([-1, 1, 1, 1], np.int64),
@@ -97,8 +97,8 @@ def fold_normalisation(src: Path, dst: Path, fold: FoldSpec) -> None:
         n("Shape", [name], [p + "shape"]),
         n("Gather", [p + "shape", p + "i1"], [p + "h"], axis=0),
         n("Gather", [p + "shape", p + "i2"], [p + "w"], axis=0),
-        n("Range", [p + "zero", p + "h", p + "one"], [p + "rows"]),
-        n("Range", [p + "zero", p + "w", p + "one"], [p + "cols"]),
+        n("Range", [p + "i0", p + "h", p + "i1"], [p + "rows"]),
+        n("Range", [p + "i0", p + "w", p + "i1"], [p + "cols"]),
         n("Reshape", [p + "rows", p + "rows_shape"], [p + "rows4"]),
         n("Reshape", [p + "cols", p + "cols_shape"], [p + "cols4"]),
         n("Gather", [VALID_INPUT, p + "i0"], [p + "vh"], axis=1),
@@ -132,7 +132,7 @@ def fold_normalisation(src: Path, dst: Path, fold: FoldSpec) -> None:
 
 def _record(fold: FoldSpec, src: Path) -> dict:
     return {"mean": list(fold.mean), "std": list(fold.std), "pad": fold.pad, "layout": FOLD_LAYOUT,
-            "valid_input": VALID_INPUT, "source_bytes": src.stat().st_size}
+            "valid_input": VALID_INPUT, "source_bytes": src.stat().st_size, "fold_version": FOLD_VERSION}
 
 
 def write_folded(src: Path, fold: FoldSpec) -> Path:
@@ -146,7 +146,8 @@ def write_folded(src: Path, fold: FoldSpec) -> Path:
 
 def fold_models(models: Path, log: Callable[[str], None] = print) -> list[str]:
     """Write the folded model and its record for each present model of :data:`FOLDS`
-    whose folded file is missing or stale (its record names another source size); return
+    whose folded file is missing or stale (its record differs: another source size,
+    constants or :data:`FOLD_VERSION`); return
     the folded files written. Without the ``onnx`` package, say so and write nothing: the
     processors then normalise on the CPU."""
     try:

@@ -60,6 +60,8 @@ def test_fold_models_writes_missing_or_stale_twins_only(tmp_path):
     stale = json.loads(record.read_text())
     record.write_text(json.dumps({**stale, "source_bytes": 1}))     # made from another source
     assert fold_models(tmp_path, log=lambda s: None) == [rel.replace(".onnx", ".u8.onnx")]
+    record.write_text(json.dumps({**stale, "fold_version": 0}))     # by an older prefix graph
+    assert fold_models(tmp_path, log=lambda s: None) == [rel.replace(".onnx", ".u8.onnx")]
 
 
 def test_processors_prepare_uint8_pixels_for_a_folded_model_and_floats_without(tmp_path):
