@@ -10,11 +10,18 @@ Guarantees:
 - Each queued query holds the model it was prepared for and runs on it, whatever the
   plan says meanwhile; no local variable of the loop outlives its batch, so a model the
   slot table frees is no longer referenced once its last batch ran.
+- One model call at a time: a batch holds the model lock from its start (assembling its
+  inputs) until its model call (``session.run``) returns, then post-processes without it.
+  A full batch queued behind the running one (``_prefetch``) runs in a second inference
+  thread, so its assembly and model call overlap the first batch's post-processing (on a
+  GPU the model runs while the CPU decodes). A batch's time, estimate and timings run
+  from when it took the lock to its last result, as when batches ran one after the other.
 """
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -71,16 +78,23 @@ class Outcome:
 
 class TimedSession:
     """An ONNX Runtime session as a processor sees it, timing its ``run`` calls (one
-    per batch, made in the inference thread; the rest is passed through)."""
+    per batch, made in the inference thread; the rest is passed through). With ``lock``
+    (held by the caller when it is made), each ``run`` holds it and releases it when it
+    returns: what the processor does after its model call runs beside the next batch."""
 
-    __slots__ = ("_session", "run_s", "first_start")
+    __slots__ = ("_session", "run_s", "first_start", "_lock", "_held")
 
-    def __init__(self, session: object) -> None:
+    def __init__(self, session: object, lock: threading.Lock | None = None) -> None:
         self._session = session
         self.run_s = 0.0
         self.first_start: float | None = None
+        self._lock = lock
+        self._held = lock is not None
 
     def run(self, *args, **kwargs):
+        if self._lock is not None and not self._held:
+            self._lock.acquire()
+            self._held = True
         t0 = time.perf_counter()
         if self.first_start is None:
             self.first_start = t0
@@ -88,19 +102,34 @@ class TimedSession:
             return self._session.run(*args, **kwargs)   # type: ignore[attr-defined]
         finally:
             self.run_s += time.perf_counter() - t0
+            self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()   # type: ignore[union-attr]
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)
 
 
-def run_timed(run_batch: Callable, session: object, items: list[Prepared]
-              ) -> tuple[list[ItemResult], float, BatchPhases, float]:
+def run_timed(run_batch: Callable, session: object, items: list[Prepared], lock: threading.Lock | None = None,
+              on_start: Callable[[float], None] | None = None) -> tuple[list[ItemResult], float, BatchPhases, float]:
     """``(run_batch(session, items), seconds it took, where they went, perf_counter() at
     its start)``, timed in the thread that runs it; the session's ``run`` calls are timed
-    through a wrapper."""
-    timed = TimedSession(session)
+    through a wrapper. With ``lock`` the batch starts once it holds it and gives it up
+    when its model call returns (or at its end, if it made none); ``on_start(t)`` hears
+    when it started."""
+    if lock is not None:
+        lock.acquire()
     t0 = time.perf_counter()
-    results = run_batch(timed, items)
+    timed = TimedSession(session, lock)
+    try:
+        if on_start is not None:
+            on_start(t0)
+        results = run_batch(timed, items)
+    finally:
+        timed.release()
     total = time.perf_counter() - t0
     assemble = (timed.first_start - t0) if timed.first_start is not None else 0.0
     encode = sum(getattr(r, "encode_s", 0.0) for r in results)
@@ -131,7 +160,7 @@ class Launch:
     t0: float                   # perf_counter() of the same moment
     behind: bool = False        # queued behind another batch (started when the thread took it up)
     estimate_s: float = 0.0     # its expected run time
-    began: float = 0.0          # perf_counter() when it became the batch in the thread, as this loop saw it
+    began: float = 0.0          # perf_counter() when it took the model lock (set by its thread)
 
 
 # host -> (burst host, batch size) when a batch headed by host's queries spills, else None
@@ -153,7 +182,10 @@ class BatchLoop:
         self.spill = spill
         self.queue: EdfQueue[deque[Pending]] = EdfQueue()
         self.wake = asyncio.Event()
-        self.infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{worker_id}-infer")
+        # two threads: a batch queued behind the running one starts on the model while the
+        # running one post-processes; the lock keeps model calls one at a time
+        self.infer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{worker_id}-infer")
+        self.model_lock = threading.Lock()
         self._task: asyncio.Task | None = None
         self._holding: list[Pending] = []     # the batch being taken (resolved INTERNAL if the loop dies)
         self._running: Launch | None = None   # the batch in the inference thread
@@ -179,6 +211,15 @@ class BatchLoop:
             for _ in range(n):
                 self.resolve(group.popleft(), Status.INTERNAL, "worker shutting down")
         self.infer_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def exclusive(self, fn: Callable, *args):
+        """``fn(*args)`` in an inference thread, holding the model lock (a warm-up: no batch
+        runs meanwhile)."""
+        def locked():
+            with self.model_lock:
+                return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.infer_pool, contextvars.copy_context().run,
+                                                                locked)
 
     @property
     def waiting(self) -> int:
@@ -262,9 +303,7 @@ class BatchLoop:
         """Finish the batch queued behind the last one in the inference thread (the thread
         has started on it already, without waiting for this loop). A method of its own, as
         ``_next_batch``: the batch, which holds its model, must not stay in the loop's locals."""
-        launch = self._next.pop(0)
-        launch.began = time.perf_counter()
-        await self._finish(launch, prefetch=not self._next)
+        await self._finish(self._next.pop(0), prefetch=not self._next)
 
     def _prefetch(self) -> None:
         """While a batch runs in the inference thread, queue the next one behind it when a
@@ -332,11 +371,16 @@ class BatchLoop:
         """Hand ``items`` to the inference thread as one batch on their host."""
         host = items[0].host
         t0 = time.perf_counter() if t0 is None else t0
-        future = loop.run_in_executor(self.infer_pool, contextvars.copy_context().run,
-                                      run_timed, host.processor.run_batch, host.session,
-                                      [p.prepared for p in items])
-        return Launch(items, future, self.clock() if started is None else started, t0, behind,
-                      host.estimator(len(items)), began=t0)
+        launch = Launch(items, loop.create_future(), self.clock() if started is None else started, t0, behind,
+                        host.estimator(len(items)), began=t0)
+
+        def began(t: float) -> None:   # in the inference thread, once it holds the model lock
+            launch.began = t
+
+        launch.future = loop.run_in_executor(self.infer_pool, contextvars.copy_context().run,
+                                             run_timed, host.processor.run_batch, host.session,
+                                             [p.prepared for p in items], self.model_lock, began)
+        return launch
 
     async def _finish(self, launch: Launch, prefetch: bool = False) -> None:
         """Wait for ``launch``'s batch and resolve its items; meanwhile (``prefetch``) the

@@ -116,7 +116,7 @@ class WorkerCore:
                                               cudnn_conv_algo_search, batch_padding)),
             size_mb=model_size_mb or (lambda v: model_file_mb(self.models_dir, v)),
             linger_s=linger_s, budget_mb=model_memory_mb, burst=burst, counters=self.counters,
-            metrics=self.metrics, infer_pool=self.batches.infer_pool)
+            metrics=self.metrics, exclusive=self.batches.exclusive)
         self.prep_threads = max(1, int(prep_threads))
         self._prep_pool = ThreadPoolExecutor(max_workers=self.prep_threads, thread_name_prefix=f"{worker_id}-prep")
         self._reserve_s = 0.0               # the downstream reserve the current task's queries carry

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor
 from dataclasses import replace
 from enum import Enum
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 from services.common.logging import get_logger
 from services.common.spec import TaskSpec, VariantSpec
@@ -32,14 +31,14 @@ class ModelManager:
     """The models of one worker. ``load(variant, max_batch)`` loads and warms a model (in
     a thread), ``size_mb(variant)`` estimates its size for the ``budget_mb`` (0: none);
     ``counters`` (``loads``, ``warm_switches``, ``parks``) are the core's; warm-ups of a
-    serving model run on ``infer_pool``, the inference thread. Plan changes (:meth:`apply`,
-    :meth:`park`) are serialised; burst and standby models load in the background, one
-    at a time."""
+    serving model run through ``exclusive`` (in an inference thread, holding the model
+    lock). Plan changes (:meth:`apply`, :meth:`park`) are serialised; burst and standby
+    models load in the background, one at a time."""
 
     def __init__(self, worker_id: str, tasks: Mapping[str, TaskSpec], task: TaskSpec | None, pooled: bool, *,
                  load: Callable[[VariantSpec, int], ModelHost], size_mb: Callable[[VariantSpec], float],
-                 linger_s: float, budget_mb: float, burst: bool, counters: dict, metrics, infer_pool: Executor
-                 ) -> None:
+                 linger_s: float, budget_mb: float, burst: bool, counters: dict, metrics,
+                 exclusive: Callable[..., Awaitable]) -> None:
         self.worker_id = worker_id
         self.tasks = dict(tasks)
         self.pooled = pooled
@@ -56,7 +55,7 @@ class ModelManager:
         self.standby_batch = 1             # the batch size a standby model is warmed for
         self.counters = counters
         self.metrics = metrics
-        self.infer_pool = infer_pool
+        self.exclusive = exclusive
         self._load = load
         self._size_mb = size_mb
         self._want = Want()
@@ -171,8 +170,7 @@ class ModelManager:
 
     async def _warm(self, host: ModelHost) -> None:
         if host.needs_warm_up(self.batch_size):
-            await asyncio.get_running_loop().run_in_executor(self.infer_pool, host.warm_up,
-                                                             self.batch_size)
+            await self.exclusive(host.warm_up, self.batch_size)
 
     def _loaded(self, variant: VariantSpec, seconds: float) -> None:
         self.counters["loads"] += 1

@@ -659,6 +659,87 @@ def test_a_batch_queued_ahead_drops_what_cannot_make_it_after_the_running_batch(
     assert proc.batches == [1]
 
 
+class CountingSession:
+    """A model: each ``run`` takes ``run_s``, notes how many calls run at once, and
+    returns its call number; the second call sets ``second``."""
+
+    def __init__(self, run_s=0.0):
+        self.run_s = run_s
+        self.calls = self.active = self.most_active = 0
+        self.second = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self, outputs, feeds):
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(self.run_s)
+        with self.lock:
+            self.active -= 1
+        if n == 2:
+            self.second.set()
+        return n
+
+
+class ModelThenPost(FakeProcessor):
+    """A batch runs its model call, then post-processes; the first batch's post-processing
+    waits (up to 5 s) for the second batch's model call to have run."""
+
+    overlapped = None
+
+    def run_batch(self, session, items):
+        n = session.run(None, {})
+        if n == 1:
+            self.overlapped = session.second.wait(5)
+        self.batches.append((n, len(items)))
+        return [ItemResult(regions=(RegionOut(text=f"batch{n}"),), child_payloads=()) for _ in items]
+
+
+def make_model_core(session):
+    procs = {}
+
+    def loader(variant):
+        procs[variant.name] = ModelThenPost(variant, 0.0)
+        return ModelHost(variant, procs[variant.name], session=session, providers=["FakeProvider"])
+
+    return WorkerCore("w", SPEC.task("t"), ".", loader=loader), procs
+
+
+def test_a_batch_queued_behind_runs_its_model_while_the_one_before_post_processes():
+    async def scenario():
+        session = CountingSession()
+        core, procs = make_model_core(session)
+        core.start()
+        await core.apply("v1", 2, 1)
+        outs = await asyncio.wait_for(core.submit([(f"q{i}", b"x") for i in range(4)], time.time() + 30), 20)
+        await core.stop()
+        return core, procs["v1"], outs
+
+    core, proc, outs = asyncio.run(scenario())
+    assert proc.overlapped is True        # batch 2's model call ran during batch 1's post-processing
+    assert core.counters["queued_ahead"] == 1
+    assert [o.result.regions[0].text for o in outs] == ["batch1"] * 2 + ["batch2"] * 2
+    assert all(o.status is Status.OK and o.batch_size == 2 for o in outs)
+
+
+def test_model_calls_never_overlap_while_batches_do():
+    async def scenario():
+        session = CountingSession(run_s=0.01)
+        session.second.set()             # no batch waits in its post-processing
+        core, procs = make_model_core(session)
+        core.start()
+        await core.apply("v1", 2, 1)
+        outs = await core.submit([(f"q{i}", b"x") for i in range(12)], time.time() + 30)
+        await core.stop()
+        return core, session, outs
+
+    core, session, outs = asyncio.run(scenario())
+    assert session.calls == 6 and session.most_active == 1   # 12 queries, batches of 2, one model call at a time
+    assert core.counters["queued_ahead"] >= 1 and all(o.status is Status.OK for o in outs)
+
+
 def test_batches_queued_ahead_count_against_the_queue_bound_and_get_an_answer_on_stop():
     from services.common.errors import Shed
 
