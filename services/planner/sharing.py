@@ -2,9 +2,10 @@
 
 A profile's ``sharing[device][k]`` is measured (``python -m services.tools.sharing``): the
 p50 batch latency with ``k`` worker processes busy on the device over the p50 with one.
-On a 2-core CPU host two workers barely slow each other and four take about twice as
-long per batch; on a GPU the factor says how well concurrent sessions overlap. The
-numbers are a measurement, not an assumption of additive (processor-sharing) cost.
+On an idle 2-core CPU host two single-threaded workers should barely slow each other
+and four take about twice as long per batch; a busy host, or a GPU whose concurrent
+sessions overlap well or badly, reads otherwise: the numbers are a measurement, not an
+assumption of additive (processor-sharing) cost.
 
 :func:`factor` reads a table at any ``k``:
 

@@ -25,8 +25,8 @@ Workers sharing a device (a profile with a ``sharing`` table, :mod:`services.pla
 how many workers are busy is an outcome of the solve, and their speed depends on it. So
 the problem is solved once per cap ``n`` on busy workers (``sharing.candidates``), with
 latencies scaled by the measured factor of ``n`` (on the busiest device), and the best
-plan kept: most served, then most accurate, then fewest workers. The caps go up from 1
-and stop at the first plan that serves everything at full accuracy: a bigger cap only
+plan kept: most served, then most accurate, then fewest workers. The caps go up from the
+workers every stage keeps anyway (``min_workers_per_task`` each) and stop at the first plan that serves everything at full accuracy: a bigger cap only
 makes every worker slower (factors never decrease), so it cannot beat that plan, and any
 plan of no more workers was open to the smaller cap already. Without a table: one solve,
 exactly as before.
