@@ -94,16 +94,16 @@ def test_sharing_that_adds_no_throughput_keeps_two_workers():
     """Two busy workers run at half speed each: a third or fourth adds latency, not
     capacity. The planner keeps two (one per task) where without the table it takes six."""
     demand = 400.0
+    profile = profile_with({1: 1.0, 2: 2.0})
     plain = solve(PlannerContext(profile_with(None), demand, 6))
-    shared = solve(PlannerContext(profile_with({1: 1.0, 2: 2.0}), demand, 6))
+    shared = solve(PlannerContext(profile, demand, 6))
     assert plain.ok and shared.ok
     assert plain.workers_used == 6
     assert shared.workers_used == 2 and shared.sharing_k == 2
     assert shared.served_qps < plain.served_qps
     assert set(shared.latency_factors.values()) == {2.0}
     # feasible on the latencies it assumed: every batch at twice the profile's
-    assert check_solution(shared, sharing.shared_profile(shared_profile := profile_with({1: 1.0, 2: 2.0}), 2),
-                          shared_profile.slo_ms, "p95") == []
+    assert check_solution(shared, sharing.shared_profile(profile, 2), profile.slo_ms, "p95") == []
 
 
 def test_a_cheap_share_lets_it_use_more_workers_at_their_shared_speed():
