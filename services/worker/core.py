@@ -57,8 +57,8 @@ from services.common.onnx import DEFAULT_CUDNN_ALGO_SEARCH
 from services.common.spec import TaskSpec, VariantSpec
 from services.policy.batching import burst_batch, cannot_make_it, overrun
 from services.worker.batches import BatchLoop, Outcome, Pending, Status
-from services.worker.batches import TimedSession as _TimedSession  # noqa: F401 - bench/bench_worker.py
-from services.worker.batches import run_timed as _run_timed  # noqa: F401 - tests/unit/test_latency_breakdown.py
+from services.worker.timings import TimedSession as _TimedSession  # noqa: F401 - bench/bench_worker.py
+from services.worker.timings import run_timed as _run_timed  # noqa: F401 - tests/unit/test_latency_breakdown.py
 from services.worker.host import ModelHost, model_file_mb, prepare_all, warm_batch_sizes
 from services.worker.manager import ModelManager, WorkerState
 from services.worker.slots import Key
