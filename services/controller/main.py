@@ -29,6 +29,7 @@ from services.controller.scaler import (DeploymentScaler, KubeScaleApi, ScalePol
                                         split_pool)
 from services.controller.status import OutcomeWindow, cluster_status, observe_outcomes
 from services.policy.demand import DemandEstimator
+from services.planner.sharing import workers_per_device_from_env
 from services.policy.planning import CONTROLLER_SETTLING, PlannerPolicy, off_peak_headroom
 from services.controller.registry import WorkerRegistry
 from services.gen import pipeserve_pb2 as pb
@@ -58,6 +59,9 @@ class ControllerConfig:
     online_calibration: bool = True
     burst: bool = True   # planner: name each task's burst variant (Plan.burst)
     standby: bool = True   # planner: name each parked worker's standby model (Plan.standby)
+    # planner, with a sharing table in the profile: most workers on one device
+    # (PIPESERVE_WORKERS_PER_GPU; None: every worker shares one, a single host)
+    workers_per_device: int | None = None
     status_s: float = 10.0
     tls: TlsConfig | None = None   # its server
     metrics_port: int | None = None   # Prometheus /metrics (None: off)
@@ -187,6 +191,10 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                                  down_cooldown_s=a.k8s_down_cooldown_s)
     except ValueError as exc:
         p.error(f"--k8s-*: {exc}")
+    try:
+        per_device = workers_per_device_from_env(os.environ)
+    except ValueError as exc:
+        p.error(str(exc))
     return ControllerConfig(spec=Path(a.spec), plan_file=Path(a.plan_file) if a.plan_file else None,
                             profile=Path(a.profile) if a.profile else None, planner=a.planner,
                             headroom=a.headroom, min_demand_qps=a.min_demand_qps, demand_tau_s=a.demand_tau_s,
@@ -198,7 +206,8 @@ def parse_config(argv: list[str] | None = None) -> ControllerConfig:
                             k8s_deployment=a.k8s_scale_deployment, k8s_namespace=a.k8s_namespace,
                             k8s_policy=k8s_policy if a.k8s_scale_deployment else None,
                             hardware_only=a.hardware_only, min_dwell_s=a.min_dwell_s, peak_hold_s=a.peak_hold_s,
-                            headroom_low=a.headroom_low or None, calibration_dwell_s=a.calibration_dwell_s)
+                            headroom_low=a.headroom_low or None, calibration_dwell_s=a.calibration_dwell_s,
+                            workers_per_device=per_device)
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -302,6 +311,7 @@ async def serve(cfg: ControllerConfig, ready: asyncio.Event | None = None) -> No
                                           headroom=cfg.headroom, min_demand_qps=cfg.min_demand_qps,
                                           cooldown_s=cfg.cooldown_s, calibrate=cfg.online_calibration,
                                           burst=cfg.burst, standby=cfg.standby, min_dwell_s=cfg.min_dwell_s,
+                                          workers_per_device=cfg.workers_per_device,
                                           peak_hold_s=cfg.peak_hold_s, calibration_dwell_s=cfg.calibration_dwell_s,
                                           headroom_low=off_peak_headroom(cfg.headroom_low, cfg.burst, cfg.hardware_only))
         if cfg.hardware_only:

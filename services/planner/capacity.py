@@ -25,13 +25,15 @@ UNBOUNDED_QPS = 1e7
 def max_demand(profile: PipelineProfile, n_workers: int, slo_ms: float | None = None,
                min_accuracy: float | None = None, full_accuracy: bool = False,
                method: str = "exact", quantile: str = "p95", node_limit: int = 50_000,
-               task_workers: dict[str, int] | None = None, solver=solve) -> PlanSolution:
+               task_workers: dict[str, int] | None = None, solver=solve,
+               workers_per_device: int | None = None) -> PlanSolution:
     """The plan that serves the most demand under an accuracy floor (phase 1 of the
     planner with an unbounded demand). ``task_workers``: per-task caps (task-bound workers);
-    ``solver``: ``solve`` or a caller's wrapper of it (the simulator caches solves)."""
+    ``solver``: ``solve`` or a caller's wrapper of it (the simulator caches solves);
+    ``workers_per_device``: as ``PlannerContext`` (a profile with a sharing table)."""
     ctx = PlannerContext(profile, UNBOUNDED_QPS, n_workers, slo_ms=slo_ms, method=method,
                          latency_quantile=quantile, node_limit=node_limit, min_accuracy=min_accuracy,
-                         task_workers=task_workers)
+                         task_workers=task_workers, workers_per_device=workers_per_device)
     if full_accuracy:
         probe = solver(replace(ctx, demand_qps=0.0), None)
         ctx = replace(ctx, min_accuracy=probe.max_accuracy * (1 - 1e-6))

@@ -128,6 +128,9 @@ class PlannerPolicy:
     # that serve the step lost 4-13 of the first step's 20 requests)
     standby: bool = False
     solver: Solver = solve
+    # with a sharing table in the profile: most workers on one device (None: all on one);
+    # services.planner.sharing.workers_per_device_from_env reads the deployment's setting
+    workers_per_device: int | None = None
     verbose: bool = True                # log every solve (the simulator turns it off)
     # a plan stays this long (s) unless the workers changed or demand rose beyond its capacity
     min_dwell_s: float = 0.0
@@ -192,7 +195,7 @@ class PlannerPolicy:
         if held is profile and k == key:
             return cap
         top = max_demand(profile, n_workers, slo_ms=self.slo_ms, full_accuracy=True, method=self.method,
-                         task_workers=caps, solver=self.solver)
+                         task_workers=caps, solver=self.solver, workers_per_device=self.workers_per_device)
         cap = top.served_qps if top.ok else None
         self._capacity_of = (profile, key, cap)
         return cap
@@ -218,10 +221,12 @@ class PlannerPolicy:
                 step = self.solver(PlannerContext(profile, demand_qps=demand, n_workers=len(workers),
                                                   slo_ms=self.slo_ms, method=self.method,
                                                   node_limit=self.node_limit, time_limit_s=self.time_limit_s,
-                                                  min_accuracy=self.min_accuracy, task_workers=caps), plan)
+                                                  min_accuracy=self.min_accuracy, task_workers=caps,
+                                                  workers_per_device=self.workers_per_device), plan)
             else:
                 step = max_demand(profile, len(workers), slo_ms=self.slo_ms, method=self.method,
-                                  node_limit=self.node_limit, task_workers=caps, solver=self.solver)
+                                  node_limit=self.node_limit, task_workers=caps, solver=self.solver,
+                                  workers_per_device=self.workers_per_device)
             self._peak_of = (profile, key, step)
         if not step.ok:
             return {}
@@ -328,9 +333,13 @@ class PlannerPolicy:
         ctx = PlannerContext(profile, demand_qps=on_grid(target, self.demand_grid, self.min_demand_qps),
                              n_workers=len(workers), slo_ms=self.slo_ms, method=self.method,
                              node_limit=self.node_limit, time_limit_s=self.time_limit_s, min_accuracy=self.min_accuracy,
-                             task_workers=caps)
+                             task_workers=caps, workers_per_device=self.workers_per_device)
         warm = self.with_standby(previous, workers)
         solution = self.solver(ctx, warm)
+        if self.calibrate and solution.ok and solution.sharing_k:
+            # the load the plan's batch times will be measured under: the calibrator divides
+            # its sharing factor out, so the planner's own factor is not applied twice
+            self.calibrator.set_busy(solution.sharing_k)
         self.planned_members = tuple(sorted((w.worker_id, w.task) for w in workers))
         self.planned_at = now
         if solution.time_limit_hits:

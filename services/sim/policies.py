@@ -77,7 +77,7 @@ def _solve_key(ctx: PlannerContext, previous: Plan | None) -> tuple:
         if previous is not None else None
     caps = tuple(sorted(ctx.task_workers.items())) if ctx.task_workers else None
     return (profile_key(ctx.profile), round(ctx.demand_qps, 6), ctx.n_workers, ctx.method,
-            ctx.min_accuracy, ctx.slo_ms, caps, ctx.accuracy_tolerance, prev)
+            ctx.min_accuracy, ctx.slo_ms, caps, ctx.accuracy_tolerance, prev, ctx.workers_per_device)
 
 
 _PROFILE_KEYS: dict[int, tuple[PipelineProfile, str]] = {}

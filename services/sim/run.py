@@ -125,7 +125,10 @@ def run_live(a, prof, policy, error) -> dict:
         error("the arrivals are empty")
     if a.model == "live" and hasattr(policy, "planner"):
         settle(policy.planner)     # the controller's dwell, peak hold and off-peak headroom
-    res = simulate(prof, arrivals.times_s, policy, config(a, slo_ms))
+    cfg = config(a, slo_ms)
+    if hasattr(policy, "planner"):
+        policy.planner.workers_per_device = cfg.workers_per_device   # the planner sees the devices the engine runs
+    res = simulate(prof, arrivals.times_s, policy, cfg)
     d = summarise(res, arrivals, a.step_window_s)
     d["model"] = a.model
     print_summary(d)

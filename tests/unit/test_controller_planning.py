@@ -447,3 +447,31 @@ def test_a_standby_model_counts_as_loaded_when_the_next_plan_binds_workers():
     assert warm.workers["w2"] == WorkerAssignment("w2", "h:2", "det", "det_v6tiny_320", 1)
     assert warm.workers["w1"].variant == "rec_v6small" and warm.workers["w0"] == prev.workers["w0"]
     assert PlannerPolicy.with_standby(Plan(version=1, pipeline="ocr", workers={}, routing={}), pool).workers == {}
+
+
+def test_with_a_sharing_table_the_calibrator_is_told_the_load_the_plan_runs_at():
+    """A profile with a sharing table: the plan's busy workers per device reach the
+    calibrator (so measured batch times are not read as a slower host on top of the
+    factor the planner already applied), and PIPESERVE_WORKERS_PER_GPU reaches the solve."""
+    d = ocr_like_profile_dict()
+    d["sharing"] = {"test": {"1": 1.0, "2": 1.3, "3": 1.8}}
+    pool = [RegisteredWorker(f"w{i}", f"h:{i}", None) for i in range(3)]
+    pol = PlannerPolicy(parse_profile(d, source="test"), SPEC.slo_ms)
+    plan = pol.decide(pool, 6.0, None, now=0.0)
+    assert plan is not None and len(plan.workers) >= 2
+    assert pol.calibrator.busy == len(plan.workers)
+    seen = []
+    pol2 = PlannerPolicy(parse_profile(d, source="test"), SPEC.slo_ms, workers_per_device=1,
+                         solver=lambda ctx, prev: seen.append(ctx.workers_per_device) or __import__(
+                             "services.planner", fromlist=["solve"]).solve(ctx, prev))
+    pol2.decide(pool, 6.0, None, now=0.0)
+    assert seen and set(seen) == {1}
+
+
+def test_the_controller_reads_workers_per_gpu_from_the_environment(monkeypatch):
+    from services.controller.main import parse_config as parse_args
+    monkeypatch.setenv("PIPESERVE_WORKERS_PER_GPU", "2")
+    assert parse_args(["--spec", "pipelines/ocr.yaml", "--profile", "profiles/ocr_cpu.json"]).workers_per_device == 2
+    monkeypatch.setenv("PIPESERVE_WORKERS_PER_GPU", "two")
+    with pytest.raises(SystemExit):
+        parse_args(["--spec", "pipelines/ocr.yaml", "--profile", "profiles/ocr_cpu.json"])
