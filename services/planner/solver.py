@@ -34,6 +34,7 @@ exactly as before.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
@@ -125,8 +126,21 @@ class PlanSolution:
         return self.served_qps if self.mode == "overload" else None
 
 
-_CACHE: dict[tuple, PlanningModel] = {}
-_KEYS: dict[int, tuple[PipelineProfile, str]] = {}
+# Bounded, least recently used first out: a controller that re-calibrates plans on a new
+# profile object (new content) every few minutes for weeks must not keep every compiled
+# model it ever made. The simulator's experiments use a few dozen profiles at most.
+CACHE_SIZE = 64
+_CACHE: "OrderedDict[tuple, PlanningModel]" = OrderedDict()
+_KEYS: "OrderedDict[int, tuple[PipelineProfile, str]]" = OrderedDict()
+
+
+def _remember(cache: OrderedDict, key, value):
+    """Put ``key`` in ``cache`` as most recently used, evicting beyond ``CACHE_SIZE``."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
 
 
 def get_model(profile: PipelineProfile, slo_ms: float, quantile: str, integer: bool,
@@ -136,11 +150,12 @@ def get_model(profile: PipelineProfile, slo_ms: float, quantile: str, integer: b
     held = _KEYS.get(id(profile))
     if held is None or held[0] is not profile:
         held = (profile, profile.key())
-        _KEYS[id(profile)] = held
+    _remember(_KEYS, id(profile), held)
     key = (held[1], float(slo_ms), quantile, integer, leaf_pruning)
-    if key not in _CACHE:
-        _CACHE[key] = PlanningModel(profile, slo_ms, quantile, integer, leaf_pruning)
-    return _CACHE[key]
+    model = _CACHE.get(key)
+    if model is None:
+        model = PlanningModel(profile, slo_ms, quantile, integer, leaf_pruning)
+    return _remember(_CACHE, key, model)
 
 
 def _previous_counts(m: PlanningModel, previous: Plan | None) -> np.ndarray:
@@ -254,7 +269,7 @@ def solve(ctx: PlannerContext, previous_plan: Plan | None = None) -> PlanSolutio
                    solver_iterations=work.iterations, time_limit_hits=work.time_limit_hits)
 
 
-_SHARED: dict[int, tuple[PipelineProfile, dict[int, PipelineProfile]]] = {}
+_SHARED: "OrderedDict[int, tuple[PipelineProfile, dict[int, PipelineProfile]]]" = OrderedDict()
 
 
 def _shared(profile: PipelineProfile, k: int) -> PipelineProfile:
@@ -262,7 +277,8 @@ def _shared(profile: PipelineProfile, k: int) -> PipelineProfile:
     keys on the profile object, so a re-solve must hand it the same one."""
     held = _SHARED.get(id(profile))
     if held is None or held[0] is not profile:
-        held = _SHARED[id(profile)] = (profile, {})
+        held = (profile, {})
+    _remember(_SHARED, id(profile), held)
     if k not in held[1]:
         held[1][k] = sharing.shared_profile(profile, k)
     return held[1][k]

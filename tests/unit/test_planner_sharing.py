@@ -158,3 +158,21 @@ def test_change_of_table_changes_the_compiled_model_not_the_cache_of_another():
     a2 = solve(PlannerContext(replace(profile_with({1: 1.0, 2: 2.0})), 400.0, 6))
     assert _fields(a) == _fields(a2)
     assert b.workers_used == 6
+
+
+def test_the_compiled_model_caches_stay_bounded():
+    """A long-running controller plans on a new calibrated profile object every few
+    minutes: the solver's caches keep at most CACHE_SIZE of them, newest kept."""
+    from services.planner import solver
+    from services.planner.profile import parse_profile
+    import sys, pathlib
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from ocr_like_profile import ocr_like_profile_dict
+    last = None
+    for i in range(solver.CACHE_SIZE + 5):
+        d = ocr_like_profile_dict()
+        d["tasks"][1]["variants"][0]["latency_ms"]["1"]["p50_ms"] = 5.0 + i * 0.01
+        last = parse_profile(d, source="test")
+        solver.get_model(last, 1500.0, "p95", False)
+    assert len(solver._CACHE) <= solver.CACHE_SIZE and len(solver._KEYS) <= solver.CACHE_SIZE
+    assert solver.get_model(last, 1500.0, "p95", False) is solver._CACHE[next(reversed(solver._CACHE))]
