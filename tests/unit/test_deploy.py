@@ -168,6 +168,9 @@ def test_dockerfile():
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", text, re.M)
     assert 'pip install -e ".[gpu,k8s]"' in text and "onnxruntime " not in text
     assert re.search(r"^RUN make proto models", text, re.M)
+    # make models writes the uint8 twins with onnx (services/ocr/fold.py): every line installs it
+    installs = re.findall(r'pip install -e "\.\[gpu[^"]*\]"[^;]*;;', text)
+    assert len(installs) == 2 and all('"onnx>=' in line for line in installs), installs
     # Everything COPY'd exists (the build would fail otherwise).
     for line in re.findall(r"^COPY (.+)$", text, re.M):
         for src in line.split()[:-1]:
