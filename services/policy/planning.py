@@ -86,7 +86,8 @@ def off_peak_headroom(headroom_low: float | None, burst: bool, hardware_only: bo
 def settle(planner: "PlannerPolicy", hardware_only: bool = False) -> "PlannerPolicy":
     """``planner`` with the controller's settling defaults (``CONTROLLER_SETTLING``); the
     off-peak headroom only with burst variants and not for hardware scaling only, as the
-    controller does."""
+    controller does; and standby models for parked workers (the controller's --standby)."""
+    planner.standby = True
     planner.min_dwell_s = CONTROLLER_SETTLING["min_dwell_s"]
     planner.peak_hold_s = CONTROLLER_SETTLING["peak_hold_s"]
     planner.calibration_dwell_s = CONTROLLER_SETTLING["calibration_dwell_s"]

@@ -89,6 +89,11 @@ class SimConfig:
     cores: float | None = None
     # with a sharing table in the profile: most workers on one device (None: every worker shares one)
     workers_per_device: int | None = None
+    # a parked worker frees its model this long after the plan parked it, unless the plan
+    # names that model as its standby (the worker's --linger-s); a plan that brings it back
+    # later loads its model again, or finds its standby (Plan.standby) warm once that has
+    # loaded. None: a parked worker keeps its model (the ideal cluster)
+    park_linger_s: float | None = None
 
 
 class _Variant:
@@ -118,7 +123,7 @@ class _Variant:
 
 class _Worker:
     __slots__ = ("wid", "var", "maxb", "queue", "est", "reserve", "busy", "busy_until", "ready_at",
-                 "draining", "active", "gen", "pending", "burst", "burst_est", "dev")
+                 "draining", "active", "gen", "pending", "burst", "burst_est", "dev", "held_until", "standby")
 
     def __init__(self, wid: str, dev: int = 0) -> None:
         self.wid = wid
@@ -137,6 +142,8 @@ class _Worker:
         self.pending = None           # (variant, max batch, estimator) loading while the current one serves
         self.burst: _Variant | None = None   # the plan's burst variant for this worker's task
         self.burst_est = None
+        self.held_until = math.inf    # parked: its model is freed at this time (park_linger_s)
+        self.standby: tuple[_Variant, float] | None = None   # parked: (standby variant, ready at)
 
     def expected_finish(self, now: float, extra: int) -> float:
         """When ``extra`` more queries would be done here (p50 batches, no jitter)."""
@@ -162,6 +169,7 @@ class _Sim:
         self.hop = float(cfg.hop_s)
         self.egress = float(cfg.egress_s)
         self.cores = cfg.cores
+        self.park_linger_s = cfg.park_linger_s
         self.running = 0              # workers running a batch (for ``cores``)
         if cfg.workers_per_device is not None and cfg.workers_per_device < 1:
             raise ValueError(f"workers_per_device must be >= 1, got {cfg.workers_per_device}")
@@ -260,9 +268,11 @@ class _Sim:
         for wid, w in self.workers.items():
             a = plan.workers.get(wid)
             if a is None:
-                w.active = False
+                self._park(w, plan.standby.get(wid), now, initial)
                 continue
             v = self.variants[(a.task, a.variant)]
+            if not w.active and not initial and self._rejoin(plan, a, w, v, now, reserves[v.ti] if early else -math.inf):
+                continue
             w.active = True
             w.reserve = reserves[v.ti] if early else -math.inf
             maxb = min(a.batch_size, v.maxb)
@@ -313,6 +323,51 @@ class _Sim:
         for w in self.workers.values():
             if not w.busy:
                 self.start(w, now)
+
+    def _park(self, w: _Worker, standby: str | None, now: float, initial: bool) -> None:
+        """The plan parks ``w``: its model is freed ``park_linger_s`` after it parked
+        unless ``standby`` names that model; a standby it does not hold loads meanwhile."""
+        was_active = w.active
+        w.active = False
+        if self.park_linger_s is None:
+            return
+        if was_active or initial:
+            w.held_until = now + self.park_linger_s
+        if standby is None:
+            w.standby = None
+            return
+        v = self.variants.get(tuple(standby.split("/", 1)))
+        if v is None or (w.standby is not None and w.standby[0] is v):
+            return
+        if w.var is v and now < w.held_until:
+            w.held_until, w.standby = math.inf, None     # it keeps the model it has
+        else:
+            w.standby = (v, now + v.load_s)
+
+    def _rejoin(self, plan: Plan, a, w: _Worker, v: _Variant, now: float, reserve: float) -> bool:
+        """A parked ``w`` comes back on ``v``. With the live model's model freeing: from its
+        standby (ready when that load ends) or, if it freed what it had, after a full load
+        (True: done here); otherwise (it still holds its model) the caller's usual path."""
+        if self.park_linger_s is None:
+            return False
+        standby, w.standby = w.standby, None
+        if standby is not None and standby[0] is v:
+            ready = max(now, standby[1])
+        elif w.var is not None and now < w.held_until:
+            w.held_until = math.inf
+            return False
+        else:
+            ready = now + v.load_s
+        w.held_until = math.inf
+        w.active, w.reserve, w.pending = True, reserve, None
+        if w.var is not None and (w.queue.queued or w.draining):
+            w.draining.append((w.queue, w.var, w.maxb, w.est))
+        w.var, w.maxb, w.queue, w.est = v, min(a.batch_size, v.maxb), self.mkqueue(), self._estimator(plan, a)
+        w.gen += 1
+        w.ready_at = ready
+        if ready > now:
+            self.push(ready, SWAP, (w, w.gen))
+        return True
 
     def switch(self, w: _Worker) -> None:
         """A hot swap completes: the loaded variant takes over; what the old one had

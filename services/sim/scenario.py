@@ -21,9 +21,10 @@ from services.sim.engine import SimConfig
 # (checked every 0.1 s), the controller's loop runs every 0.25 s (its --reconcile-s), a
 # request spends ~10 ms in the front door before routing and ~5 ms on its way back, a plan
 # reaches the services ~0.2 s after the tick that decided it (the solve on a busy host,
-# then Redis), the cluster starts cold.
+# then Redis), the cluster starts cold, and a parked worker frees its model 3 s after it
+# parked (the worker's --linger-s) unless the plan names it as its standby.
 LIVE = dict(report_s=1.0, report_phase_s=0.5, report_check_s=0.1, control_period_s=0.25, ingress_s=0.010,
-            egress_s=0.005, plan_delay_s=0.2, cold_start=True)
+            egress_s=0.005, plan_delay_s=0.2, cold_start=True, park_linger_s=3.0)
 STEP_WINDOW_S = 3.0
 
 

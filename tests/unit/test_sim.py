@@ -189,3 +189,44 @@ def test_task_bound_workers_stay_on_their_task():
     assert all(int(per_task[t].max()) <= k for t, k in bound.items())
     with pytest.raises(ValueError, match="add up"):
         OursPolicy(TRAFFIC, 20, task_bound={"object_detection": 3})
+
+
+class _ParkAndBack(Policy):
+    """Two workers: both on ``a`` until 2 s, then w0001 parks (with ``standby``, if given,
+    named for it) until 10 s, then it comes back on ``b`` beside w0000 on ``a``."""
+    name = "park-and-back"
+
+    def __init__(self, profile, standby=None):
+        super().__init__(profile, 2)
+        self.standby, self.phase = standby, None
+
+    def decide(self, obs):
+        from dataclasses import replace
+        phase = 0 if obs.now < 2.0 else (1 if obs.now < 10.0 else 2)
+        if phase == self.phase:
+            return None
+        self.phase = phase
+        allocs = {0: [Allocation("t", "a", 1, 2)], 1: [Allocation("t", "a", 1, 1)],
+                  2: [Allocation("t", "a", 1, 1), Allocation("t", "b", 1, 1)]}[phase]
+        d = self._plan_from_allocs(allocs, {("t", a.variant, 1): 1.0 for a in allocs}, obs.current, obs.now, "test")
+        if phase == 1:
+            parked = next(w for w in ("w0000", "w0001") if w not in d.plan.workers)
+            d = replace(d, plan=replace(d.plan, standby={parked: self.standby} if self.standby else {}))
+        return d
+
+
+def test_a_parked_worker_frees_its_model_and_a_standby_makes_its_return_free():
+    """The live model (park_linger_s): a worker parked at 2 s frees its model 3 s later, so
+    coming back at 10 s on ``b`` costs a 4 s load (no answer from ``b`` before 14 s); with
+    ``b`` named as its standby it loaded meanwhile and answers from 10 s."""
+    prof = two_variants(load_s=4.0)
+    arr = np.arange(0.05, 20.0, 0.05)
+    window = (arr > 10.5) & (arr < 13.5)
+
+    def b_answers(policy, **cfg):
+        r = simulate(prof, arr, policy, SimConfig(n_workers=2, seed=0, latency_jitter=False, **cfg))
+        return int(np.sum((r.status[window] == OK) & (r.accuracy[window] == 0.9)))
+
+    assert b_answers(_ParkAndBack(prof), park_linger_s=3.0) == 0
+    assert b_answers(_ParkAndBack(prof, standby="t/b"), park_linger_s=3.0) > 20
+    assert b_answers(_ParkAndBack(prof, standby="t/a"), park_linger_s=3.0) == 0   # the wrong standby: a load
