@@ -31,12 +31,12 @@ allocations:
 
 
 @pytest.fixture(scope="module")
-def raw_spec(tmp_path_factory):
+def raw_spec():
+    """The shipped pipeline, which sends raw crops (pipelines/ocr.yaml's det settings)."""
     text = SPEC.read_text()
-    assert text.count("crop_format: jpeg") == 1, "the det settings anchor moved: update this test"
-    spec = tmp_path_factory.mktemp("rawspec") / "ocr.yaml"
-    spec.write_text(text.replace("crop_format: jpeg", "crop_format: raw"))
-    return spec
+    assert text.count("crop_format: raw") == 1 and "crop_format: jpeg" not in text, \
+        "the det settings no longer say crop_format: raw: update this test"
+    return SPEC
 
 
 @pytest.fixture(scope="module")
