@@ -75,9 +75,14 @@ def test_a_steady_client_beside_bursts_of_large_uploads(cluster, eval_pages, tmp
     # so those are exactly the calls it did not count
     fd, clients = run["counters"]["front_door"], run["counters"]["clients"]
     assert fd["cancelled"] == 0 and fd["failed"] == 0 and fd["invalid"] == 0, fd
-    assert fd["arrived"] + len(own) == clients["sent"] == len(records), run["counters"]
+    # Beside a busy core the front door's own deadline answer to a 7 MiB burst upload can
+    # also reach the burst client after its deadline (3 of 700 once in CI): such a call is
+    # counted by both sides, as the front door's ``expired`` and as the client's own
+    # deadline; only an ``expired`` answer can be one (the steady client has none, above)
+    late = fd["arrived"] + len(own) - clients["sent"]
+    assert clients["sent"] == len(records) and 0 <= late <= fd["expired"], (late, run["counters"])
     assert len(own) <= 0.1 * burst["sent"], burst
-    assert fd["dropped"] + len(own) == clients.get("dropped", 0), run["counters"]
+    assert fd["dropped"] + len(own) - late == clients.get("dropped", 0), run["counters"]
     for outcome in ("ok", "shed"):
         assert fd[outcome] == clients.get(outcome, 0), (outcome, run["counters"])
 
